@@ -1,0 +1,191 @@
+"""Configuration: YAML in, frozen attrs objects out, checked at load.
+
+Only this module (and ``tap.py``, which calls it) sees YAML.  Any unknown key, wrong
+type or missing value raises :class:`ConfigError` whose one-line message names the
+file and the key path (``conf/mirror.yaml: upstreams[0].tag_ttl: expected a number``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+import yaml
+
+__all__ = ["ConfigError", "MirrorConfig", "StorageConfig", "UpstreamConfig", "load_config", "parse_config"]
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is one line naming the file and the key."""
+
+
+@attrs.frozen
+class UpstreamConfig:
+    """One upstream registry the mirror stands in for."""
+
+    registry: str  # the registry host clients name, e.g. "docker.io"
+    url: str  # where to reach it, e.g. "https://registry-1.docker.io"
+    username: str | None = attrs.field(default=None, repr=False)
+    password: str | None = attrs.field(default=None, repr=False)
+    tag_ttl: float = 300.0  # seconds a tag's digest is trusted before a revalidating HEAD
+    timeout: float = 30.0  # seconds to wait for response headers, and at most between body bytes
+
+
+@attrs.frozen
+class StorageConfig:
+    """Where and how content is stored."""
+
+    root: Path
+    access_flush_interval: float = 60.0  # seconds between writes of the access record
+
+
+@attrs.frozen
+class MirrorConfig:
+    """The whole service configuration."""
+
+    listen: tuple[str, ...]
+    storage: StorageConfig
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    max_manifest_size: int = 4 * 1024 * 1024
+    source: str = "<config>"
+
+
+class _Reader:
+    """Takes typed values out of one YAML mapping, remembering the key path for errors."""
+
+    def __init__(self, source: str, path: str, value: object) -> None:
+        self.source = source
+        self.path = path
+        if not isinstance(value, Mapping):
+            raise self.error(path or "(top level)", "expected a mapping")
+        self.data: Mapping[str, object] = value
+        self.seen: set[str] = set()
+
+    def error(self, key_path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key_path}: {message}")
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def take(self, key: str, check: Callable[[str, object], T], default: T | None = None, *, required: bool = False) -> T | None:
+        self.seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            if required:
+                raise self.error(self.key_path(key), "missing value")
+            return default
+        return check(self.key_path(key), self.data[key])
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                raise self.error(self.key_path(str(key)), "unknown key")
+
+    # value checkers -------------------------------------------------------------------
+
+    def string(self, key_path: str, value: object) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key_path, "expected a non-empty string")
+        return value
+
+    def number(self, key_path: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise self.error(key_path, "expected a number >= 0")
+        return float(value)
+
+    def size(self, key_path: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.error(key_path, "expected a positive whole number of bytes")
+        return value
+
+
+def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
+    """Parse and validate configuration text.
+
+    Args:
+        text: YAML text.
+        source: the file name used in error messages.
+
+    Raises:
+        ConfigError: naming the file and key of the first problem.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(parse)"
+        raise ConfigError(f"{source}: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    top = _Reader(source, "", data if data is not None else {})
+
+    def listen(key_path: str, value: object) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise top.error(key_path, "expected an endpoint string or a list of them")
+        return tuple(top.string(f"{key_path}[{i}]", v) for i, v in enumerate(items))
+
+    def storage(key_path: str, value: object) -> StorageConfig:
+        r = _Reader(source, key_path, value)
+        root = r.take("root", r.string, required=True)
+        interval = r.take("access_flush_interval", r.number, 60.0)
+        r.finish()
+        assert root is not None and interval is not None
+        return StorageConfig(root=Path(root), access_flush_interval=interval)
+
+    def upstream(key_path: str, value: object) -> UpstreamConfig:
+        r = _Reader(source, key_path, value)
+        registry = r.take("registry", r.string, required=True)
+        url = r.take("url", r.string, required=True)
+        assert registry is not None and url is not None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise r.error(f"{key_path}.url", "expected an http:// or https:// URL")
+        if "/" in registry or registry != registry.strip().lower():
+            raise r.error(f"{key_path}.registry", "expected a lower-case registry host such as docker.io")
+        cfg = UpstreamConfig(
+            registry=registry,
+            url=url.rstrip("/"),
+            username=r.take("username", r.string),
+            password=r.take("password", r.string),
+            tag_ttl=r.take("tag_ttl", r.number, 300.0) or 0.0,
+            timeout=r.take("timeout", r.number, 30.0) or 30.0,
+        )
+        r.finish()
+        if (cfg.username is None) != (cfg.password is None):
+            raise r.error(key_path, "username and password go together")
+        return cfg
+
+    def upstreams(key_path: str, value: object) -> tuple[UpstreamConfig, ...]:
+        if not isinstance(value, list):
+            raise top.error(key_path, "expected a list")
+        result = tuple(upstream(f"{key_path}[{i}]", v) for i, v in enumerate(value))
+        seen: set[str] = set()
+        for i, u in enumerate(result):
+            if u.registry in seen:
+                raise top.error(f"{key_path}[{i}].registry", f"{u.registry!r} is listed twice")
+            seen.add(u.registry)
+        return result
+
+    cfg = MirrorConfig(
+        listen=top.take("listen", listen, required=True) or (),
+        storage=top.take("storage", storage, required=True),  # type: ignore[arg-type]
+        upstreams=top.take("upstreams", upstreams, ()) or (),
+        max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024) or 0,
+        source=source,
+    )
+    top.finish()
+    return cfg
+
+
+def load_config(path: str | Path) -> MirrorConfig:
+    """Read and validate the configuration file at ``path``."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_config(text, str(path))
+
+

@@ -1,0 +1,237 @@
+"""The store on a local filesystem directory.
+
+Layout under ``root``::
+
+    blobs/<algorithm>/<first two hex>/<hex>       content (manifests too); its mtime is
+                                                   the last access (the access record)
+    spool/<random>                                 blobs being written; renamed into
+                                                   blobs/ only after verify + fsync
+    repositories/<name...>/_manifests/<alg>/<hex>  a manifest the repository holds; the
+                                                   file holds its media type
+    repositories/<name...>/_tags/<tag>             the digest the tag points at
+
+``_manifests`` and ``_tags`` cannot collide with a nested repository, since a name
+component cannot start with ``_``.  Every path component comes from a checked name,
+tag or digest (:mod:`mirror.oci`), so nothing reaches outside ``root``.
+
+Crash safety: a blob appears under ``blobs/`` only whole and verified (fsync, then
+rename); small files are written to a temporary name, fsynced and renamed.  A tag or
+link may outlive its blob after a crash or eviction; readers treat a missing blob as a
+miss.  Stale spool files are removed at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from mirror.oci import Digest, parse_digest
+from mirror.store import DigestMismatch
+
+__all__ = ["FilesystemStore"]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class FilesystemBlobWriter:
+    """Spools a blob to ``spool/``, hashing as it goes; commit verifies and renames."""
+
+    def __init__(self, store: FilesystemStore) -> None:
+        self._store = store
+        self.path = store.root / "spool" / secrets.token_hex(16)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._sha256 = hashlib.sha256()
+        self._other: hashlib._Hash | None = None  # when a digest is not sha256
+        self.size = 0
+
+    def hash_also(self, digest: Digest) -> None:
+        """Hash with ``digest``'s algorithm too (call before the first write)."""
+        if digest.algorithm != "sha256" and self._other is None:
+            self._other = digest.hasher()
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None, "write after commit or abort"
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._sha256.update(data)
+        if self._other is not None:
+            self._other.update(data)
+        self.size += len(data)
+
+    def open_spool(self) -> BinaryIO:
+        return open(self.path, "rb", buffering=0)
+
+    def actual_digest(self, algorithm: str = "sha256") -> Digest:
+        """The digest of what was written, in ``algorithm`` if it was hashed with it."""
+        if algorithm != "sha256" and self._other is not None and self._other.name == algorithm:
+            return Digest(algorithm, self._other.hexdigest())
+        return Digest("sha256", self._sha256.hexdigest())
+
+    def commit(self, expected: Digest) -> None:
+        assert self._fd is not None, "commit after commit or abort"
+        actual = self.actual_digest(expected.algorithm)
+        if actual != expected:
+            self.abort()
+            raise DigestMismatch(expected, actual, self.size)
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = self._store.blob_path(expected)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, final)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class FilesystemStore:
+    """:class:`mirror.store.Store` on a directory tree (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for sub in ("blobs", "spool", "repositories"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def clean_spool(self) -> int:
+        """Delete spool files left by a previous process (call at start-up only)."""
+        removed = 0
+        for entry in os.scandir(self.root / "spool"):
+            os.unlink(entry.path)
+            removed += 1
+        return removed
+
+    # paths -----------------------------------------------------------------------------
+    def blob_path(self, digest: Digest) -> Path:
+        return self.root / "blobs" / digest.algorithm / digest.encoded[:2] / digest.encoded
+
+    def _repo(self, repo: str) -> Path:
+        return self.root / "repositories" / repo
+
+    # blobs -----------------------------------------------------------------------------
+    def blob_size(self, digest: Digest) -> int | None:
+        try:
+            return self.blob_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def open_blob(self, digest: Digest) -> BinaryIO | None:
+        try:
+            return open(self.blob_path(digest), "rb", buffering=0)
+        except FileNotFoundError:
+            return None
+
+    def read_blob(self, digest: Digest, max_size: int) -> bytes | None:
+        f = self.open_blob(digest)
+        if f is None:
+            return None
+        with f:
+            data = f.read(max_size + 1)
+        return data if len(data) <= max_size else None
+
+    def put_blob(self, digest: Digest, data: bytes) -> None:
+        path = self.blob_path(digest)
+        if not path.exists():
+            _write_atomic(path, data)
+
+    def new_writer(self) -> FilesystemBlobWriter:
+        return FilesystemBlobWriter(self)
+
+    def touch(self, accessed: Iterable[tuple[Digest, float]]) -> None:
+        for digest, when in accessed:
+            try:
+                os.utime(self.blob_path(digest), (when, when))
+            except FileNotFoundError:
+                pass
+
+    def last_access(self, digest: Digest) -> float | None:
+        """The recorded last access of a stored blob."""
+        try:
+            return self.blob_path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    # repositories ----------------------------------------------------------------------
+    def _link_path(self, repo: str, digest: Digest) -> Path:
+        return self._repo(repo) / "_manifests" / digest.algorithm / digest.encoded
+
+    def link_manifest(self, repo: str, digest: Digest, media_type: str) -> None:
+        path = self._link_path(repo, digest)
+        if self.manifest_media_type(repo, digest) != media_type:
+            _write_atomic(path, media_type.encode())
+
+    def manifest_media_type(self, repo: str, digest: Digest) -> str | None:
+        try:
+            return self._link_path(repo, digest).read_text() or None
+        except FileNotFoundError:
+            return None
+
+    def set_tag(self, repo: str, tag: str, digest: Digest) -> None:
+        _write_atomic(self._repo(repo) / "_tags" / tag, str(digest).encode())
+
+    def get_tag(self, repo: str, tag: str) -> Digest | None:
+        try:
+            text = (self._repo(repo) / "_tags" / tag).read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return parse_digest(text.strip())
+        except Exception:
+            return None
+
+    def delete_tag(self, repo: str, tag: str) -> None:
+        try:
+            os.unlink(self._repo(repo) / "_tags" / tag)
+        except FileNotFoundError:
+            pass
+
+    def list_tags(self, repo: str) -> list[str] | None:
+        base = self._repo(repo)
+        try:
+            entries = os.scandir(base / "_tags")
+        except FileNotFoundError:
+            return [] if (base / "_manifests").is_dir() else None
+        with entries:
+            return sorted(e.name for e in entries if not e.name.startswith("."))
+
+    def repositories(self) -> Iterator[str]:
+        top = self.root / "repositories"
+
+        def walk(directory: Path, prefix: str) -> Iterator[str]:
+            try:
+                names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+            except FileNotFoundError:
+                return
+            if "_manifests" in names or "_tags" in names:
+                yield prefix
+            for name in names:
+                if not name.startswith("_"):
+                    yield from walk(directory / name, f"{prefix}/{name}" if prefix else name)
+
+        # Sorting per directory level is not lexical order of full names ("a/b" vs "a-c"),
+        # so sort the (small) result once.
+        yield from sorted(walk(top, ""))

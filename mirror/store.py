@@ -1,0 +1,101 @@
+"""The store interface: what the registry needs from the place content lives.
+
+It is small on purpose: content-addressed blobs (manifests are blobs too), and per
+repository the manifests it holds and its tags.  :class:`mirror.fsstore.FilesystemStore`
+implements it on a local directory; an object-store implementation (several nodes
+sharing one bucket) implements the same methods.  Writers always spool to a local
+temporary file first, because content is verified before it becomes visible; readers of
+a growing fill follow that spool file (:meth:`BlobWriter.open_spool`).
+
+All methods are synchronous and quick on a local disk (metadata operations and small
+files); the slow parts — fsync and renames of large files — are in
+:meth:`BlobWriter.commit`, which callers run off the reactor thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO, Protocol
+
+from mirror.oci import Digest
+
+__all__ = ["BlobWriter", "DigestMismatch", "Store"]
+
+
+class DigestMismatch(Exception):
+    """Written bytes do not hash to the digest they were meant to have."""
+
+    def __init__(self, expected: Digest, actual: Digest, size: int) -> None:
+        super().__init__(f"expected {expected}, got {actual} over {size} bytes")
+        self.expected = expected
+        self.actual = actual
+        self.size = size
+
+
+class BlobWriter(Protocol):
+    """A blob being written: hashed as it is written, visible only once committed."""
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (and hash it)."""
+
+    def open_spool(self) -> BinaryIO:
+        """A new reader of the bytes written so far (for clients following a fill)."""
+
+    def commit(self, expected: Digest) -> None:
+        """Verify against ``expected``, make durable, and publish under that digest.
+
+        Blocking (fsync, rename): run it in a thread.  On a mismatch it discards the
+        bytes and raises :class:`DigestMismatch`.
+        """
+
+    def abort(self) -> None:
+        """Discard what was written.  Safe to call more than once, and after commit."""
+
+
+class Store(Protocol):
+    """Where blobs, manifests and tags live."""
+
+    # blobs -----------------------------------------------------------------------------
+    def blob_size(self, digest: Digest) -> int | None:
+        """The size of a stored blob, or ``None`` if it is not stored."""
+
+    def open_blob(self, digest: Digest) -> BinaryIO | None:
+        """A reader of a stored blob, or ``None`` if it is not stored."""
+
+    def read_blob(self, digest: Digest, max_size: int) -> bytes | None:
+        """A small stored blob's bytes (a manifest), or ``None`` if absent or too big."""
+
+    def put_blob(self, digest: Digest, data: bytes) -> None:
+        """Store small, already verified bytes under ``digest`` (durably)."""
+
+    def new_writer(self) -> BlobWriter:
+        """A writer for a new blob."""
+
+    def touch(self, accessed: Iterable[tuple[Digest, float]]) -> None:
+        """Record last-access times (the access record; no fsync)."""
+
+    # repositories ----------------------------------------------------------------------
+    def link_manifest(self, repo: str, digest: Digest, media_type: str) -> None:
+        """Record that ``repo`` holds manifest ``digest`` of ``media_type``."""
+
+    def manifest_media_type(self, repo: str, digest: Digest) -> str | None:
+        """The media type of a manifest ``repo`` holds, or ``None``."""
+
+    def set_tag(self, repo: str, tag: str, digest: Digest) -> None:
+        """Point ``repo:tag`` at manifest ``digest``."""
+
+    def get_tag(self, repo: str, tag: str) -> Digest | None:
+        """The manifest digest ``repo:tag`` points at, or ``None``."""
+
+    def delete_tag(self, repo: str, tag: str) -> None:
+        """Remove ``repo:tag`` if present."""
+
+    def list_tags(self, repo: str) -> list[str] | None:
+        """The repository's tags, sorted; ``None`` when the store has no such repository."""
+
+    def repositories(self) -> Iterator[str]:
+        """Every repository holding a manifest or a tag, in lexical order."""

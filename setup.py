@@ -1,0 +1,28 @@
+"""Packaging for mirror: a pull-through caching registry mirror on Twisted."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mirror",
+    version="0.1.0",
+    description="Pull-through caching mirror and private OCI registry on Twisted",
+    python_requires=">=3.11",
+    packages=[*find_packages(include=["mirror", "mirror.*"]), "twisted.plugins"],
+    package_data={"twisted": ["plugins/mirror_plugin.py"]},
+    install_requires=[
+        "twisted>=23.10",
+        "treq>=23.11",
+        "pyyaml>=6",
+        # attrs: frozen, validated config and value objects (twisted already depends on it)
+        "attrs>=23.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            # cryptography: the integration tests' token issuer signs JWTs and makes TLS certs
+            "cryptography>=42",
+        ],
+    },
+    entry_points={"console_scripts": ["mirror = mirror.cli:main"]},
+)
