@@ -1,0 +1,251 @@
+"""The web edge: the registry HTTP API as one Twisted resource.
+
+Requests go through :data:`ROUTES` (a regular expression on the raw path per endpoint)
+to a thin handler that parses the request, calls :class:`~mirror.service.MirrorService`
+once and renders the answer.  Every error is the spec's JSON body
+(:func:`mirror.errors.error_body`); anything unexpected is logged and answered 500
+``UNKNOWN`` — a client never sees a traceback.  A failure after the headers went out
+aborts the connection, so a truncated body never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlencode
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from mirror.errors import RegistryError, error_body
+from mirror.httpheaders import parse_accept, parse_range
+from mirror.service import BlobBody, MirrorService
+from mirror.streaming import FileSender
+
+__all__ = ["ROUTES", "RegistryResource", "paginate"]
+
+API_VERSION = b"registry/2.0"
+
+Handler = Callable[["_Call"], Awaitable[None]]
+
+#: (path pattern, {method: handler name}); names are raw-path matches, checked later.
+ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
+    (re.compile(r"/v2/?"), {"GET": "base", "HEAD": "base"}),
+    (re.compile(r"/v2/_catalog"), {"GET": "catalog"}),
+    (re.compile(r"/v2/(?P<name>.+)/tags/list"), {"GET": "tags"}),
+    (re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)"), {"GET": "manifest", "HEAD": "manifest"}),
+    (re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/(?P<upload>[^/]*))?"), {}),
+    (re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)"), {"GET": "blob", "HEAD": "blob"}),
+]
+
+
+def match_route(method: str, path: str) -> tuple[str, dict[str, str]]:
+    """The handler name and path parameters for a request.
+
+    Raises:
+        RegistryError: 404 for an unknown path, 405 ``UNSUPPORTED`` for a method the
+            endpoint does not take.
+    """
+    for pattern, methods in ROUTES:
+        match = pattern.fullmatch(path)
+        if match is None:
+            continue
+        handler = methods.get(method)
+        if handler is None:
+            allowed = ", ".join(methods) or "none"
+            raise RegistryError(
+                "UNSUPPORTED",
+                f"{method} is not supported on this endpoint by this registry (allowed: {allowed})",
+                headers={"Allow": ", ".join(methods)} if methods else None,
+            )
+        return handler, {k: v for k, v in match.groupdict().items() if v is not None}
+    raise RegistryError("UNSUPPORTED", f"no registry endpoint at {path[:200]!r}", status=404)
+
+
+def paginate(items: list[str], n: str | None, last: str | None) -> tuple[list[str], str | None]:
+    """Apply the spec's ``n``/``last`` pagination to a sorted list.
+
+    Returns the page and, when more remain, the ``last`` value for the next page.
+    """
+    if last:
+        items = [i for i in items if i > last]
+    if n is None:
+        return items, None
+    if not n.isdigit() or len(n) > 9:
+        raise RegistryError("PAGINATION_NUMBER_INVALID", f"invalid page size n={n[:20]!r}", status=400)
+    size = int(n)
+    page = items[:size]
+    more = len(items) > size and size > 0
+    return page, (page[-1] if more else None)
+
+
+class _Call:
+    """One request in flight: its parsed parts and the response it builds."""
+
+    def __init__(self, request: Request, params: dict[str, str]) -> None:
+        self.request = request
+        self.params = params
+        self.method = request.method.decode("latin-1")
+        self.gone = False  # the client disconnected
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, _: Failure) -> None:
+        self.gone = True
+
+    def arg(self, name: str) -> str | None:
+        values = self.request.args.get(name.encode())
+        return values[0].decode("utf-8", "replace") if values else None
+
+    def header(self, name: str) -> str | None:
+        value = self.request.getHeader(name)
+        return value.decode("latin-1") if isinstance(value, bytes) else value
+
+    def set_header(self, name: str, value: str | int) -> None:
+        self.request.setHeader(name.encode(), str(value).encode("latin-1"))
+
+    def finish(self, status: int, body: bytes = b"", content_type: str | None = None) -> None:
+        if self.gone:
+            return
+        self.request.setResponseCode(status)
+        if content_type is not None:
+            self.set_header("Content-Type", content_type)
+        self.set_header("Content-Length", len(body))
+        if body and self.method != "HEAD":
+            self.request.write(body)
+        self.request.finish()
+
+    def finish_json(self, doc: object, status: int = 200, link: str | None = None) -> None:
+        if link is not None:
+            self.set_header("Link", f'<{link}>; rel="next"')
+        self.finish(status, json.dumps(doc).encode(), "application/json")
+
+
+class RegistryResource(Resource):
+    """The whole ``/v2/`` API, dispatched by :func:`match_route`."""
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, service: MirrorService) -> None:
+        super().__init__()
+        self._service = service
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(b"Docker-Distribution-Api-Version", API_VERSION)
+        path = request.path.decode("latin-1")
+        method = request.method.decode("latin-1")
+        try:
+            handler_name, params = match_route(method, path)
+        except RegistryError as e:
+            _render_error(request, e)
+            return NOT_DONE_YET
+        call = _Call(request, params)
+        handler: Handler = getattr(self, f"_{handler_name}")
+        d = Deferred.fromCoroutine(handler(call))
+        d.addErrback(self._failed, call)
+        return NOT_DONE_YET
+
+    def _failed(self, failure: Failure, call: _Call) -> None:
+        request = call.request
+        if call.gone:
+            return
+        if request.startedWriting:
+            self._log.failure("response failed after its headers were sent; aborting", failure)
+            if request.producer is not None:
+                request.unregisterProducer()
+            request.transport.abortConnection()
+            return
+        if failure.check(RegistryError):
+            _render_error(request, failure.value)
+            return
+        self._log.failure("unexpected error answering {method} {path}", failure, method=call.method, path=request.path)
+        _render_error(request, RegistryError("UNKNOWN", "internal error; see the registry's log"))
+
+    # handlers -----------------------------------------------------------------------------
+    async def _base(self, call: _Call) -> None:
+        call.finish_json({})
+
+    async def _catalog(self, call: _Call) -> None:
+        page, last = paginate(self._service.repositories(), call.arg("n"), call.arg("last"))
+        link = f"/v2/_catalog?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
+        call.finish_json({"repositories": page}, link=link)
+
+    async def _tags(self, call: _Call) -> None:
+        name = call.params["name"]
+        tags = self._service.tags(name, call.arg("ns"))
+        page, last = paginate(tags, call.arg("n"), call.arg("last"))
+        link = f"/v2/{name}/tags/list?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
+        call.finish_json({"name": name, "tags": page}, link=link)
+
+    async def _manifest(self, call: _Call) -> None:
+        accept = parse_accept(call.request.requestHeaders.getRawHeaders(b"accept"))
+        manifest = await self._service.get_manifest(call.params["name"], call.arg("ns"), call.params["reference"], accept)
+        etag = f'"{manifest.digest}"'
+        call.set_header("Docker-Content-Digest", str(manifest.digest))
+        call.set_header("ETag", etag)
+        if call.header("If-None-Match") == etag:
+            call.finish(304)
+            return
+        call.finish(200, manifest.data, manifest.media_type)
+
+    async def _blob(self, call: _Call) -> None:
+        name, digest, ns = call.params["name"], call.params["digest"], call.arg("ns")
+        if call.method == "HEAD":
+            size = await self._service.blob_size(name, ns, digest)
+            self._blob_headers(call, digest)
+            call.set_header("Content-Length", size)
+            call.request.setResponseCode(200)
+            call.request.finish()
+            return
+        range_header = call.header("Range")
+        body = await self._service.get_blob(name, ns, digest, whole=range_header is not None)
+        try:
+            byte_range = parse_range(range_header, body.size) if body.size is not None else None
+        except RegistryError:
+            body.file.close()
+            raise
+        if call.gone:
+            body.file.close()
+            return
+        self._blob_headers(call, str(body.digest))
+        if byte_range is not None:
+            call.request.setResponseCode(206)
+            call.set_header("Content-Range", byte_range.content_range())
+            call.set_header("Content-Length", byte_range.length)
+            await self._send(call, body, byte_range.first, byte_range.last + 1)
+        else:
+            if body.size is not None:
+                call.set_header("Content-Length", body.size)
+            await self._send(call, body, 0, None)
+
+    def _blob_headers(self, call: _Call, digest: str) -> None:
+        call.set_header("Content-Type", "application/octet-stream")
+        call.set_header("Docker-Content-Digest", digest)
+        call.set_header("ETag", f'"{digest}"')
+        call.set_header("Accept-Ranges", "bytes")
+        call.set_header("Cache-Control", "max-age=31536000")
+
+    async def _send(self, call: _Call, body: BlobBody, first: int, end: int | None) -> None:
+        sender = FileSender(body.file, body.source, call.request, first, end)
+        call.request.notifyFinish().addErrback(lambda _: sender.stopProducing())
+        await sender.start()
+        call.request.unregisterProducer()
+        if not call.gone:
+            call.request.finish()
+
+
+def _render_error(request: Request, error: RegistryError) -> None:
+    request.setResponseCode(error.status)
+    for key, value in error.headers.items():
+        request.setHeader(key.encode(), value.encode("latin-1"))
+    body = error_body(error)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()

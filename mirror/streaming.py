@@ -1,0 +1,273 @@
+"""Streaming blobs with constant memory.
+
+* :class:`BlobFill` is the protocol that receives one upstream blob body.  It writes
+  every chunk to a :class:`~mirror.store.BlobWriter` spool file (hashing it), and when
+  the body ends commits it — verified, fsynced and renamed — off the reactor thread.
+  It never waits for clients: a slow or departed client cannot stall or cancel a fill.
+* :class:`FileSender` is the push producer that sends a file to one client: a cached
+  blob, or the spool file of a fill still under way (following it as it grows).  Every
+  client of a miss, the first included, follows the spool, so N concurrent requests
+  cause one upstream download and N readers of the page cache.
+
+A fill holds back its last byte until the digest has verified: a client never receives a
+complete-looking body whose bytes turn out wrong.  When a fill fails, its followers'
+connections are aborted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import BinaryIO, Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from zope.interface import implementer
+
+from mirror.oci import Digest
+from mirror.store import BlobWriter
+
+__all__ = ["BlobFill", "CachedSource", "FileSender", "FillFailed", "Source"]
+
+#: Bytes read from disk per write to a client.
+CHUNK = 256 * 1024
+
+
+class FillFailed(Exception):
+    """An upstream blob fill did not complete with verified bytes."""
+
+
+class Source(TypingProtocol):
+    """What a :class:`FileSender` follows: how far it may read, and whether that is all."""
+
+    def readable_end(self) -> int:
+        """Bytes from the start that may be sent now."""
+
+    @property
+    def finished(self) -> bool:
+        """Whole and verified: ``readable_end()`` is the final size."""
+
+    @property
+    def failure(self) -> Failure | None:
+        """Why the content will never be whole, if so."""
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when more is readable, or on finish or failure."""
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback``."""
+
+
+class CachedSource:
+    """A stored blob: all of it readable, nothing to wait for."""
+
+    failure = None
+    finished = True
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def readable_end(self) -> int:
+        return self.size
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        pass
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        pass
+
+
+class BlobFill(Protocol):
+    """Receives an upstream blob body into a spool file, then verifies and commits it.
+
+    Args:
+        writer: where the bytes go.
+        digest: what they must hash to.
+        expected_size: the upstream's ``Content-Length``, if it sent one.
+        clock: for the idle timeout.
+        idle_timeout: seconds without a byte before the fill is abandoned.
+        run_blocking: runs ``writer.commit`` off the reactor thread and returns a Deferred.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        writer: BlobWriter,
+        digest: Digest,
+        expected_size: int | None,
+        clock: IReactorTime,
+        idle_timeout: float,
+        run_blocking: Callable[..., Deferred[None]],
+    ) -> None:
+        self.writer = writer
+        self.digest = digest
+        self.expected_size = expected_size
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._run_blocking = run_blocking
+        self._idle: IDelayedCall | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._problem: str | None = None
+        self.finished = False
+        self.failure: Failure | None = None
+        self.done: Deferred[None] = Deferred()
+
+    # Source -------------------------------------------------------------------------------
+    def readable_end(self) -> int:
+        size = self.writer.size
+        if self.finished or self.expected_size is None:
+            return size
+        return min(size, self.expected_size - 1)
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def _notify(self) -> None:
+        for callback in list(self._listeners):
+            callback()
+
+    # IProtocol ----------------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self._reset_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._problem is not None:
+            return
+        if self.expected_size is not None and self.writer.size + len(data) > self.expected_size:
+            self._give_up(f"upstream sent more than its Content-Length of {self.expected_size}")
+            return
+        try:
+            self.writer.write(data)
+        except OSError as e:
+            self._give_up(f"cannot write to the store: {e.strerror}")
+            return
+        self._reset_idle()
+        self._notify()
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        if self._problem is None and not reason.check(ResponseDone):
+            self._problem = f"upstream body ended early: {reason.getErrorMessage()}"
+        if self._problem is None and self.expected_size is not None and self.writer.size != self.expected_size:
+            self._problem = f"upstream sent {self.writer.size} of {self.expected_size} bytes"
+        if self._problem is not None:
+            self.writer.abort()
+            self._fail(Failure(FillFailed(self._problem)))
+            return
+        d = self._run_blocking(self.writer.commit, self.digest)
+        d.addCallbacks(self._committed, self._commit_failed)
+
+    # outcomes -----------------------------------------------------------------------------
+    def _committed(self, _: object) -> None:
+        self.finished = True
+        self._notify()
+        self.done.callback(None)
+
+    def _commit_failed(self, failure: Failure) -> None:
+        self.writer.abort()
+        self._fail(failure)
+
+    def _fail(self, failure: Failure) -> None:
+        self.failure = failure
+        self._notify()
+        self.done.errback(failure)
+
+    def _give_up(self, problem: str) -> None:
+        self._problem = problem
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _reset_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        else:
+            self._idle = self._clock.callLater(
+                self._idle_timeout, self._give_up, f"upstream sent nothing for {self._idle_timeout:g} s"
+            )
+
+
+@implementer(IPushProducer)
+class FileSender:
+    """Sends ``[first, end)`` of a file to a consumer, following a :class:`Source`.
+
+    ``end`` is ``None`` to send up to the source's final size.  ``done`` fires when the
+    last byte has been written, and fails when the source fails or the consumer stops
+    the producer (client gone).  The file is closed either way.
+    """
+
+    def __init__(self, file: BinaryIO, source: Source, consumer: IConsumer, first: int = 0, end: int | None = None) -> None:
+        self._file = file
+        self._fd = file.fileno()
+        self._source = source
+        self._consumer = consumer
+        self._pos = first
+        self._end = end
+        self._paused = False
+        self._pumping = False
+        self._closed = False
+        self.done: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[None]:
+        """Register with the consumer and begin; returns ``done``."""
+        self._source.subscribe(self._pump)
+        self._consumer.registerProducer(self, True)
+        self._pump()
+        return self.done
+
+    def _pump(self) -> None:
+        if self._pumping or self._closed:
+            return
+        self._pumping = True
+        try:
+            while not self._paused and not self._closed:
+                limit = self._source.readable_end()
+                if self._end is not None:
+                    limit = min(limit, self._end)
+                if self._pos < limit:
+                    data = os.pread(self._fd, min(CHUNK, limit - self._pos), self._pos)
+                    if not data:
+                        self._finish(Failure(FillFailed("file shorter than expected")))
+                        return
+                    self._pos += len(data)
+                    self._consumer.write(data)
+                    continue
+                if self._source.failure is not None:
+                    self._finish(self._source.failure)
+                elif self._source.finished and (self._end is None or self._pos >= self._end):
+                    self._finish(None)
+                return
+        finally:
+            self._pumping = False
+
+    def _finish(self, failure: Failure | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._source.unsubscribe(self._pump)
+        self._file.close()
+        if failure is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(failure)
+
+    # IPushProducer ------------------------------------------------------------------------
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._finish(Failure(FillFailed("client went away")))
