@@ -15,7 +15,7 @@ import attrs
 
 __all__ = ["Challenge", "TokenCache", "parse_challenge", "token_from_response"]
 
-_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*(?:,|$)')
+_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*(?:,|$)')
 
 #: Docker's token spec: a token without ``expires_in`` lives 60 seconds.
 DEFAULT_TOKEN_LIFETIME = 60.0

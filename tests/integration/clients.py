@@ -465,9 +465,10 @@ def ctr_pull(mirror_host_port: str, image: str, *, all_platforms: bool = False,
 
     Verifies that the image is listed, that every blob it needs (all
     platforms with ``all_platforms``) is in the content store, and that
-    ``ctr images check`` reports it complete (and unpacked, when it was).
-    A foreign ``platform`` is fetched with ``ctr content fetch`` because ctr
-    1.6's ``images pull --platform <foreign>`` fails its unpack check.
+    ``ctr images check`` reports it complete and unpacked. A foreign
+    ``platform`` is fetched with ``ctr content fetch`` (no unpack, no
+    ``images check``) because ctr 1.6's ``images pull --platform <foreign>``
+    fails its unpack check.
     """
     _check_host_port(mirror_host_port)
     image = normalize_image(image)
@@ -495,11 +496,14 @@ def ctr_pull(mirror_host_port: str, image: str, *, all_platforms: bool = False,
             if not digest.startswith("sha256:"):
                 raise ClientError("ctr", f"{image} not listed by containerd", proc_util.tail_file(log))
             _ctr_verify(daemon, image, digest, platform=plat, all_platforms=all_platforms, log=log)
-            check = daemon.ctr("images", "check", f"name=={image}", timeout=15, log=log).splitlines()[1:]
+            if not unpack:  # `images check` would look for the host platform's manifest
+                return digest
+            check = daemon.ctr("images", "check", "--snapshotter", snapshotter, f"name=={image}",
+                               timeout=15, log=log).splitlines()[1:]
             fields = check[0].split() if check else []
             if "complete" not in fields:
                 raise ClientError("ctr", f"images check: not complete: {check}", proc_util.tail_file(log))
-            if unpack and fields[-1] != "true":
+            if fields[-1] != "true":
                 raise ClientError("ctr", f"images check: not unpacked: {check}", proc_util.tail_file(log))
             return digest
 

@@ -12,7 +12,8 @@ Every layer is a real gzip-compressed tar (docker and containerd unpack
 layers): media type ``application/vnd.oci.image.layer.v1.tar+gzip``. The
 random layers use gzip level 0 ("stored" blocks): valid gzip, written ~20×
 faster than level 1, and random data would not compress anyway. A layer
-blob is therefore its payload size plus about 2 KiB of tar/gzip framing.
+blob is therefore its payload size plus under 16 KiB of tar/gzip framing
+(tar pads to 10 KiB records; stored gzip adds 5 bytes per 64 KiB).
 
 :func:`push` copies a reference to a registry with ``skopeo copy`` (Docker
 schema2 or OCI format, optionally all platforms) and returns the digest the

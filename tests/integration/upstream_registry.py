@@ -277,7 +277,10 @@ class TokenIssuer:
     through its ``rootcertbundle`` (= :attr:`cert_path`).
 
     Every requested action is granted (optionally intersected with
-    ``allowed_actions``). With ``username``/``password`` set, wrong Basic
+    ``allowed_actions``). Distribution 2.8 needs ``aud`` as a plain string
+    (an array makes the token "malformed") equal to its ``service``, ``iss``
+    equal to its ``issuer``, and a key it can find: ``x5c`` verified against
+    the bundle, or ``kid`` = libtrust fingerprint of a bundle certificate's key. With ``username``/``password`` set, wrong Basic
     credentials get 401; with ``anonymous=False`` missing ones do too.
     Every request is recorded in :attr:`requests`.
     """
@@ -286,13 +289,21 @@ class TokenIssuer:
                  issuer: str = "mirror-test-issuer", username: str | None = None,
                  password: str | None = None, anonymous: bool = True, expires_in: int = 300,
                  allowed_actions: Iterable[str] | None = None,
-                 key_ref: Literal["kid", "x5c", "both"] = "kid", port: int | None = None) -> None:
-        """Create the key/certificate in ``workdir``; :meth:`start` serves."""
+                 key_ref: Literal["kid", "x5c", "both"] = "kid", port: int | None = None,
+                 jwt_lifetime: int | None = None) -> None:
+        """Create the key/certificate in ``workdir``; :meth:`start` serves.
+
+        ``expires_in`` is advertised in the response; ``jwt_lifetime`` (default:
+        the same) sets the JWT's ``exp``. Both are plain attributes that tests
+        may change at any time. Distribution allows 60 s of clock leeway, so a
+        token it rejects as expired needs ``jwt_lifetime < -60``.
+        """
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.service, self.issuer = service, issuer
         self.username, self.password, self.anonymous = username, password, anonymous
         self.expires_in = expires_in
+        self.jwt_lifetime = jwt_lifetime
         self.allowed_actions = frozenset(allowed_actions) if allowed_actions is not None else None
         self.key_ref = key_ref
         self.port = port or free_port()
@@ -404,7 +415,8 @@ class TokenIssuer:
             header["x5c"] = [base64.b64encode(self._cert.public_bytes(serialization.Encoding.DER)).decode()]
         claims = {
             "iss": self.issuer, "sub": subject, "aud": self.service,
-            "exp": now_i + (self.expires_in if expires_in is None else expires_in),
+            "exp": now_i + (expires_in if expires_in is not None else
+                            self.jwt_lifetime if self.jwt_lifetime is not None else self.expires_in),
             "nbf": now_i - 1, "iat": now_i, "jti": secrets.token_hex(8),
             "access": [{"type": t, "name": n, "actions": list(a)} for t, n, a in access],
         }

@@ -1,0 +1,42 @@
+# The two commands of the README:
+#   make run    create the virtualenv, install, start twistd with conf/mirror.yaml
+#   make test   install the Debian test tools and Python deps, then run the tests
+# Both work on a fresh Debian 12 machine (make test needs root for apt-get).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= conf/mirror.yaml
+# Debian packages the integration tests drive: a real upstream registry (CNCF
+# Distribution 2.8), the four real clients, and the tools their fixtures use.
+DEB_TEST_PACKAGES := docker-registry skopeo podman containerd docker.io runc jq curl openssl ca-certificates
+PYTEST_ARGS ?=
+
+.PHONY: run test venv deb-test-deps bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/ here
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	mkdir -p var
+	$(VENV)/bin/twistd --nodaemon --pidfile= mirror --config $(CONFIG)
+
+deb-test-deps:
+	@missing=""; \
+	for p in $(DEB_TEST_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+test: deb-test-deps venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

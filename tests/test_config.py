@@ -1,0 +1,86 @@
+"""Unit tests of configuration loading: defaults, and one clear line per mistake."""
+
+from pathlib import Path
+
+import pytest
+
+from mirror.config import ConfigError, load_config, parse_config
+
+GOOD = """
+listen: "tcp:5000:interface=127.0.0.1"
+storage: {root: var/store}
+upstreams:
+  - registry: docker.io
+    url: https://registry-1.docker.io/
+    tag_ttl: 60
+  - {registry: ghcr.io, url: "https://ghcr.io", username: u, password: p}
+"""
+
+
+def test_good_config_parses_with_defaults():
+    """A valid file gives frozen objects with defaults filled in and URLs normalised."""
+    cfg = parse_config(GOOD, "m.yaml")
+    assert cfg.listen == ("tcp:5000:interface=127.0.0.1",)
+    assert cfg.storage.root == Path("var/store")
+    assert cfg.upstreams[0].url == "https://registry-1.docker.io"
+    assert cfg.upstreams[0].tag_ttl == 60
+    assert cfg.upstreams[1].tag_ttl == 300
+    assert cfg.max_manifest_size == 4 * 1024 * 1024
+
+
+def test_credentials_never_in_repr():
+    """Upstream passwords stay out of reprs (and so out of logs)."""
+    cfg = parse_config(GOOD)
+    assert "'p'" not in repr(cfg) and "password" not in repr(cfg)
+
+
+def test_sample_config_is_valid():
+    """The shipped conf/mirror.yaml loads."""
+    cfg = load_config(Path(__file__).parent.parent / "conf" / "mirror.yaml")
+    assert cfg.upstreams[0].registry == "docker.io"
+    assert cfg.upstreams[0].url == "https://registry-1.docker.io"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("storage: {root: x}", "m.yaml: listen: missing value"),
+        ("listen: x", "m.yaml: storage: missing value"),
+        ("listen: x\nstorage: {root: x}\nbogus: 1", "m.yaml: bogus: unknown key"),
+        ("listen: x\nstorage: {root: x, rot: 1}", "m.yaml: storage.rot: unknown key"),
+        ("listen: 5", "m.yaml: listen: expected an endpoint string or a list of them"),
+        ("listen: x\nstorage: {}", "m.yaml: storage.root: missing value"),
+        ("listen: x\nstorage: {root: x}\nupstreams: {}", "m.yaml: upstreams: expected a list"),
+        (
+            "listen: x\nstorage: {root: x}\nupstreams: [{registry: a.io, url: 'ftp://x'}]",
+            "m.yaml: upstreams[0].url: expected an http:// or https:// URL",
+        ),
+        (
+            "listen: x\nstorage: {root: x}\nupstreams: [{registry: a.io, url: 'http://x', tag_ttl: soon}]",
+            "m.yaml: upstreams[0].tag_ttl: expected a number >= 0",
+        ),
+        (
+            "listen: x\nstorage: {root: x}\nupstreams: [{registry: a.io, url: 'http://x', username: u}]",
+            "m.yaml: upstreams[0]: username and password go together",
+        ),
+        (
+            "listen: x\nstorage: {root: x}\nupstreams: [{registry: a.io, url: 'http://x'}, {registry: a.io, url: 'http://y'}]",
+            "m.yaml: upstreams[1].registry: 'a.io' is listed twice",
+        ),
+        ("listen: x\nstorage: {root: x}\nupstreams: [{url: 'http://x'}]", "m.yaml: upstreams[0].registry: missing value"),
+        ("listen: [", "m.yaml: line 1: invalid YAML"),
+        ("- a\n- b", "m.yaml: (top level): expected a mapping"),
+    ],
+)
+def test_errors_name_file_and_key(text, expected):
+    """Each mistake stops loading with one line that names the file and the key."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "m.yaml")
+    assert str(info.value).startswith(expected)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    """An unreadable file is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,181 @@
+"""Tests of BlobFill (upstream body -> verified store) and FileSender (file -> client).
+
+The upstream transport is a StringTransport, time is a task.Clock, and the client is a
+consumer that records writes and can be paused, as a full socket would.
+"""
+
+import pytest
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
+from twisted.internet.interfaces import IConsumer
+
+from mirror.fsstore import FilesystemStore
+from mirror.oci import Digest
+from mirror.streaming import BlobFill, CachedSource, FileSender, FillFailed
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+
+
+def run_now(f, *args):
+    """Stands in for deferToThread: runs at once, failures as a failed Deferred."""
+    return maybeDeferred(f, *args)
+
+
+@implementer(IConsumer)
+class Consumer:
+    """A client socket: records bytes, can be paused like a full send buffer."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.producer = None
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data):
+        self.data += data
+
+
+@pytest.fixture
+def store(tmp_path):
+    return FilesystemStore(tmp_path)
+
+
+def make_fill(store, data=DATA, digest=None, size="auto", clock=None):
+    digest = digest or Digest.of(data)
+    fill = BlobFill(
+        store.new_writer(), digest, len(data) if size == "auto" else size, clock or Clock(), 30, run_now
+    )
+    transport = StringTransport()
+    fill.makeConnection(transport)
+    return fill, transport
+
+
+def outcome(d):
+    results = []
+    d.addBoth(results.append)
+    return results[0] if results else None
+
+
+def test_fill_commits_and_follower_gets_every_byte(store):
+    """A follower receives the bytes as they arrive, and the last one only after commit."""
+    fill, _ = make_fill(store)
+    client = Consumer()
+    sent = FileSender(fill.writer.open_spool(), fill, client).start()
+    fill.dataReceived(DATA[:1000])
+    assert bytes(client.data) == DATA[:1000]
+    fill.dataReceived(DATA[1000:])
+    assert len(client.data) == len(DATA) - 1  # last byte held until verified
+    assert outcome(sent) is None and not sent.called
+    fill.connectionLost(Failure(ResponseDone()))
+    assert fill.finished
+    assert bytes(client.data) == DATA
+    assert sent.called
+    assert store.blob_size(Digest.of(DATA)) == len(DATA)
+
+
+def test_digest_mismatch_stores_nothing_and_fails_follower(store):
+    """Bytes that do not hash to the digest are never stored, and the client never gets all of them."""
+    wanted = Digest.of(b"something else")
+    fill, _ = make_fill(store, digest=wanted)
+    client = Consumer()
+    sent = FileSender(fill.writer.open_spool(), fill, client).start()
+    fill.dataReceived(DATA)
+    fill.connectionLost(Failure(ResponseDone()))
+    assert isinstance(outcome(sent), Failure)
+    assert len(client.data) < len(DATA)
+    assert store.blob_size(wanted) is None and store.blob_size(Digest.of(DATA)) is None
+    assert list((store.root / "spool").iterdir()) == []
+    assert isinstance(outcome(fill.done), Failure)
+
+
+def test_body_cut_short_fails(store):
+    """An upstream connection dropped mid-body is a failure, not a short blob."""
+    fill, _ = make_fill(store)
+    fill.dataReceived(DATA[:100])
+    fill.connectionLost(Failure(PotentialDataLoss()))
+    assert isinstance(outcome(fill.done), Failure)
+    assert store.blob_size(Digest.of(DATA)) is None
+
+
+def test_more_than_content_length_aborts(store):
+    """An upstream sending past its Content-Length is cut off and the fill fails."""
+    fill, transport = make_fill(store, size=10)
+    fill.dataReceived(DATA[:11])
+    assert transport.producerState == "stopped"
+    fill.connectionLost(Failure(ResponseDone()))
+    assert "more than its Content-Length" in outcome(fill.done).getErrorMessage()
+
+
+def test_unknown_length_commits_on_end(store):
+    """Without Content-Length, everything is readable as it comes; commit decides at the end."""
+    fill, _ = make_fill(store, size=None)
+    fill.dataReceived(DATA)
+    assert fill.readable_end() == len(DATA)
+    fill.connectionLost(Failure(ResponseDone()))
+    assert fill.finished and store.blob_size(Digest.of(DATA)) == len(DATA)
+
+
+def test_idle_upstream_times_out(store):
+    """An upstream that stops sending is abandoned after the idle timeout."""
+    clock = Clock()
+    fill, transport = make_fill(store, clock=clock)
+    fill.dataReceived(DATA[:10])
+    clock.advance(29)
+    assert transport.producerState == "producing"
+    fill.dataReceived(DATA[10:20])  # activity resets the timer
+    clock.advance(29)
+    assert transport.producerState == "producing"
+    clock.advance(2)
+    assert transport.producerState == "stopped"
+    fill.connectionLost(Failure(ResponseDone()))
+    assert "sent nothing for 30 s" in outcome(fill.done).getErrorMessage()
+
+
+def test_paused_client_gets_nothing_until_resumed(store):
+    """Backpressure: a paused sender writes nothing; resuming sends the rest."""
+    fill, _ = make_fill(store)
+    client = Consumer()
+    sender = FileSender(fill.writer.open_spool(), fill, client)
+    sender.start()
+    sender.pauseProducing()
+    fill.dataReceived(DATA)
+    fill.connectionLost(Failure(ResponseDone()))
+    assert len(client.data) == 0
+    sender.resumeProducing()
+    assert bytes(client.data) == DATA
+
+
+def test_client_leaving_does_not_stop_the_fill(store):
+    """A client that disconnects mid-stream leaves the fill running; the blob still lands."""
+    fill, transport = make_fill(store)
+    client = Consumer()
+    sender = FileSender(fill.writer.open_spool(), fill, client)
+    done = sender.start()
+    fill.dataReceived(DATA[:500])
+    sender.stopProducing()
+    result = outcome(done)
+    assert isinstance(result, Failure) and result.check(FillFailed)
+    assert transport.producerState == "producing"
+    fill.dataReceived(DATA[500:])
+    fill.connectionLost(Failure(ResponseDone()))
+    assert store.blob_size(Digest.of(DATA)) == len(DATA)
+
+
+def test_cached_range(store):
+    """A cached blob's byte range is sent exactly."""
+    d = Digest.of(DATA)
+    store.put_blob(d, DATA)
+    client = Consumer()
+    done = FileSender(store.open_blob(d), CachedSource(len(DATA)), client, 1000, 300_000).start()
+    assert done.called
+    assert bytes(client.data) == DATA[1000:300_000]
