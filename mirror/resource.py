@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mirror.errors import RegistryError, error_body
 from mirror.httpheaders import parse_accept, parse_range
 from mirror.service import BlobBody, MirrorService
-from mirror.streaming import FileSender
+from mirror.streaming import ClientGone, FileSender
 
 __all__ = ["ROUTES", "RegistryResource", "paginate"]
 
@@ -152,7 +152,7 @@ class RegistryResource(Resource):
 
     def _failed(self, failure: Failure, call: _Call) -> None:
         request = call.request
-        if call.gone:
+        if call.gone or failure.check(ClientGone):
             return
         if request.startedWriting:
             self._log.failure("response failed after its headers were sent; aborting", failure)

@@ -31,7 +31,7 @@ from zope.interface import implementer
 from mirror.oci import Digest
 from mirror.store import BlobWriter
 
-__all__ = ["BlobFill", "CachedSource", "FileSender", "FillFailed", "Source"]
+__all__ = ["BlobFill", "CachedSource", "ClientGone", "FileSender", "FillFailed", "Source"]
 
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
@@ -39,6 +39,10 @@ CHUNK = 256 * 1024
 
 class FillFailed(Exception):
     """An upstream blob fill did not complete with verified bytes."""
+
+
+class ClientGone(Exception):
+    """The consumer stopped the producer: the client disconnected."""
 
 
 class Source(TypingProtocol):
@@ -270,4 +274,4 @@ class FileSender:
         self._pump()
 
     def stopProducing(self) -> None:
-        self._finish(Failure(FillFailed("client went away")))
+        self._finish(Failure(ClientGone()))

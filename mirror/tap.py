@@ -46,14 +46,18 @@ class _AccessFlush(Service):
         self._service.access.flush()
 
 
-def build_service(config: MirrorConfig, reactor: object) -> MirrorService:
-    """The mirror service for ``config`` on ``reactor`` (a real one)."""
+def build_service(config: MirrorConfig, reactor: object, pool: HTTPConnectionPool | None = None) -> MirrorService:
+    """The mirror service for ``config`` on ``reactor`` (a real one).
+
+    ``pool`` holds the upstream connections; the caller may pass one to close it later.
+    """
     store = FilesystemStore(config.storage.root)
     removed = store.clean_spool()
     if removed:
         _log.info("removed {count} unfinished spool files from a previous run", count=removed)
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 16
+    if pool is None:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 16
     http = HTTPClient(Agent(reactor, pool=pool))
     upstreams = [Upstream(u, http, reactor) for u in config.upstreams]  # type: ignore[arg-type]
     return MirrorService(config, store, upstreams, reactor, deferToThread)  # type: ignore[arg-type]

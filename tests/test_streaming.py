@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IConsumer
 
 from mirror.fsstore import FilesystemStore
 from mirror.oci import Digest
-from mirror.streaming import BlobFill, CachedSource, FileSender, FillFailed
+from mirror.streaming import BlobFill, CachedSource, ClientGone, FileSender
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 
@@ -164,7 +164,7 @@ def test_client_leaving_does_not_stop_the_fill(store):
     fill.dataReceived(DATA[:500])
     sender.stopProducing()
     result = outcome(done)
-    assert isinstance(result, Failure) and result.check(FillFailed)
+    assert isinstance(result, Failure) and result.check(ClientGone)
     assert transport.producerState == "producing"
     fill.dataReceived(DATA[500:])
     fill.connectionLost(Failure(ResponseDone()))

@@ -1,0 +1,67 @@
+"""Shared fixtures: an in-process mirror on the real reactor, in front of a fake upstream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
+
+from mirror.config import MirrorConfig, StorageConfig, UpstreamConfig
+from mirror.service import MirrorService
+from mirror.site import build_site
+from mirror.tap import build_service
+from tests.fake_upstream import FakeRegistry
+
+
+@pytest.fixture
+def fake_upstream():
+    """A FakeRegistry listening on 127.0.0.1; ``.url`` is its base URL."""
+    registry = FakeRegistry()
+    port = reactor.listenTCP(0, Site(registry), interface="127.0.0.1")
+    registry.url = f"http://127.0.0.1:{port.getHost().port}"
+    yield registry
+    registry.close_stalled()
+    pytest_twisted.blockon(port.stopListening())
+
+
+@attrs.define
+class RunningMirror:
+    """A mirror served in-process on 127.0.0.1."""
+
+    service: MirrorService
+    url: str
+    root: Path
+    port: object
+    pool: HTTPConnectionPool
+
+    def get(self, path: str, **kw):
+        """A treq request against the mirror, on a fresh connection."""
+        return treq.request(kw.pop("method", "GET"), self.url + path, persistent=False, **kw)
+
+
+@pytest.fixture
+def make_mirror(tmp_path):
+    """Start a mirror in front of upstream URL(s); everything is stopped at teardown."""
+    started: list[RunningMirror] = []
+
+    def make(url: str, *, registry: str = "docker.io", extra=(), **upstream_kw) -> RunningMirror:
+        root = tmp_path / f"store{len(started)}"
+        upstreams = (UpstreamConfig(registry=registry, url=url, **upstream_kw), *extra)
+        config = MirrorConfig(listen=(), storage=StorageConfig(root=root), upstreams=upstreams)
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        service = build_service(config, reactor, pool)
+        port = reactor.listenTCP(0, build_site(service), interface="127.0.0.1")
+        m = RunningMirror(service, f"http://127.0.0.1:{port.getHost().port}", root, port, pool)
+        started.append(m)
+        return m
+
+    yield make
+    for m in started:
+        pytest_twisted.blockon(m.port.stopListening())
+        pytest_twisted.blockon(m.pool.closeCachedConnections())

@@ -1,0 +1,153 @@
+"""A fake upstream registry for faults a real one cannot produce.
+
+It serves manifests and blobs from dicts and counts every request, and can be told to
+misbehave per blob: send corrupt bytes, drop the connection half-way, answer 429 or
+500, stall, or stream slowly.  Optionally it demands Bearer tokens from its own realm.
+Used by the in-process integration tests (real TCP on 127.0.0.1, real reactor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+from twisted.internet import reactor
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class FakeRegistry(Resource):
+    """A minimal registry: ``/v2/<name>/manifests/<ref>``, ``/v2/<name>/blobs/<digest>``."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}  # (name, ref) -> (data, type)
+        self.blobs: dict[str, bytes] = {}
+        self.faults: dict[str, str] = {}  # digest or "name:ref" -> fault
+        self.requests: Counter[tuple[str, str]] = Counter()  # (method, path) -> count
+        self.token_required = False
+        self.tokens_issued = 0
+        self.retry_after = "7"
+        self.chunk_delay = 0.0  # seconds between 64 KiB chunks of a blob
+        self.lie_digest = False  # send a wrong Docker-Content-Digest on manifests
+        self.stalled = []  # requests held open forever (closed at teardown)
+
+    # content --------------------------------------------------------------------------
+    def add_blob(self, data: bytes) -> str:
+        d = digest_of(data)
+        self.blobs[d] = data
+        return d
+
+    def add_manifest(self, name: str, tag: str, doc: dict, media_type: str) -> str:
+        data = json.dumps(doc).encode()
+        d = digest_of(data)
+        self.manifests[(name, tag)] = (data, media_type)
+        self.manifests[(name, d)] = (data, media_type)
+        return d
+
+    def count(self, method: str, fragment: str) -> int:
+        return sum(n for (m, p), n in self.requests.items() if m == method and fragment in p)
+
+    # serving --------------------------------------------------------------------------
+    def render(self, request):
+        path = request.path.decode()
+        method = request.method.decode()
+        self.requests[(method, path)] += 1
+        if path == "/token":
+            self.tokens_issued += 1
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"token": f"tok{self.tokens_issued}", "expires_in": 300}).encode()
+        if self.token_required and not (request.getHeader("authorization") or "").startswith("Bearer tok"):
+            port = request.getHost().port
+            request.setResponseCode(401)
+            request.setHeader(
+                b"www-authenticate",
+                f'Bearer realm="http://127.0.0.1:{port}/token",service="fake",scope="x"'.encode(),
+            )
+            return b'{"errors":[{"code":"UNAUTHORIZED","message":"auth"}]}'
+        parts = path.split("/")
+        if path == "/v2/":
+            return b"{}"
+        if "manifests" in parts:
+            i = parts.index("manifests")
+            return self._manifest(request, "/".join(parts[2:i]), parts[i + 1], method)
+        if "blobs" in parts:
+            i = parts.index("blobs")
+            return self._blob(request, parts[i + 1], method)
+        request.setResponseCode(404)
+        return b"{}"
+
+    def _fault(self, request, key: str):
+        fault = self.faults.get(key)
+        if fault == "429":
+            request.setResponseCode(429)
+            request.setHeader(b"retry-after", self.retry_after.encode())
+            return b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}'
+        if fault == "500":
+            request.setResponseCode(500)
+            return b"oops"
+        if fault == "stall":
+            self.stalled.append(request)
+            return NOT_DONE_YET
+        return None
+
+    def _manifest(self, request, name: str, ref: str, method: str):
+        answer = self._fault(request, f"{name}:{ref}")
+        if answer is not None:
+            return answer
+        entry = self.manifests.get((name, ref))
+        if entry is None:
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}'
+        data, media_type = entry
+        request.setHeader(b"content-type", media_type.encode())
+        digest = digest_of(data) if not self.lie_digest else "sha256:" + "0" * 64
+        request.setHeader(b"docker-content-digest", digest.encode())
+        request.setHeader(b"content-length", str(len(data)).encode())
+        return b"" if method == "HEAD" else data
+
+    def _blob(self, request, digest: str, method: str):
+        answer = self._fault(request, digest)
+        if answer is not None:
+            return answer
+        data = self.blobs.get(digest)
+        if data is None:
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}'
+        fault = self.faults.get(digest)
+        if fault == "corrupt":
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        request.setHeader(b"content-length", str(len(data)).encode())
+        if method == "HEAD":
+            return b""
+        chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+        if fault == "drop":
+            chunks = chunks[: max(1, len(chunks) // 2)]
+        self._stream(request, chunks, drop=fault == "drop")
+        return NOT_DONE_YET
+
+    def _stream(self, request, chunks, drop: bool) -> None:
+        if not chunks:
+            if drop:
+                request.transport.abortConnection()
+            else:
+                request.finish()
+            return
+        request.write(chunks[0])
+        if self.chunk_delay:
+            reactor.callLater(self.chunk_delay, self._stream, request, chunks[1:], drop)
+        else:
+            self._stream(request, chunks[1:], drop)
+
+    def close_stalled(self) -> None:
+        for request in self.stalled:
+            if request.channel is not None:
+                request.transport.abortConnection()
+        self.stalled.clear()
