@@ -22,6 +22,8 @@ setup(
             "pytest-twisted>=1.14",
             # cryptography: the integration tests' token issuer signs JWTs and makes TLS certs
             "cryptography>=42",
+            # bcrypt: the htpasswd file of the Basic-auth upstream registry in the integration tests
+            "bcrypt>=4",
         ],
     },
     entry_points={"console_scripts": ["mirror = mirror.cli:main"]},

@@ -235,7 +235,6 @@ class Upstream:
         response = await self._send(method, url, {**headers, **await self._auth(scope)})
         if response.code != 401:
             return response
-        response.deliverBody(_Discard())
         challenge = parse_challenge(_header(response, "WWW-Authenticate"))
         self._tokens.drop(scope)
         if challenge is not None and challenge.scheme == "bearer" and challenge.realm:
@@ -244,6 +243,7 @@ class Upstream:
             self._basic = True
         else:
             return response  # nothing more we can do: _check reports the 401
+        response.deliverBody(_Discard())
         return await self._send(method, url, {**headers, **await self._auth(scope)})
 
     def _basic_header(self) -> str:

@@ -32,9 +32,10 @@ import json
 import shutil
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 try:
     from . import proc_util
@@ -43,6 +44,7 @@ except ImportError:  # imported as a top-level module (tests/integration on sys.
     import proc_util  # type: ignore[no-redef]
     from proc_util import HarnessError  # type: ignore[no-redef]
 
+T = TypeVar("T")
 PULL_TIMEOUT = 120.0
 DAEMON_START_TIMEOUT = 60.0
 CTR_NAMESPACE = "mirrortest"
@@ -383,6 +385,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
                                               stdout=self.log_path, env=self.env, cwd=self.workdir)
 
         def ready() -> bool:
+            """containerd answers on its socket (raises if it died)."""
             if self._proc is None or not self._proc.alive():
                 raise ClientError("ctr", "containerd exited during startup", proc_util.tail_file(self.log_path))
             if not self.socket.exists():
@@ -390,9 +393,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             res = proc_util.run(self.ctr_argv("version"), timeout=5, env=self.env, check=False)
             return res.returncode == 0
 
-        if not proc_util.wait_until(ready, timeout, 0.1):
+        try:
+            if not proc_util.wait_until(ready, timeout, 0.1):
+                raise ClientError("ctr", "containerd did not start", proc_util.tail_file(self.log_path))
+        except BaseException:
             self.stop()
-            raise ClientError("ctr", "containerd did not start", proc_util.tail_file(self.log_path))
+            raise
         return self
 
     def stop(self) -> None:
@@ -434,6 +440,7 @@ def _ctr_verify(daemon: ContainerdDaemon, image: str, digest: str, *, platform: 
     have = set(daemon.ctr("content", "ls", "-q", timeout=15, log=log).split())
 
     def need(d: str) -> None:
+        """Fail unless blob ``d`` is in the content store."""
         if d not in have:
             raise ClientError("ctr", f"blob {d} of {image} missing from the content store",
                               proc_util.tail_file(log))
@@ -487,10 +494,7 @@ def ctr_pull(mirror_host_port: str, image: str, *, all_platforms: bool = False,
                     cmd.append("--all-platforms")
                 elif platform:
                     cmd += ["--platform", platform]
-            try:
-                daemon.ctr(*cmd, "--hosts-dir", str(w / "certs.d"), image, timeout=timeout, log=log)
-            except ClientError as e:
-                raise ClientError("ctr", f"pull {image} failed", e.log_tail) from None
+            daemon.ctr(*cmd, "--hosts-dir", str(w / "certs.d"), image, timeout=timeout, log=log)
             listed = daemon.ctr("images", "ls", f"name=={image}", timeout=15, log=log).splitlines()[1:]
             digest = listed[0].split()[2] if listed else ""
             if not digest.startswith("sha256:"):
@@ -600,6 +604,7 @@ class DockerDaemon:
                                                   cwd=self.workdir)
 
             def ready() -> bool:
+                """dockerd answers /_ping (raises if it died)."""
                 if self._proc is None or not self._proc.alive():
                     raise ClientError("docker", "dockerd exited during startup",
                                       proc_util.tail_file(self.log_path))
@@ -685,10 +690,10 @@ def pull(client: str, mirror_host_port: str, image: str, **kwargs: object) -> st
     funcs = {"podman": podman_pull, "ctr": ctr_pull, "docker": docker_pull}
     if client not in funcs:
         raise ValueError(f"unknown client {client!r}")
-    return funcs[client](mirror_host_port, image, **kwargs)  # type: ignore[operator]
+    return str(funcs[client](mirror_host_port, image, **kwargs))  # type: ignore[operator]
 
 
-def timed(fn, *args: object, **kwargs: object) -> tuple[object, float]:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, float]:
     """(result, seconds) of calling ``fn``."""
     start = time.monotonic()
     result = fn(*args, **kwargs)

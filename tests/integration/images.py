@@ -33,7 +33,7 @@ import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 try:
     from . import proc_util
@@ -351,7 +351,7 @@ def describe(client: RegistryClient, repo: str, tag: str) -> SeededImage:
     doc = json.loads(top.body)
     media_type = (top.content_type or doc.get("mediaType") or "").split(";")[0]
     children: dict[str, str] = {}
-    manifests: list[dict[str, object]] = []
+    manifests: list[dict[str, Any]] = []
     if media_type in INDEX_TYPES:
         for m in doc["manifests"]:
             plat = m.get("platform") or {}
@@ -360,8 +360,8 @@ def describe(client: RegistryClient, repo: str, tag: str) -> SeededImage:
             manifests.append(json.loads(child.body))
     else:
         manifests.append(doc)
-    layers = sorted({str(layer["digest"]) for m in manifests for layer in m["layers"]})  # type: ignore[index,union-attr]
-    configs = {str(m["config"]["digest"]) for m in manifests}  # type: ignore[index]
+    layers = sorted({str(layer["digest"]) for m in manifests for layer in m["layers"]})
+    configs = {str(m["config"]["digest"]) for m in manifests}
     return SeededImage(repo, tag, sha256_digest(top.body), media_type, children,
                        tuple(sorted(configs | set(layers))), tuple(layers))
 

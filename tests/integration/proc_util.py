@@ -23,7 +23,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -101,6 +101,7 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, env: Mapping[
     kill its whole process group.
     """
     args = [os.fspath(a) for a in argv]
+    shown = " ".join(display_argv(args))
     label = what or Path(args[0]).name
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=dict(env) if env is not None else None,
@@ -111,7 +112,7 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, env: Mapping[
         _kill_group(proc.pid)
         out, err = proc.communicate()
         _append_log(log, args, out, err, None)
-        raise HarnessError(f"{label} timed out after {timeout}s: {' '.join(args)}",
+        raise HarnessError(f"{label} timed out after {timeout}s: {shown}",
                            tail(out + "\n" + err)) from None
     finally:
         if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): never leak it
@@ -120,9 +121,20 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, env: Mapping[
     _append_log(log, args, out, err, proc.returncode)
     result = subprocess.CompletedProcess(args, proc.returncode, out, err)
     if check and proc.returncode != 0:
-        raise HarnessError(f"{label} exited {proc.returncode}: {' '.join(args)}",
+        raise HarnessError(f"{label} exited {proc.returncode}: {shown}",
                            tail(out + "\n" + err))
     return result
+
+
+def display_argv(args: Sequence[str]) -> list[str]:
+    """The command line without the :func:`isolated_argv` wrapper (for messages)."""
+    if len(args) > 3 and args[0] == "unshare" and "isolate" in args:
+        i = args.index("isolate")
+        try:
+            return list(args[i + 3 + int(args[i + 2]):])
+        except (IndexError, ValueError):
+            pass
+    return list(args)
 
 
 def _kill_group(pid: int) -> None:
@@ -138,7 +150,7 @@ def _append_log(log: Path | None, args: list[str], out: str, err: str, rc: int |
     if log is None:
         return
     with open(log, "a", encoding="utf-8") as f:
-        f.write(f"$ {' '.join(args)}\n{out}{err}[exit {rc}]\n")
+        f.write(f"$ {' '.join(display_argv(args))}\n{out}{err}[exit {rc}]\n")
 
 
 class ManagedProcess:
@@ -217,7 +229,7 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> bool:
     """Poll ``predicate()`` until it is truthy or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -288,7 +300,8 @@ def remove_tree(path: Path) -> None:
     if not path.exists():
         return
 
-    def _onerror(func, p, _exc):  # type: ignore[no-untyped-def]
+    def _onerror(func: Callable[[str], object], p: str, _exc: object) -> None:
+        """Retry a failed removal after making the path and its parent writable."""
         try:
             os.chmod(os.path.dirname(p), 0o700)
             os.chmod(p, 0o700)

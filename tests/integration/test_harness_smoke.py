@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -32,17 +33,21 @@ except ImportError:  # tests/integration is on sys.path (no __init__.py)
 pytestmark = pytest.mark.integration  # tests that run a client are also marked `clients`
 
 SMALL_BIG_LAYERS = (2 * images.MIB, 1 * images.MIB)
+Seeded = tuple[upstream_registry.DistributionRegistry, dict[str, images.SeededImage]]
 
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    """A module-wide temp dir, unmounted below and removed afterwards."""
+    """A module-wide temp dir, unmounted below and removed afterwards (skips without the tools)."""
+    for reason in (upstream_registry.skip_reason(), clients.skip_reason("skopeo")):
+        if reason:
+            pytest.skip(reason)
     with proc_util.WorkDir("mirror-smoke.") as w:
         yield w
 
 
 @pytest.fixture(scope="module")
-def seeded(workdir: Path) -> Iterator[tuple[upstream_registry.DistributionRegistry, dict[str, images.SeededImage]]]:
+def seeded(workdir: Path) -> Iterator[Seeded]:
     """An anonymous Distribution seeded with the standard set (small random image)."""
     with upstream_registry.DistributionRegistry(workdir / "plain") as reg:
         yield reg, images.seed_images(reg, big_layer_sizes=SMALL_BIG_LAYERS)
@@ -56,7 +61,7 @@ def test_free_port_is_free_and_loopback() -> None:
     assert 1024 < port < 65536
 
 
-def test_seed_pushes_every_manifest_kind(seeded) -> None:  # type: ignore[no-untyped-def]
+def test_seed_pushes_every_manifest_kind(seeded: Seeded) -> None:
     """seed() leaves each tag with the expected media type, children and blobs."""
     reg, info = seeded
     assert info["latest"].media_type == images.MT_DOCKER_MANIFEST
@@ -74,7 +79,7 @@ def test_seed_pushes_every_manifest_kind(seeded) -> None:  # type: ignore[no-unt
     assert images.seed.__doc__  # seed() is the digest-only view of seed_images()
 
 
-def test_access_log_counts_requests(seeded) -> None:  # type: ignore[no-untyped-def]
+def test_access_log_counts_requests(seeded: Seeded) -> None:
     """Every request shows up in the access log with method, path, query and status."""
     reg, info = seeded
     mark = reg.mark()
@@ -119,10 +124,10 @@ def test_htpasswd_registry(workdir: Path) -> None:
 
 @pytest.mark.clients
 @pytest.mark.parametrize("key_ref", ["kid", "x5c"])
-def test_token_registry(workdir: Path, key_ref: str) -> None:
+def test_token_registry(workdir: Path, key_ref: Literal["kid", "x5c"]) -> None:
     """Token auth: the issuer demands credentials, counts requests, and Distribution trusts its JWTs."""
     with upstream_registry.DistributionRegistry(workdir / f"token-{key_ref}", auth="token",
-                                                token_key_ref=key_ref) as reg:  # type: ignore[arg-type]
+                                                token_key_ref=key_ref) as reg:
         issuer = reg.token_issuer
         assert issuer is not None
         challenge = upstream_registry.RegistryClient(reg.url).ping().headers["www-authenticate"]
@@ -143,11 +148,17 @@ def test_token_registry(workdir: Path, key_ref: str) -> None:
         status, _h, _b = upstream_registry.http_request(f"{issuer.realm}?service={issuer.service}")
         assert status == 401
         other = upstream_registry.TokenIssuer(workdir / f"other-{key_ref}", service=issuer.service,
-                                              issuer=issuer.issuer, key_ref=key_ref)  # type: ignore[arg-type]
+                                              issuer=issuer.issuer, key_ref=key_ref)
         forged = other.issue([("repository", "library/hello", ["pull"])])
         status, _h, _b = upstream_registry.http_request(
             f"{reg.url}/v2/library/hello/manifests/latest", headers={"Authorization": f"Bearer {forged}"})
         assert status == 401
+        # the issuer can be restarted on the same port (same realm)
+        realm = issuer.realm
+        issuer.stop()
+        issuer.start()
+        assert issuer.realm == realm
+        assert reg.client().manifest_digest("library/hello", "latest") == digest
 
 
 def test_token_registry_anonymous_pull(workdir: Path) -> None:
@@ -173,8 +184,14 @@ def test_tls_registry(workdir: Path) -> None:
         assert got == digest
 
 
-def test_layout_is_deterministic_except_random_layers(tmp_path: Path) -> None:
+def test_layout_is_deterministic_except_random_layers() -> None:
     """latest/multi have the same digests every time; big is random unless seeded."""
+    with proc_util.WorkDir("mirror-layout.") as tmp_path:
+        _check_layouts(tmp_path)
+
+
+def _check_layouts(tmp_path: Path) -> None:
+    """Build four layouts under ``tmp_path`` and compare their digests."""
     a = images.build_standard_layout(tmp_path / "a", big_layer_sizes=(4096,))
     b = images.build_standard_layout(tmp_path / "b", big_layer_sizes=(4096,))
     c = images.build_standard_layout(tmp_path / "c", big_layer_sizes=(4096,), seed=7)
@@ -202,7 +219,7 @@ def test_random_layer_is_an_incompressible_gzip_tar() -> None:
 @pytest.mark.clients
 @pytest.mark.parametrize("client", clients.CLIENTS)
 @pytest.mark.parametrize("tag", ["latest", "multi", "multi-docker"])
-def test_client_pulls_through_mirror_config(seeded, client: str, tag: str) -> None:  # type: ignore[no-untyped-def]
+def test_client_pulls_through_mirror_config(seeded: Seeded, client: str, tag: str) -> None:
     """Each client, configured with the registry as docker.io's mirror, pulls the expected digest."""
     reason = clients.skip_reason(client)
     if reason:
@@ -217,7 +234,7 @@ def test_client_pulls_through_mirror_config(seeded, client: str, tag: str) -> No
 
 @pytest.mark.clients
 @pytest.mark.parametrize("client", ["skopeo", "ctr", "docker"])
-def test_client_pulls_big_random_image(seeded, client: str) -> None:  # type: ignore[no-untyped-def]
+def test_client_pulls_big_random_image(seeded: Seeded, client: str) -> None:
     """Multi-MiB random layers arrive intact (each layer blob fetched once)."""
     reason = clients.skip_reason(client)
     if reason:
@@ -230,7 +247,7 @@ def test_client_pulls_big_random_image(seeded, client: str) -> None:  # type: ig
 
 
 @pytest.mark.clients
-def test_client_platform_selection(seeded) -> None:  # type: ignore[no-untyped-def]
+def test_client_platform_selection(seeded: Seeded) -> None:
     """A non-host platform from the index: skopeo reports the arm64 instance digest."""
     reg, info = seeded
     got = clients.skopeo_copy("library/hello:multi", registries_conf_mirror=reg.host_port,
@@ -240,7 +257,7 @@ def test_client_platform_selection(seeded) -> None:  # type: ignore[no-untyped-d
 
 @pytest.mark.clients
 @pytest.mark.parametrize("client", ["skopeo", "ctr"])
-def test_missing_image_fails_fast_without_leaving_the_machine(seeded, client: str) -> None:  # type: ignore[no-untyped-def]
+def test_missing_image_fails_fast_without_leaving_the_machine(seeded: Seeded, client: str) -> None:
     """A pull the mirror cannot serve falls back to docker.io, which the blackhole proxy refuses."""
     reason = clients.skip_reason(client)
     if reason:
@@ -252,7 +269,7 @@ def test_missing_image_fails_fast_without_leaving_the_machine(seeded, client: st
 
 
 @pytest.mark.clients
-def test_no_leftovers_after_daemon_clients(seeded) -> None:  # type: ignore[no-untyped-def]
+def test_no_leftovers_after_daemon_clients(seeded: Seeded) -> None:
     """ctr and docker pulls leave no temp dirs, mounts or daemons behind."""
     reg, info = seeded
     tmp = Path(tempfile.gettempdir())

@@ -26,9 +26,12 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
 import re
 import secrets
+import shutil
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -82,20 +85,19 @@ def port_is_open(port: int, host: str = LOOPBACK) -> bool:
         return False
 
 
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Do not follow redirects (callers see the 3xx)."""
-
-    def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        """Refuse every redirect."""
+def skip_reason(binary: str = REGISTRY_BINARY) -> str | None:
+    """A pytest skip reason if Distribution's binary is missing, else None."""
+    if Path(binary).is_file() and os.access(binary, os.X_OK):
         return None
+    return f"CNCF Distribution not installed ({binary} missing; apt-get install docker-registry)"
+
+
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def http_request(url: str, *, method: str = "GET", headers: Mapping[str, str] | None = None,
                  data: bytes | None = None, timeout: float = 10.0,
-                 ssl_context: object | None = None) -> tuple[int, dict[str, str], bytes]:
+                 ssl_context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
     """One HTTP request without proxies; returns (status, lower-cased headers, body).
 
     HTTP error statuses are returned, not raised. Repeated headers are joined
@@ -104,14 +106,15 @@ def http_request(url: str, *, method: str = "GET", headers: Mapping[str, str] | 
     req = urllib.request.Request(url, method=method, data=data, headers=dict(headers or {}))
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
     if ssl_context is not None:
-        handlers.append(urllib.request.HTTPSHandler(context=ssl_context))  # type: ignore[arg-type]
+        handlers.append(urllib.request.HTTPSHandler(context=ssl_context))
     opener = urllib.request.build_opener(*handlers) if ssl_context is not None else _NO_PROXY_OPENER
     try:
         with opener.open(req, timeout=timeout) as resp:
             return resp.status, _lower_headers(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
-        body = e.read() if e.fp is not None else b""
-        return e.code, _lower_headers(e.headers), body
+        with e:
+            body = e.read() if e.fp is not None else b""
+            return e.code, _lower_headers(e.headers), body
 
 
 def _lower_headers(msg: object) -> dict[str, str]:
@@ -139,7 +142,7 @@ class AccessLogEntry:
 
     Example line written by Distribution 2.8.2 (gorilla CombinedLoggingHandler)::
 
-        127.0.0.1 - - [28/Nov/2026:01:49:31 +0000] "HEAD /v2/x/manifests/y?ns=docker.io HTTP/1.1" 404 91 "" "curl/7.88.1"
+        127.0.0.1 - - [28/Nov/2026:01:49:31 +0000] "GET /v2/x/manifests/y?ns=docker.io HTTP/1.1" 404 91 "" "curl/7.88"
     """
 
     remote: str
@@ -197,7 +200,7 @@ def make_self_signed_cert(common_name: str, *, ip_sans: Iterable[str] = (LOOPBAC
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_sans]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ip_sans]
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
@@ -280,8 +283,9 @@ class TokenIssuer:
     ``allowed_actions``). Distribution 2.8 needs ``aud`` as a plain string
     (an array makes the token "malformed") equal to its ``service``, ``iss``
     equal to its ``issuer``, and a key it can find: ``x5c`` verified against
-    the bundle, or ``kid`` = libtrust fingerprint of a bundle certificate's key. With ``username``/``password`` set, wrong Basic
-    credentials get 401; with ``anonymous=False`` missing ones do too.
+    the bundle, or ``kid`` = libtrust fingerprint of a bundle certificate's key.
+    With ``username``/``password`` set, wrong Basic credentials get 401; with
+    ``anonymous=False`` missing ones do too.
     Every request is recorded in :attr:`requests`.
     """
 
@@ -306,6 +310,7 @@ class TokenIssuer:
         self.jwt_lifetime = jwt_lifetime
         self.allowed_actions = frozenset(allowed_actions) if allowed_actions is not None else None
         self.key_ref = key_ref
+        self._fixed_port = port is not None
         self.port = port or free_port()
         self._key, self._cert = make_self_signed_cert(f"{issuer} token signer")
         self.cert_path = self.workdir / "token-signer.crt"
@@ -331,7 +336,15 @@ class TokenIssuer:
         """Serve on 127.0.0.1:port in a daemon thread (idempotent)."""
         if self._server is not None:
             return self
-        server = ThreadingHTTPServer((LOOPBACK, self.port), _make_token_handler(self))
+        for attempt in range(5):
+            try:
+                server = ThreadingHTTPServer((LOOPBACK, self.port), _make_token_handler(self))
+                break
+            except OSError:
+                if self._fixed_port or attempt == 4:
+                    raise
+                self.port = free_port()  # lost the free_port() race; try another port
+        self._fixed_port = True  # restarts must keep the realm URL
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -425,11 +438,12 @@ class TokenIssuer:
         r, s = decode_dss_signature(der)
         return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
-    def token_response(self, scopes: list[str], subject: str) -> tuple[dict[str, object], list]:
+    def token_response(self, scopes: list[str], subject: str
+                       ) -> tuple[dict[str, object], list[tuple[str, str, tuple[str, ...]]]]:
         """The JSON body of a successful token response, and the access granted."""
         access = self.grant(scopes)
         token = self.issue(access, subject)
-        issued = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        issued = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return ({"token": token, "access_token": token, "expires_in": self.expires_in,
                  "issued_at": issued}, access)
 
@@ -480,15 +494,15 @@ def _make_token_handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
             path = urllib.parse.urlsplit(self.path).path
             service = (params.get("service") or [""])[0]
             scopes = [s for value in params.get("scope", []) for s in value.split(" ") if s]
+            granted: list[tuple[str, str, tuple[str, ...]]] = []
+            body: dict[str, object]
             if path != "/token":
-                status, body, granted = 404, {"errors": [{"code": "NOT_FOUND"}]}, []
+                status, body = 404, {"errors": [{"code": "NOT_FOUND"}]}
             elif malformed or not issuer.check_credentials(user, pw):
                 status = 401
                 body = {"errors": [{"code": "UNAUTHORIZED", "message": "bad or missing credentials"}]}
-                granted = []
             elif service and service != issuer.service:
-                status, body, granted = 400, {"errors": [{"code": "UNSUPPORTED",
-                                                          "message": "unknown service"}]}, []
+                status, body = 400, {"errors": [{"code": "UNSUPPORTED", "message": "unknown service"}]}
             else:
                 body, granted = issuer.token_response(scopes, user or "")
                 status = 200
@@ -508,8 +522,8 @@ def _make_token_handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
             form = urllib.parse.parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
             grant = (form.get("grant_type") or [""])[0]
             if grant == "password":
-                user = (form.get("username") or [None])[0]
-                pw = (form.get("password") or [None])[0]
+                user: str | None = (form.get("username") or [""])[0] or None
+                pw: str | None = (form.get("password") or [""])[0]
                 self._answer(form, user, pw, user is None)
             elif grant == "refresh_token":
                 self._answer(form, *self._basic())
@@ -524,9 +538,18 @@ def _make_token_handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
 # --------------------------------------------------------------------------
 
 def bcrypt_htpasswd_line(username: str, password: str) -> str:
-    """``user:$2b$...`` using the ``bcrypt`` pip package (cost 5: fast, Go accepts it)."""
-    import bcrypt  # test dependency: pip install bcrypt
+    """``user:$2b$...`` (bcrypt, cost 5: fast, and Go's bcrypt accepts it).
 
+    Uses the ``bcrypt`` pip package, else ``htpasswd -nbB`` (apache2-utils).
+    """
+    try:
+        import bcrypt
+    except ImportError:
+        if shutil.which("htpasswd") is None:
+            raise proc_util.HarnessError("htpasswd auth needs the bcrypt package (pip install bcrypt) "
+                                         "or htpasswd (apt-get install apache2-utils)") from None
+        out = proc_util.run(["htpasswd", "-nbB", "-C", "5", username, password], timeout=30).stdout
+        return out.strip()
     hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()
     return f"{username}:{hashed}"
 
@@ -663,6 +686,7 @@ class DistributionRegistry:
                                                   stdout=self.access_log_path, stderr=self.log_path,
                                                   cwd=self.workdir)
             if self._wait_ready():
+                self._fixed_port = True  # a restart must come back on the same port
                 return self
             in_use = "address already in use" in self._proc.log_tail(5)
             self._proc.stop()
@@ -690,12 +714,10 @@ class DistributionRegistry:
             time.sleep(0.05)
         return False
 
-    def _ssl_context(self):  # type: ignore[no-untyped-def]
+    def _ssl_context(self) -> ssl.SSLContext | None:
         """An SSL context trusting our certificate (None without TLS)."""
         if not self.tls:
             return None
-        import ssl
-
         return ssl.create_default_context(cafile=str(self.ca_cert_path))
 
     def stop(self) -> None:
@@ -804,7 +826,7 @@ class RegistryClient:
     """
 
     def __init__(self, base_url: str, *, creds: tuple[str, str] | None = None,
-                 ssl_context: object | None = None, timeout: float = 30.0) -> None:
+                 ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
         """``base_url`` like ``http://127.0.0.1:5000``."""
         self.base_url = base_url.rstrip("/")
         self.creds = creds

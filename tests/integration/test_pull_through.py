@@ -1,0 +1,171 @@
+"""The real ``twistd mirror`` in front of a real CNCF Distribution registry.
+
+Images are pushed to the upstream with skopeo (tests/integration/images.py) and pulled
+through the mirror with skopeo directly, by digest, with Range and HEAD, and after the
+upstream is gone.  The four real clients, each through its own mirror setting, are in
+test_clients.py.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.integration import images
+from tests.integration.clients import skopeo_copy, skip_reason as client_skip_reason
+from tests.integration.proc_util import WorkDir
+from tests.integration.upstream_registry import DistributionRegistry
+
+pytestmark = pytest.mark.integration
+
+ACCEPT_ALL = ", ".join(
+    [
+        images.MT_OCI_MANIFEST,
+        images.MT_OCI_INDEX,
+        images.MT_DOCKER_MANIFEST,
+        images.MT_DOCKER_LIST,
+    ]
+)
+
+
+@pytest.fixture(autouse=True)
+def _need_skopeo():
+    reason = client_skip_reason("skopeo")
+    if reason:
+        pytest.skip(reason)
+
+
+def http(url, *, method="GET", headers=None):
+    """(status, headers, body) of one request; HTTP errors are answers, not exceptions."""
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+@pytest.mark.parametrize(
+    ("key", "all_platforms"),
+    [("latest", False), ("oci", False), ("multi", True), ("multi-docker", True), ("big", False)],
+)
+def test_skopeo_copy_through_mirror_keeps_digests(key, all_platforms, seeded_upstream, mirror):
+    """skopeo copies every manifest kind through the mirror with the upstream's digests."""
+    _, seeded = seeded_upstream
+    image = seeded[key]
+    digest = skopeo_copy(f"{mirror.host_port}/{image.repo}:{image.tag}", all_platforms=all_platforms)
+    assert digest == image.digest
+    # every blob the image names is now in the mirror's store, verified
+    for blob in image.blobs:
+        path = mirror.root / "blobs" / "sha256" / blob[7:9] / blob[7:]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == blob[7:]
+
+
+def test_manifest_head_get_range_and_listings(seeded_upstream, mirror):
+    """HEAD and GET by tag and digest, blob Range, tags/list and _catalog against the real upstream."""
+    _, seeded = seeded_upstream
+    image = seeded["latest"]
+    url = f"{mirror.url}/v2/{image.repo}"
+    status, headers, body = http(f"{url}/manifests/{image.tag}", method="HEAD", headers={"Accept": ACCEPT_ALL})
+    assert status == 200 and body == b""
+    assert headers["Docker-Content-Digest"] == image.digest
+    assert headers["Content-Type"] == image.media_type
+    size = int(headers["Content-Length"])
+    status, headers, body = http(f"{url}/manifests/{image.digest}", headers={"Accept": ACCEPT_ALL})
+    assert status == 200 and len(body) == size
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == image.digest
+    assert headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+    layer = image.layers[0]
+    status, headers, whole = http(f"{url}/blobs/{layer}")
+    assert status == 200 and "sha256:" + hashlib.sha256(whole).hexdigest() == layer
+    status, headers, part = http(f"{url}/blobs/{layer}", headers={"Range": "bytes=10-19"})
+    assert status == 206 and part == whole[10:20]
+    assert headers["Content-Range"] == f"bytes 10-19/{len(whole)}"
+    status, headers, body = http(f"{url}/blobs/{layer}", method="HEAD")
+    assert status == 200 and int(headers["Content-Length"]) == len(whole) and headers["Docker-Content-Digest"] == layer
+    status, _, body = http(f"{url}/tags/list")
+    assert json.loads(body) == {"name": image.repo, "tags": [image.tag]}
+    status, headers, body = http(f"{mirror.url}/v2/_catalog?n=1")
+    assert json.loads(body)["repositories"] == [f"docker.io/{image.repo}"]
+
+
+def test_fan_in_one_upstream_get_per_blob(seeded_upstream, mirror):
+    """20 concurrent cold requests for one multi-MiB blob: Distribution's access log shows one GET."""
+    registry, seeded = seeded_upstream
+    layer = seeded["big"].layers[-1]
+    before = len(registry.access_log())
+    url = f"{mirror.url}/v2/{seeded['big'].repo}/blobs/{layer}"
+
+    def fetch(_):
+        return hashlib.sha256(http(url)[2]).hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        digests = list(pool.map(fetch, range(20)))
+    assert digests == [layer[7:]] * 20
+    gets = [e for e in registry.access_log(since=before) if e.method == "GET" and layer in e.path]
+    assert len(gets) == 1
+
+
+def test_upstream_gone_and_mirror_restarted_still_serves(seeded_upstream, mirror_for):
+    """After a restart with the upstream gone, everything cached pulls by tag and by digest."""
+    _, seeded = seeded_upstream
+    with WorkDir("mirror-offline-upstream.") as w:
+        upstream = DistributionRegistry(w / "registry")
+        upstream.start()
+        try:
+            mine = images.seed_images(upstream, big_layer_sizes=None, only=["latest", "multi"])
+            m = mirror_for([{"registry": "docker.io", "url": upstream.url, "tag_ttl": 0, "timeout": 2}])
+            for key, all_platforms in (("latest", False), ("multi", True)):
+                assert skopeo_copy(f"{m.host_port}/{mine[key].repo}:{mine[key].tag}", all_platforms=all_platforms) == mine[key].digest
+        finally:
+            upstream.close()
+        m.stop()
+        m.start()
+        for key, all_platforms in (("latest", False), ("multi", True)):
+            image = mine[key]
+            assert skopeo_copy(f"{m.host_port}/{image.repo}:{image.tag}", all_platforms=all_platforms) == image.digest
+            assert skopeo_copy(f"{m.host_port}/{image.repo}@{image.digest}", all_platforms=all_platforms) == image.digest
+        assert "serving cached" in m.log_text()
+
+
+def test_upstream_with_basic_auth(mirror_for):
+    """An upstream behind htpasswd Basic auth: the mirror sends its configured credentials."""
+    with WorkDir("mirror-basic-upstream.") as w:
+        upstream = DistributionRegistry(w / "registry", auth="htpasswd")
+        upstream.start()
+        try:
+            mine = images.seed_images(upstream, big_layer_sizes=None, only=["latest"])
+            user, password = upstream.creds
+            m = mirror_for([{"registry": "docker.io", "url": upstream.url, "username": user, "password": password}])
+            assert skopeo_copy(f"{m.host_port}/library/hello:latest") == mine["latest"].digest
+            assert password not in m.log_text()
+            anonymous = mirror_for([{"registry": "docker.io", "url": upstream.url}])
+            status, _, body = http(f"{anonymous.url}/v2/library/hello/manifests/latest")
+            assert status == 403 and json.loads(body)["errors"][0]["code"] == "DENIED"
+        finally:
+            upstream.close()
+
+
+def test_upstream_with_bearer_token_auth(mirror_for):
+    """An upstream with `auth: token` (JWTs from a test issuer that Distribution verifies):
+    the mirror gets a token with its credentials, retries, and reuses the token."""
+    with WorkDir("mirror-token-upstream.") as w:
+        upstream = DistributionRegistry(w / "registry", auth="token")
+        upstream.start()
+        try:
+            mine = images.seed_images(upstream, big_layer_sizes=None, only=["latest", "multi"])
+            user, password = upstream.creds
+            issued_before = upstream.token_issuer.count()
+            m = mirror_for([{"registry": "docker.io", "url": upstream.url, "username": user, "password": password}])
+            assert skopeo_copy(f"{m.host_port}/library/hello:latest") == mine["latest"].digest
+            assert skopeo_copy(f"{m.host_port}/library/hello:multi", all_platforms=True) == mine["multi"].digest
+            # one token for library/hello's pull scope, reused for every manifest and blob
+            assert upstream.token_issuer.count() - issued_before == 1
+            assert password not in m.log_text()
+        finally:
+            upstream.close()
