@@ -97,6 +97,12 @@ class _Reader:
             raise self.error(key_path, "expected a number >= 0")
         return float(value)
 
+    def positive(self, key_path: str, value: object) -> float:
+        number = self.number(key_path, value)
+        if number <= 0:
+            raise self.error(key_path, "expected a number > 0")
+        return number
+
     def size(self, key_path: str, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise self.error(key_path, "expected a positive whole number of bytes")
@@ -130,7 +136,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
     def storage(key_path: str, value: object) -> StorageConfig:
         r = _Reader(source, key_path, value)
         root = r.take("root", r.string, required=True)
-        interval = r.take("access_flush_interval", r.number, 60.0)
+        interval = r.take("access_flush_interval", r.positive, 60.0)
         r.finish()
         assert root is not None and interval is not None
         return StorageConfig(root=Path(root), access_flush_interval=interval)
@@ -151,7 +157,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             username=r.take("username", r.string),
             password=r.take("password", r.string),
             tag_ttl=r.take("tag_ttl", r.number, 300.0) or 0.0,
-            timeout=r.take("timeout", r.number, 30.0) or 30.0,
+            timeout=r.take("timeout", r.positive, 30.0) or 30.0,
         )
         r.finish()
         if (cfg.username is None) != (cfg.password is None):

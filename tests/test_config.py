@@ -68,6 +68,11 @@ def test_sample_config_is_valid():
             "m.yaml: upstreams[1].registry: 'a.io' is listed twice",
         ),
         ("listen: x\nstorage: {root: x}\nupstreams: [{url: 'http://x'}]", "m.yaml: upstreams[0].registry: missing value"),
+        (
+            "listen: x\nstorage: {root: x}\nupstreams: [{registry: a.io, url: 'http://x', timeout: 0}]",
+            "m.yaml: upstreams[0].timeout: expected a number > 0",
+        ),
+        ("listen: x\nstorage: {root: x, access_flush_interval: 0}", "m.yaml: storage.access_flush_interval: expected a number > 0"),
         ("listen: [", "m.yaml: line 1: invalid YAML"),
         ("- a\n- b", "m.yaml: (top level): expected a mapping"),
     ],

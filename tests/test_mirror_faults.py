@@ -457,3 +457,20 @@ async def test_ns_routes_and_unknown_ns(fake_upstream, make_mirror):
     assert fake_upstream.count("GET", "/manifests/latest") == 1
     r = await m.get("/v2/library/app/manifests/latest?ns=quay.io")
     assert r.code == 404 and await error_of(r) == "NAME_UNKNOWN"
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_record_batches_reads_and_flushes(fake_upstream, make_mirror):
+    """Reads only note the time in memory; a flush writes it as the blob's mtime (no write per read)."""
+    _, layer = image(fake_upstream)
+    m = make_mirror(fake_upstream.url)
+    digest = Digest("sha256", layer.split(":")[1])
+    await (await m.get(f"/v2/library/app/blobs/{layer}")).content()
+    await sleep(0.1)
+    m.service.access.flush()
+    m.service.store.touch([(digest, 1_000_000.0)])  # pretend it was last read long ago
+    before = time.time()
+    await (await m.get(f"/v2/library/app/blobs/{layer}")).content()
+    assert m.service.store.last_access(digest) == 1_000_000.0  # nothing written yet
+    assert m.service.access.flush() >= 1
+    assert m.service.store.last_access(digest) >= before - 1

@@ -169,3 +169,25 @@ def test_upstream_with_bearer_token_auth(mirror_for):
             assert password not in m.log_text()
         finally:
             upstream.close()
+
+
+def test_access_record_survives_restart(seeded_upstream, mirror):
+    """A read just before SIGTERM is flushed at shutdown: the access time survives the restart."""
+    import os
+    import time
+
+    _, seeded = seeded_upstream
+    image = seeded["latest"]
+    layer = image.layers[0]
+    http(f"{mirror.url}/v2/{image.repo}/blobs/{layer}")
+    path = mirror.root / "blobs" / "sha256" / layer[7:9] / layer[7:]
+    time.sleep(1.5)  # past one flush interval (1 s in these tests)
+    os.utime(path, (1_000_000, 1_000_000))
+    started = time.time()
+    status, _, _ = http(f"{mirror.url}/v2/{image.repo}/blobs/{layer}")
+    assert status == 200
+    mirror.stop()  # SIGTERM: the shutdown flush writes the pending access
+    assert path.stat().st_mtime >= started - 1
+    mirror.start()
+    status, _, _ = http(f"{mirror.url}/v2/{image.repo}/blobs/{layer}")
+    assert status == 200

@@ -1,0 +1,86 @@
+"""Tests of the twistd plugin, makeService and the mirror command."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+
+from mirror import cli
+from mirror.tap import Options, makeService
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp_path, text):
+    path = tmp_path / "mirror.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_plugin_is_discovered():
+    """`twistd mirror` exists: the plugin in twisted/plugins/ is found."""
+    names = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert "mirror" in names
+    assert names["mirror"].module == "mirror.tap"
+
+
+def test_twistd_help_lists_mirror():
+    """`twistd --help` lists the mirror command."""
+    twistd = Path(sys.executable).with_name("twistd")
+    out = subprocess.run([twistd, "--help"], capture_output=True, text=True, timeout=60, cwd="/").stdout
+    assert any(line.split()[:1] == ["mirror"] for line in out.splitlines())
+
+
+def test_make_service_builds_listeners_and_flush_timer(tmp_path):
+    """One endpoint service per `listen` entry, plus the access-record timer."""
+    path = write_config(
+        tmp_path,
+        f"listen: ['tcp:0:interface=127.0.0.1', 'tcp:0:interface=127.0.0.1']\n"
+        f"storage: {{root: '{tmp_path}/store', access_flush_interval: 5}}\n"
+        "upstreams: [{registry: docker.io, url: 'http://127.0.0.1:9'}]\n",
+    )
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    top = makeService(options)
+    services = list(top)
+    assert sum(isinstance(s, StreamServerEndpointService) for s in services) == 2
+    timers = [s for s in services if isinstance(s, TimerService)]
+    assert len(timers) == 1 and timers[0].step == 5
+    assert (tmp_path / "store" / "blobs").is_dir()
+
+
+def test_bad_config_stops_with_one_line(tmp_path, capsys):
+    """A config mistake stops start-up with exit code 2 and one line naming file and key."""
+    path = write_config(tmp_path, "listen: x\nstorage: {root: /tmp/x}\nupstreams: [{registry: d.io, url: 'http://x', tag_tl: 3}]\n")
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    with pytest.raises(SystemExit) as info:
+        makeService(options)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"mirror: {path}: upstreams[0].tag_tl: unknown key\n"
+
+
+def test_twistd_with_bad_config_exits_without_traceback(tmp_path):
+    """The real twistd process refuses a bad config: non-zero exit, the one line, no traceback."""
+    path = write_config(tmp_path, "listen: 5\nstorage: {root: /tmp/x}\n")
+    twistd = Path(sys.executable).with_name("twistd")
+    result = subprocess.run(
+        [twistd, "--nodaemon", "--pidfile=", "mirror", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert f"mirror: {path}: listen: expected an endpoint string or a list of them" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_check_config(tmp_path, capsys):
+    """`mirror check-config` accepts the sample config and rejects a bad one with exit code 2."""
+    assert cli.main(["check-config", "--config", str(REPO / "conf" / "mirror.yaml")]) == 0
+    bad = write_config(tmp_path, "listen: x\n")
+    assert cli.main(["check-config", "--config", str(bad)]) == 2
+    assert "storage: missing value" in capsys.readouterr().err
