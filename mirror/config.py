@@ -7,6 +7,7 @@ file and the key path (``conf/mirror.yaml: upstreams[0].tag_ttl: expected a numb
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +19,8 @@ import yaml
 __all__ = ["ConfigError", "MirrorConfig", "StorageConfig", "UpstreamConfig", "load_config", "parse_config"]
 
 T = TypeVar("T")
+
+_PATTERN_RE = re.compile(r"[a-z0-9*][a-z0-9._*/-]*")
 
 
 class ConfigError(Exception):
@@ -51,6 +54,10 @@ class MirrorConfig:
     listen: tuple[str, ...]
     storage: StorageConfig
     upstreams: tuple[UpstreamConfig, ...] = ()
+    hosted: tuple[str, ...] = ()  # repository-name patterns that accept pushes ("myorg/*", "*")
+    read_only: bool = False  # refuse pushes and deletes (pulls and mirroring go on)
+    delete: bool = True  # allow DELETE of manifests, tags and blobs in hosted repositories
+    upload_expiry: float = 24 * 3600.0  # seconds an idle upload session is kept
     max_manifest_size: int = 4 * 1024 * 1024
     source: str = "<config>"
 
@@ -102,6 +109,22 @@ class _Reader:
         if number <= 0:
             raise self.error(key_path, "expected a number > 0")
         return number
+
+    def boolean(self, key_path: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key_path, "expected true or false")
+        return value
+
+    def patterns(self, key_path: str, value: object) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.error(key_path, "expected a list of repository-name patterns")
+        result = []
+        for i, item in enumerate(value):
+            text = self.string(f"{key_path}[{i}]", item)
+            if _PATTERN_RE.fullmatch(text) is None:
+                raise self.error(f"{key_path}[{i}]", f"{text!r} is not a repository-name pattern (lower case, / and *)")
+            result.append(text)
+        return tuple(result)
 
     def size(self, key_path: str, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -179,6 +202,10 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         listen=top.take("listen", listen, required=True) or (),
         storage=top.take("storage", storage, required=True),  # type: ignore[arg-type]
         upstreams=top.take("upstreams", upstreams, ()) or (),
+        hosted=top.take("hosted", top.patterns, ()) or (),
+        read_only=bool(top.take("read_only", top.boolean, False)),
+        delete=bool(top.take("delete", top.boolean, True)),
+        upload_expiry=top.take("upload_expiry", top.positive, 24 * 3600.0) or 24 * 3600.0,
         max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024) or 0,
         source=source,
     )

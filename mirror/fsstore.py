@@ -9,8 +9,14 @@ Layout under ``root``::
     repositories/<name...>/_manifests/<alg>/<hex>  a manifest the repository holds; the
                                                    file holds its media type
     repositories/<name...>/_tags/<tag>             the digest the tag points at
+    repositories/<name...>/_layers/<alg>/<hex>     a blob a hosted repository holds (empty)
+    repositories/<name...>/_referrers/<alg>/<subject hex>/<alg>/<hex>
+                                                   descriptor (JSON) of a manifest whose
+                                                   subject is that digest
+    uploads/<id>/data, uploads/<id>/repo           an upload session (push): the bytes
+                                                   so far and the repository it is for
 
-``_manifests`` and ``_tags`` cannot collide with a nested repository, since a name
+``_manifests``, ``_tags``, ``_layers`` and ``_referrers`` cannot collide with a nested repository, since a name
 component cannot start with ``_``.  Every path component comes from a checked name,
 tag or digest (:mod:`mirror.oci`), so nothing reaches outside ``root``.
 
@@ -23,8 +29,11 @@ miss.  Stale spool files are removed at start-up.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -33,6 +42,8 @@ from mirror.oci import Digest, parse_digest
 from mirror.store import DigestMismatch
 
 __all__ = ["FilesystemStore"]
+
+_UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -114,7 +125,8 @@ class FilesystemStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        for sub in ("blobs", "spool", "repositories"):
+        self._upload_hashes: dict[str, tuple[hashlib._Hash, int]] = {}
+        for sub in ("blobs", "spool", "repositories", "uploads"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def clean_spool(self) -> int:
@@ -226,7 +238,7 @@ class FilesystemStore:
                 names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
             except FileNotFoundError:
                 return
-            if "_manifests" in names or "_tags" in names:
+            if "_manifests" in names or "_tags" in names or "_layers" in names:
                 yield prefix
             for name in names:
                 if not name.startswith("_"):
@@ -235,3 +247,142 @@ class FilesystemStore:
         # Sorting per directory level is not lexical order of full names ("a/b" vs "a-c"),
         # so sort the (small) result once.
         yield from sorted(walk(top, ""))
+
+    def unlink_manifest(self, repo: str, digest: Digest) -> bool:
+        try:
+            os.unlink(self._link_path(repo, digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    # blob links (hosted repositories) --------------------------------------------------
+    def _blob_link(self, repo: str, digest: Digest) -> Path:
+        return self._repo(repo) / "_layers" / digest.algorithm / digest.encoded
+
+    def link_blob(self, repo: str, digest: Digest) -> None:
+        path = self._blob_link(repo, digest)
+        if not path.exists():
+            _write_atomic(path, b"")
+
+    def has_blob_link(self, repo: str, digest: Digest) -> bool:
+        return self._blob_link(repo, digest).exists()
+
+    def unlink_blob(self, repo: str, digest: Digest) -> bool:
+        try:
+            os.unlink(self._blob_link(repo, digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    # referrers -------------------------------------------------------------------------
+    def _referrer_dir(self, repo: str, subject: Digest) -> Path:
+        return self._repo(repo) / "_referrers" / subject.algorithm / subject.encoded
+
+    def add_referrer(self, repo: str, subject: Digest, descriptor: dict[str, object]) -> None:
+        digest = parse_digest(str(descriptor["digest"]))
+        path = self._referrer_dir(repo, subject) / digest.algorithm / digest.encoded
+        _write_atomic(path, json.dumps(descriptor, sort_keys=True).encode())
+
+    def referrers(self, repo: str, subject: Digest) -> list[dict[str, object]]:
+        base = self._referrer_dir(repo, subject)
+        found = []
+        for path in sorted(base.glob("*/*")):
+            try:
+                found.append(json.loads(path.read_bytes()))
+            except (OSError, ValueError):
+                continue  # removed meanwhile, or a temp file
+        return found
+
+    def remove_referrer(self, repo: str, subject: Digest, digest: Digest) -> None:
+        try:
+            os.unlink(self._referrer_dir(repo, subject) / digest.algorithm / digest.encoded)
+        except FileNotFoundError:
+            pass
+
+    # upload sessions -------------------------------------------------------------------
+    def _upload_dir(self, upload_id: str) -> Path:
+        if _UPLOAD_ID_RE.fullmatch(upload_id) is None:
+            raise KeyError(upload_id)
+        return self.root / "uploads" / upload_id
+
+    def create_upload(self, repo: str) -> str:
+        upload_id = secrets.token_hex(16)
+        directory = self._upload_dir(upload_id)
+        directory.mkdir()
+        (directory / "data").touch()
+        _write_atomic(directory / "repo", repo.encode())
+        return upload_id
+
+    def upload_repo(self, upload_id: str) -> str | None:
+        try:
+            return (self._upload_dir(upload_id) / "repo").read_text()
+        except (KeyError, FileNotFoundError, NotADirectoryError):
+            return None
+
+    def upload_size(self, upload_id: str) -> int:
+        return (self._upload_dir(upload_id) / "data").stat().st_size
+
+    def _upload_hasher(self, upload_id: str, algorithm: str = "sha256") -> tuple[hashlib._Hash, int]:
+        """The running hash of an upload, rebuilt from its data after a restart."""
+        path = self._upload_dir(upload_id) / "data"
+        size = path.stat().st_size
+        cached = self._upload_hashes.get(upload_id)
+        if algorithm == "sha256" and cached is not None and cached[1] == size:
+            return cached
+        hasher = hashlib.new(algorithm)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+        if algorithm == "sha256":
+            self._upload_hashes[upload_id] = (hasher, size)
+        return hasher, size
+
+    def append_upload(self, upload_id: str, source: BinaryIO) -> int:
+        hasher, size = self._upload_hasher(upload_id)
+        with open(self._upload_dir(upload_id) / "data", "ab") as out:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+                hasher.update(chunk)
+                size += len(chunk)
+        self._upload_hashes[upload_id] = (hasher, size)
+        return size
+
+    def commit_upload(self, upload_id: str, expected: Digest) -> int:
+        directory = self._upload_dir(upload_id)
+        hasher, size = self._upload_hasher(upload_id, expected.algorithm)
+        actual = Digest(expected.algorithm, hasher.hexdigest())
+        if actual != expected:
+            self.delete_upload(upload_id)
+            raise DigestMismatch(expected, actual, size)
+        data = directory / "data"
+        final = self.blob_path(expected)
+        if final.exists():
+            self.delete_upload(upload_id)  # content-addressed: what we have is the same
+            return size
+        fd = os.open(data, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(data, final)
+        self.delete_upload(upload_id)
+        return size
+
+    def delete_upload(self, upload_id: str) -> None:
+        self._upload_hashes.pop(upload_id, None)
+        try:
+            shutil.rmtree(self._upload_dir(upload_id))
+        except (KeyError, FileNotFoundError):
+            pass
+
+    def stale_uploads(self, idle_since: float) -> list[str]:
+        stale = []
+        for entry in os.scandir(self.root / "uploads"):
+            try:
+                last = max(os.stat(os.path.join(entry.path, name)).st_mtime for name in ("data", "repo"))
+            except FileNotFoundError:
+                last = 0.0
+            if last < idle_since:
+                stale.append(entry.name)
+        return stale

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred
@@ -23,7 +23,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mirror.errors import RegistryError, error_body
+from mirror.hosted import HostedRegistry, UploadState, upload_location
 from mirror.httpheaders import parse_accept, parse_range
+from mirror.oci import OCI_INDEX, Digest
 from mirror.service import BlobBody, MirrorService
 from mirror.streaming import ClientGone, FileSender
 
@@ -38,9 +40,17 @@ ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
     (re.compile(r"/v2/?"), {"GET": "base", "HEAD": "base"}),
     (re.compile(r"/v2/_catalog"), {"GET": "catalog"}),
     (re.compile(r"/v2/(?P<name>.+)/tags/list"), {"GET": "tags"}),
-    (re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)"), {"GET": "manifest", "HEAD": "manifest"}),
-    (re.compile(r"/v2/(?P<name>.+)/blobs/uploads(?:/(?P<upload>[^/]*))?"), {}),
-    (re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)"), {"GET": "blob", "HEAD": "blob"}),
+    (
+        re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)"),
+        {"GET": "manifest", "HEAD": "manifest", "PUT": "put_manifest", "DELETE": "delete_manifest"},
+    ),
+    (re.compile(r"/v2/(?P<name>.+)/blobs/uploads/?"), {"POST": "start_upload"}),
+    (
+        re.compile(r"/v2/(?P<name>.+)/blobs/uploads/(?P<upload>[^/]+)"),
+        {"GET": "upload_status", "PATCH": "upload_chunk", "PUT": "upload_finish", "DELETE": "upload_cancel"},
+    ),
+    (re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)"), {"GET": "blob", "HEAD": "blob", "DELETE": "delete_blob"}),
+    (re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)"), {"GET": "referrers"}),
 ]
 
 
@@ -119,6 +129,14 @@ class _Call:
             self.request.write(body)
         self.request.finish()
 
+    def body(self) -> tuple[BinaryIO, int]:
+        """The request body (Twisted has spooled it: a temp file when large) and its length."""
+        content = self.request.content
+        content.seek(0, 2)
+        length = content.tell()
+        content.seek(0)
+        return content, length
+
     def finish_json(self, doc: object, status: int = 200, link: str | None = None) -> None:
         if link is not None:
             self.set_header("Link", f'<{link}>; rel="next"')
@@ -131,9 +149,10 @@ class RegistryResource(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, service: MirrorService) -> None:
+    def __init__(self, service: MirrorService, hosted: HostedRegistry) -> None:
         super().__init__()
         self._service = service
+        self._hosted = hosted
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"Docker-Distribution-Api-Version", API_VERSION)
@@ -180,7 +199,8 @@ class RegistryResource(Resource):
         tags = self._service.tags(name, call.arg("ns"))
         page, last = paginate(tags, call.arg("n"), call.arg("last"))
         link = f"/v2/{name}/tags/list?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
-        call.finish_json({"name": name, "tags": page}, link=link)
+        # A repository whose tags were all deleted answers "tags": null, as Distribution 2.8 does.
+        call.finish_json({"name": name, "tags": page if tags else None}, link=link)
 
     async def _manifest(self, call: _Call) -> None:
         accept = parse_accept(call.request.requestHeaders.getRawHeaders(b"accept"))
@@ -222,6 +242,81 @@ class RegistryResource(Resource):
             if body.size is not None:
                 call.set_header("Content-Length", body.size)
             await self._send(call, body, 0, None)
+
+    async def _delete_blob(self, call: _Call) -> None:
+        self._hosted.delete_blob(call.params["name"], call.arg("ns"), call.params["digest"])
+        call.finish(202)
+
+    async def _referrers(self, call: _Call) -> None:
+        artifact_type = call.arg("artifactType")
+        body, filtered = await self._service.referrers(call.params["name"], call.arg("ns"), call.params["digest"], artifact_type)
+        if filtered:
+            call.set_header("OCI-Filters-Applied", "artifactType")
+        call.finish(200, body, OCI_INDEX)
+
+    # pushes -------------------------------------------------------------------------------
+    async def _put_manifest(self, call: _Call) -> None:
+        name = call.params["name"]
+        content, length = call.body()
+        limit = self._service.config.max_manifest_size
+        data = content.read(limit + 1)
+        pushed = self._hosted.put_manifest(name, call.arg("ns"), call.params["reference"], call.header("Content-Type"), data)
+        call.set_header("Location", f"/v2/{name}/manifests/{pushed.digest}")
+        call.set_header("Docker-Content-Digest", str(pushed.digest))
+        if pushed.subject is not None:
+            call.set_header("OCI-Subject", str(pushed.subject))
+        call.finish(201)
+
+    async def _delete_manifest(self, call: _Call) -> None:
+        self._hosted.delete_manifest(call.params["name"], call.arg("ns"), call.params["reference"])
+        call.finish(202)
+
+    async def _start_upload(self, call: _Call) -> None:
+        name, ns = call.params["name"], call.arg("ns")
+        mount, digest = call.arg("mount"), call.arg("digest")
+        if mount is not None:
+            mounted = self._hosted.mount(name, ns, mount, call.arg("from"))
+            if mounted is not None:
+                self._blob_created(call, name, mounted)
+                return
+        if digest is not None:
+            content, length = call.body()
+            self._blob_created(call, name, await self._hosted.monolithic(name, ns, digest, content, length))
+            return
+        self._upload_answer(call, await self._hosted.start_upload(name, ns), 202)
+
+    async def _upload_status(self, call: _Call) -> None:
+        self._upload_answer(call, self._hosted.upload_state(call.params["name"], call.arg("ns"), call.params["upload"]), 204)
+
+    async def _upload_chunk(self, call: _Call) -> None:
+        content, length = call.body()
+        state = await self._hosted.append(
+            call.params["name"], call.arg("ns"), call.params["upload"], content, length, call.header("Content-Range")
+        )
+        self._upload_answer(call, state, 202)
+
+    async def _upload_finish(self, call: _Call) -> None:
+        name = call.params["name"]
+        content, length = call.body()
+        digest = await self._hosted.finish(
+            name, call.arg("ns"), call.params["upload"], call.arg("digest"), content, length, call.header("Content-Range")
+        )
+        self._blob_created(call, name, digest)
+
+    async def _upload_cancel(self, call: _Call) -> None:
+        self._hosted.cancel(call.params["name"], call.arg("ns"), call.params["upload"])
+        call.finish(204)
+
+    def _upload_answer(self, call: _Call, state: UploadState, status: int) -> None:
+        call.set_header("Location", upload_location(call.params["name"], state.upload_id))
+        call.set_header("Range", f"0-{max(state.size - 1, 0)}")
+        call.set_header("Docker-Upload-UUID", state.upload_id)
+        call.finish(status)
+
+    def _blob_created(self, call: _Call, name: str, digest: Digest) -> None:
+        call.set_header("Location", f"/v2/{name}/blobs/{digest}")
+        call.set_header("Docker-Content-Digest", str(digest))
+        call.finish(201)
 
     def _blob_headers(self, call: _Call, digest: str) -> None:
         call.set_header("Content-Type", "application/octet-stream")

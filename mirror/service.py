@@ -15,6 +15,7 @@ checked-or-raw names and references, returns values (:class:`Manifest`,
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mirror.access import AccessRecord
-from mirror.config import MirrorConfig
+from mirror.config import MirrorConfig, UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.httpheaders import accepts
 from mirror.oci import (
@@ -97,7 +98,7 @@ class MirrorService:
     Args:
         config: the service configuration.
         store: where content lives.
-        upstreams: one :class:`Upstream` per configured upstream, in config order.
+        make_upstream: builds the client of one configured upstream.
         clock: the reactor's time.
         run_blocking: runs a blocking callable in a thread; returns a Deferred.
     """
@@ -108,14 +109,15 @@ class MirrorService:
         self,
         config: MirrorConfig,
         store: Store,
-        upstreams: Sequence[Upstream],
+        make_upstream: Callable[[UpstreamConfig], Upstream],
         clock: IReactorTime,
         run_blocking: Callable[..., Deferred[None]],
     ) -> None:
         self.config = config
         self.store = store
-        self._upstreams = {u.name: u for u in upstreams}
-        self._clock = clock
+        self._make_upstream = make_upstream
+        self._upstreams = {u.registry: make_upstream(u) for u in config.upstreams}
+        self._clock = self.clock = clock
         self._run_blocking = run_blocking
         self.access = AccessRecord(store, clock.seconds)
         self._tags: dict[tuple[str, str], _TagState] = {}
@@ -123,12 +125,30 @@ class MirrorService:
         self._blob_flights: SingleFlight[BlobFill | None] = SingleFlight()
         self._fills: dict[Digest, BlobFill] = {}
 
+    def reconfigure(self, new: MirrorConfig) -> list[str]:
+        """Apply a re-read configuration while running (SIGHUP).
+
+        Upstreams, TTLs, hosted patterns, read-only and delete take effect at once;
+        upstream clients whose settings changed are rebuilt (dropping their cached
+        tokens).  Returns the keys that only a restart applies.
+        """
+        needs_restart = [key for key in ("listen", "storage") if getattr(new, key) != getattr(self.config, key)]
+        upstreams = {}
+        for u in new.upstreams:
+            current = self._upstreams.get(u.registry)
+            upstreams[u.registry] = current if current is not None and current.config == u else self._make_upstream(u)
+        self._upstreams = upstreams
+        self.config = attrs.evolve(new, listen=self.config.listen, storage=self.config.storage)
+        self._tags.clear()  # TTLs may have changed: revalidate tags on their next use
+        return needs_restart
+
     # routing ------------------------------------------------------------------------------
     def route(self, name: str, ns: str | None) -> Route:
-        """Check ``name`` and pick its upstream (see :mod:`mirror.routing`)."""
-        return route(validate_name(name), ns, self.config.upstreams)
+        """Check ``name`` and pick its upstream, or hosted (see :mod:`mirror.routing`)."""
+        return route(validate_name(name), ns, self.config.upstreams, self.config.hosted)
 
     def _upstream(self, r: Route) -> Upstream:
+        assert r.upstream is not None, "a hosted repository has no upstream"
         return self._upstreams[r.upstream.registry]
 
     # manifests ----------------------------------------------------------------------------
@@ -137,7 +157,9 @@ class MirrorService:
         r = self.route(name, ns)
         ref = parse_reference(reference)
         upstream_accept = [*MANIFEST_MEDIA_TYPES, *(a for a in accept if a not in MANIFEST_MEDIA_TYPES and "*" not in a)]
-        if ref.digest is not None:
+        if r.hosted:
+            manifest = self._hosted_manifest(r, ref.tag, ref.digest, name, reference)
+        elif ref.digest is not None:
             digest = ref.digest
             manifest = self._local_manifest(r.repo_key, digest)
             if manifest is None:
@@ -164,6 +186,16 @@ class MirrorService:
                 "MANIFEST_UNKNOWN",
                 f"{name}:{reference} is {manifest.media_type}, which the request's Accept header does not allow",
             )
+        return manifest
+
+    def _hosted_manifest(self, r: Route, tag: str | None, digest: Digest | None, name: str, reference: str) -> Manifest:
+        """A hosted repository's manifest: only ever from the store."""
+        if digest is None:
+            assert tag is not None
+            digest = self.store.get_tag(r.repo_key, tag)
+        manifest = self._local_manifest(r.repo_key, digest) if digest is not None else None
+        if manifest is None:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest {name}:{reference} is not in this registry", detail={"name": name, "reference": reference})
         return manifest
 
     def _local_manifest(self, repo: str, digest: Digest) -> Manifest | None:
@@ -294,6 +326,8 @@ class MirrorService:
         """A blob to stream.  ``whole`` (for Range requests) waits for a fill to commit."""
         r = self.route(name, ns)
         digest = parse_digest(digest_text)
+        if r.hosted:
+            self._check_hosted_blob(r, digest)
         body = self._cached_blob(digest, "hit")
         if body is not None:
             self._log_cache("blob", r, digest_text, "hit")
@@ -319,6 +353,10 @@ class MirrorService:
         except FileNotFoundError:  # committed (renamed) or aborted just now
             return await self.get_blob(name, ns, digest_text, whole=whole)
         return BlobBody(file, fill, fill.expected_size, digest, cache)
+
+    def _check_hosted_blob(self, r: Route, digest: Digest) -> None:
+        if not self.store.has_blob_link(r.repo_key, digest) or self.store.blob_size(digest) is None:
+            raise RegistryError("BLOB_UNKNOWN", f"blob {digest} is not in repository {r.repo_key}", detail={"digest": str(digest)})
 
     async def _wait_fill(self, fill: BlobFill) -> None:
         """Wait until ``fill`` commits or fails, without touching its shared Deferred."""
@@ -388,6 +426,8 @@ class MirrorService:
         """A blob's size for ``HEAD``: from the store, a fill, or the upstream (no fetch)."""
         r = self.route(name, ns)
         digest = parse_digest(digest_text)
+        if r.hosted:
+            self._check_hosted_blob(r, digest)
         size = self.store.blob_size(digest)
         if size is not None:
             self._log_cache("blob", r, digest_text, "hit")
@@ -405,12 +445,29 @@ class MirrorService:
 
     # listings -----------------------------------------------------------------------------
     def tags(self, name: str, ns: str | None) -> list[str]:
-        """Tags the mirror holds for a repository."""
+        """Tags the registry holds for a repository, in lexical order."""
         r = self.route(name, ns)
         tags = self.store.list_tags(r.repo_key)
         if tags is None:
-            raise RegistryError("NAME_UNKNOWN", f"repository {name} is not known to this mirror")
+            raise RegistryError("NAME_UNKNOWN", f"repository {name} is not known to this registry", detail={"name": name})
         return tags
+
+    async def referrers(self, name: str, ns: str | None, digest_text: str, artifact_type: str | None) -> tuple[bytes, bool]:
+        """The referrers index of a manifest (OCI 1.1) and whether the artifactType filter applied.
+
+        Hosted repositories answer from the store; mirrored ones ask the upstream, whose
+        answer is checked to be an OCI index and passed on (filtered here if it did not).
+        """
+        r = self.route(name, ns)
+        subject = parse_digest(digest_text)
+        if r.hosted:
+            descriptors = self.store.referrers(r.repo_key, subject)
+        else:
+            descriptors = await self._upstream(r).referrers(r.remote_name, str(subject), artifact_type)
+        if artifact_type is not None:
+            descriptors = [d for d in descriptors if d.get("artifactType") == artifact_type]
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+        return json.dumps(index).encode(), artifact_type is not None
 
     def repositories(self) -> list[str]:
         """Every repository the mirror holds, in lexical order."""

@@ -99,3 +99,49 @@ class Store(Protocol):
 
     def repositories(self) -> Iterator[str]:
         """Every repository holding a manifest or a tag, in lexical order."""
+
+    def unlink_manifest(self, repo: str, digest: Digest) -> bool:
+        """Drop ``repo``'s link to a manifest; False if it had none."""
+
+    def link_blob(self, repo: str, digest: Digest) -> None:
+        """Record (durably) that hosted ``repo`` holds blob ``digest``."""
+
+    def has_blob_link(self, repo: str, digest: Digest) -> bool:
+        """Whether ``repo`` holds blob ``digest``."""
+
+    def unlink_blob(self, repo: str, digest: Digest) -> bool:
+        """Drop ``repo``'s link to a blob (the bytes stay until GC); False if none."""
+
+    def add_referrer(self, repo: str, subject: Digest, descriptor: dict[str, object]) -> None:
+        """Record that the manifest ``descriptor`` describes refers to ``subject``."""
+
+    def referrers(self, repo: str, subject: Digest) -> list[dict[str, object]]:
+        """Descriptors of ``repo``'s manifests whose subject is ``subject``."""
+
+    def remove_referrer(self, repo: str, subject: Digest, digest: Digest) -> None:
+        """Forget that manifest ``digest`` refers to ``subject``."""
+
+    # upload sessions (blocking methods: run them in a thread) ----------------------------
+    def create_upload(self, repo: str) -> str:
+        """Start an upload session for ``repo``; returns its id."""
+
+    def upload_repo(self, upload_id: str) -> str | None:
+        """The repository an upload session belongs to, or ``None`` if unknown."""
+
+    def upload_size(self, upload_id: str) -> int:
+        """Bytes received so far."""
+
+    def append_upload(self, upload_id: str, source: BinaryIO) -> int:
+        """Append all of ``source`` (blocking); returns the new size."""
+
+    def commit_upload(self, upload_id: str, expected: Digest) -> int:
+        """Verify, make durable and publish the upload as blob ``expected`` (blocking).
+
+        Raises :class:`DigestMismatch` (and discards the upload) when it does not match.
+        """
+
+    def delete_upload(self, upload_id: str) -> None:
+        """Discard an upload session."""
+
+    def stale_uploads(self, idle_since: float) -> list[str]:
+        """Ids of upload sessions with no activity since ``idle_since``."""

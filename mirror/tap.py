@@ -7,6 +7,7 @@ down.  Everything below takes what it needs as arguments.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from treq.client import HTTPClient
@@ -20,6 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from mirror.config import ConfigError, MirrorConfig, load_config
 from mirror.fsstore import FilesystemStore
+from mirror.hosted import HostedRegistry
 from mirror.service import MirrorService
 from mirror.site import build_site
 from mirror.upstream import Upstream
@@ -59,8 +61,38 @@ def build_service(config: MirrorConfig, reactor: object, pool: HTTPConnectionPoo
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
     http = HTTPClient(Agent(reactor, pool=pool))
-    upstreams = [Upstream(u, http, reactor) for u in config.upstreams]  # type: ignore[arg-type]
-    return MirrorService(config, store, upstreams, reactor, deferToThread)  # type: ignore[arg-type]
+    return MirrorService(
+        config, store, lambda u: Upstream(u, http, reactor), reactor, deferToThread  # type: ignore[arg-type]
+    )
+
+
+def reload_config(service: MirrorService, path: str) -> bool:
+    """Re-read the config file and apply it; a bad file is refused and the old config kept."""
+    try:
+        new = load_config(path)
+    except ConfigError as e:
+        _log.error("config reload refused, keeping the running config: {error}", error=str(e))
+        return False
+    for key in service.reconfigure(new):
+        _log.warn("config reload: {key} changed; it takes effect only after a restart", key=key)
+    _log.info("config reloaded from {path} (read_only={read_only})", path=path, read_only=new.read_only)
+    return True
+
+
+class _ReloadOnHangup(Service):
+    """SIGHUP re-reads the config without dropping connections."""
+
+    def __init__(self, reactor: object, service: MirrorService, path: str) -> None:
+        self._reactor = reactor
+        self._service = service
+        self._path = path
+
+    def startService(self) -> None:
+        super().startService()
+        signal.signal(signal.SIGHUP, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(reload_config, self._service, self._path)  # type: ignore[attr-defined]
 
 
 def makeService(options: Options) -> IService:
@@ -74,11 +106,14 @@ def makeService(options: Options) -> IService:
         sys.stderr.write(f"mirror: {e}\n")
         raise SystemExit(2) from None
     service = build_service(config, reactor)
-    site = build_site(service)
+    hosted = HostedRegistry(service, deferToThread)
+    site = build_site(service, hosted)
     top = MultiService()
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, description)
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
     TimerService(config.storage.access_flush_interval, service.access.flush).setServiceParent(top)
+    TimerService(min(600.0, config.upload_expiry / 4), hosted.expire_uploads).setServiceParent(top)
     _AccessFlush(service).setServiceParent(top)
+    _ReloadOnHangup(reactor, service, options["config"]).setServiceParent(top)
     return top

@@ -30,6 +30,7 @@ from twisted.web.iweb import IResponse
 
 from mirror.config import UpstreamConfig
 from mirror.errors import RegistryError
+from mirror.oci import OCI_INDEX
 from mirror.upstream_auth import Challenge, TokenCache, parse_challenge, token_from_response
 
 __all__ = ["ManifestResponse", "Upstream", "UpstreamRefused", "UpstreamUnavailable", "read_capped"]
@@ -183,6 +184,26 @@ class Upstream:
         self._check(response, name, "BLOB_UNKNOWN", digest)
         length = _header(response, "Content-Length")
         return int(length) if length and length.isdigit() else None
+
+    async def referrers(self, name: str, digest: str, artifact_type: str | None) -> list[dict[str, object]]:
+        """The upstream's referrers of ``digest`` (OCI 1.1), as descriptors.
+
+        An upstream without the API (404) raises ``UpstreamRefused``.
+        """
+        tail = f"referrers/{digest}" + (f"?{urlencode({'artifactType': artifact_type})}" if artifact_type else "")
+        response = await self._request(b"GET", name, tail, {"Accept": OCI_INDEX})
+        if response.code == 404:
+            response.deliverBody(_Discard())
+            raise UpstreamRefused("UNSUPPORTED", f"upstream {self.name} does not serve referrers of {name}@{digest}", status=404)
+        self._check(response, name, "MANIFEST_UNKNOWN", digest)
+        try:
+            doc = json.loads(await read_capped(response, 4 * 1024 * 1024, self._clock, self.config.timeout))
+        except Exception as e:
+            raise self._unavailable(f"reading referrers of {name}@{digest}", e) from None
+        manifests = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
+            raise UpstreamRefused("UNKNOWN", f"upstream {self.name} sent a malformed referrers index", status=502)
+        return manifests
 
     # plumbing -----------------------------------------------------------------------------
     def _check(self, response: IResponse, name: str, unknown_code: str, ref: str) -> None:

@@ -12,7 +12,10 @@ from twisted.internet import reactor
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
+from twisted.internet.threads import deferToThread
+
 from mirror.config import MirrorConfig, StorageConfig, UpstreamConfig
+from mirror.hosted import HostedRegistry
 from mirror.service import MirrorService
 from mirror.site import build_site
 from mirror.tap import build_service
@@ -39,6 +42,7 @@ class RunningMirror:
     root: Path
     port: object
     pool: HTTPConnectionPool
+    hosted: HostedRegistry
 
     def get(self, path: str, **kw):
         """A treq request against the mirror, on a fresh connection."""
@@ -50,14 +54,32 @@ def make_mirror(tmp_path):
     """Start a mirror in front of upstream URL(s); everything is stopped at teardown."""
     started: list[RunningMirror] = []
 
-    def make(url: str, *, registry: str = "docker.io", extra=(), **upstream_kw) -> RunningMirror:
+    def make(
+        url: str | None,
+        *,
+        registry: str = "docker.io",
+        extra=(),
+        hosted=(),
+        read_only=False,
+        delete=True,
+        **upstream_kw,
+    ) -> RunningMirror:
+        """``url`` None: no upstream (with ``hosted=("*",)``, a pure private registry)."""
         root = tmp_path / f"store{len(started)}"
-        upstreams = (UpstreamConfig(registry=registry, url=url, **upstream_kw), *extra)
-        config = MirrorConfig(listen=(), storage=StorageConfig(root=root), upstreams=upstreams)
+        upstreams = (UpstreamConfig(registry=registry, url=url, **upstream_kw),) if url else ()
+        config = MirrorConfig(
+            listen=(),
+            storage=StorageConfig(root=root),
+            upstreams=(*upstreams, *extra),
+            hosted=tuple(hosted),
+            read_only=read_only,
+            delete=delete,
+        )
         pool = HTTPConnectionPool(reactor, persistent=True)
         service = build_service(config, reactor, pool)
-        port = reactor.listenTCP(0, build_site(service), interface="127.0.0.1")
-        m = RunningMirror(service, f"http://127.0.0.1:{port.getHost().port}", root, port, pool)
+        hosted_registry = HostedRegistry(service, deferToThread)
+        port = reactor.listenTCP(0, build_site(service, hosted_registry), interface="127.0.0.1")
+        m = RunningMirror(service, f"http://127.0.0.1:{port.getHost().port}", root, port, pool, hosted_registry)
         started.append(m)
         return m
 
