@@ -49,3 +49,28 @@ def test_no_upstreams():
     with pytest.raises(RegistryError) as info:
         route("a/b", None, ())
     assert info.value.code == "NAME_UNKNOWN"
+
+
+@pytest.mark.parametrize(
+    ("name", "ns", "hosted", "expected"),
+    [
+        ("myorg/app", None, ("myorg/*",), ("hosted", "myorg/app")),
+        ("myorg/team/app", None, ("myorg/*",), ("hosted", "myorg/team/app")),
+        ("library/alpine", None, ("myorg/*",), ("docker.io", "docker.io/library/alpine")),
+        ("anything/at/all", None, ("*",), ("hosted", "anything/at/all")),
+        # a registry prefix or a known ns always means the upstream, even with "*"
+        ("docker.io/library/alpine", None, ("*",), ("docker.io", "docker.io/library/alpine")),
+        ("library/alpine", "docker.io", ("*",), ("docker.io", "docker.io/library/alpine")),
+        # an unknown ns on a hosted name: hosted
+        ("myorg/app", "mirror.example:5000", ("myorg/*",), ("hosted", "myorg/app")),
+    ],
+)
+def test_hosted_routes(name, ns, hosted, expected):
+    """Hosted patterns come after ns= and registry prefixes, before the default upstream."""
+    r = route(name, ns, UPSTREAMS, hosted)
+    assert (("hosted" if r.hosted else r.upstream.registry), r.repo_key) == expected
+
+
+def test_pure_private_registry_has_no_upstream():
+    """hosted: ['*'] with no upstreams serves every name as hosted."""
+    assert route("a/b", None, (), ("*",)).hosted
