@@ -16,11 +16,15 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
-__all__ = ["ConfigError", "MirrorConfig", "StorageConfig", "UpstreamConfig", "load_config", "parse_config"]
+__all__ = ["ConfigError", "GcConfig", "MirrorConfig", "StorageConfig", "UpstreamConfig", "load_config", "parse_config"]
 
 T = TypeVar("T")
 
 _PATTERN_RE = re.compile(r"[a-z0-9*][a-z0-9._*/-]*")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b|)", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgt", start=1):
+    _UNITS.update({_p: 1024**_i, f"{_p}ib": 1024**_i, f"{_p}b": 1000**_i, f"{_p}i": 1024**_i})
 
 
 class ConfigError(Exception):
@@ -48,6 +52,19 @@ class StorageConfig:
 
 
 @attrs.frozen
+class GcConfig:
+    """Garbage collection and eviction of mirrored content."""
+
+    interval: float = 3600.0  # seconds between runs inside the service; 0: never
+    grace: float = 3600.0  # a blob accessed or written this recently is never deleted
+    max_age: float = 7 * 24 * 3600.0  # evict mirrored content not accessed for longer; 0: never
+    max_size: int = 0  # bytes; above high_watermark * max_size evict LRU mirrored content; 0: no limit
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+    delete_untagged: bool = False  # periodic runs also drop untagged hosted manifests
+
+
+@attrs.frozen
 class MirrorConfig:
     """The whole service configuration."""
 
@@ -58,6 +75,7 @@ class MirrorConfig:
     read_only: bool = False  # refuse pushes and deletes (pulls and mirroring go on)
     delete: bool = True  # allow DELETE of manifests, tags and blobs in hosted repositories
     upload_expiry: float = 24 * 3600.0  # seconds an idle upload session is kept
+    gc: GcConfig = GcConfig()
     max_manifest_size: int = 4 * 1024 * 1024
     source: str = "<config>"
 
@@ -127,9 +145,21 @@ class _Reader:
         return tuple(result)
 
     def size(self, key_path: str, value: object) -> int:
+        if isinstance(value, str):
+            match = _SIZE_RE.fullmatch(value.strip())
+            if match is None:
+                raise self.error(key_path, "expected a size such as 50GiB, 500MB or a number of bytes")
+            number, unit = match.groups()
+            value = int(float(number) * _UNITS[unit.lower()])
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise self.error(key_path, "expected a positive whole number of bytes")
+            raise self.error(key_path, "expected a positive size in bytes (or with a unit: 50GiB)")
         return value
+
+    def fraction(self, key_path: str, value: object) -> float:
+        number = self.number(key_path, value)
+        if not 0 < number <= 1:
+            raise self.error(key_path, "expected a fraction between 0 and 1")
+        return number
 
 
 def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
@@ -187,6 +217,23 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             raise r.error(key_path, "username and password go together")
         return cfg
 
+    def gc(key_path: str, value: object) -> GcConfig:
+        r = _Reader(source, key_path, value)
+        d = GcConfig()
+        cfg = GcConfig(
+            interval=r.take("interval", r.number, d.interval),
+            grace=r.take("grace", r.number, d.grace),
+            max_age=r.take("max_age", r.number, d.max_age),
+            max_size=r.take("max_size", lambda p, v: 0 if v == 0 else r.size(p, v), d.max_size),
+            high_watermark=r.take("high_watermark", r.fraction, d.high_watermark),
+            low_watermark=r.take("low_watermark", r.fraction, d.low_watermark),
+            delete_untagged=r.take("delete_untagged", r.boolean, d.delete_untagged),
+        )
+        r.finish()
+        if cfg.low_watermark >= cfg.high_watermark:
+            raise r.error(f"{key_path}.low_watermark", "must be below high_watermark")
+        return cfg  # type: ignore[return-value]
+
     def upstreams(key_path: str, value: object) -> tuple[UpstreamConfig, ...]:
         if not isinstance(value, list):
             raise top.error(key_path, "expected a list")
@@ -206,6 +253,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         read_only=bool(top.take("read_only", top.boolean, False)),
         delete=bool(top.take("delete", top.boolean, True)),
         upload_expiry=top.take("upload_expiry", top.positive, 24 * 3600.0) or 24 * 3600.0,
+        gc=top.take("gc", gc, GcConfig()) or GcConfig(),
         max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024) or 0,
         source=source,
     )

@@ -9,6 +9,8 @@ Layout under ``root``::
     repositories/<name...>/_manifests/<alg>/<hex>  a manifest the repository holds; the
                                                    file holds its media type
     repositories/<name...>/_tags/<tag>             the digest the tag points at
+    gc.lock                                        flock: GC deletes (exclusive) vs pushes
+                                                   referencing existing blobs (shared)
     repositories/<name...>/_layers/<alg>/<hex>     a blob a hosted repository holds (empty)
     repositories/<name...>/_referrers/<alg>/<subject hex>/<alg>/<hex>
                                                    descriptor (JSON) of a manifest whose
@@ -28,13 +30,16 @@ miss.  Stale spool files are removed at start-up.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,7 +48,7 @@ from mirror.store import DigestMismatch
 
 __all__ = ["FilesystemStore"]
 
-_UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+_UPLOAD_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -167,7 +172,9 @@ class FilesystemStore:
 
     def put_blob(self, digest: Digest, data: bytes) -> None:
         path = self.blob_path(digest)
-        if not path.exists():
+        try:
+            os.utime(path)  # already there: it counts as just written (GC grace)
+        except FileNotFoundError:
             _write_atomic(path, data)
 
     def new_writer(self) -> FilesystemBlobWriter:
@@ -229,6 +236,9 @@ class FilesystemStore:
             return [] if (base / "_manifests").is_dir() else None
         with entries:
             return sorted(e.name for e in entries if not e.name.startswith("."))
+
+    def had_tags(self, repo: str) -> bool:
+        return (self._repo(repo) / "_tags").is_dir()
 
     def repositories(self) -> Iterator[str]:
         top = self.root / "repositories"
@@ -306,7 +316,7 @@ class FilesystemStore:
         return self.root / "uploads" / upload_id
 
     def create_upload(self, repo: str) -> str:
-        upload_id = secrets.token_hex(16)
+        upload_id = str(uuid.uuid4())  # the spec: the upload location carries a UUID
         directory = self._upload_dir(upload_id)
         directory.mkdir()
         (directory / "data").touch()
@@ -358,6 +368,7 @@ class FilesystemStore:
         final = self.blob_path(expected)
         if final.exists():
             self.delete_upload(upload_id)  # content-addressed: what we have is the same
+            os.utime(final)  # just written again, as far as GC's grace period goes
             return size
         fd = os.open(data, os.O_RDONLY)
         try:
@@ -386,3 +397,90 @@ class FilesystemStore:
             if last < idle_since:
                 stale.append(entry.name)
         return stale
+
+    # garbage collection ----------------------------------------------------------------
+    def scan_blobs(self) -> Iterator[tuple[Digest, int, float]]:
+        """Every stored blob with its size and last access (mtime)."""
+        for alg_entry in os.scandir(self.root / "blobs"):
+            for prefix in os.scandir(alg_entry.path):
+                for entry in os.scandir(prefix.path):
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue  # deleted meanwhile
+                    if entry.name.startswith("."):
+                        continue
+                    yield Digest(alg_entry.name, entry.name), st.st_size, st.st_mtime
+
+    def scan_repository(self, repo: str) -> tuple[dict[Digest, float], dict[str, Digest], set[Digest]]:
+        """A repository's manifest links (with when they were written), tags and blob links."""
+        base = self._repo(repo)
+        manifests: dict[Digest, float] = {}
+        links: set[Digest] = set()
+        for sub, into in (("_manifests", manifests), ("_layers", links)):
+            try:
+                algorithms = list(os.scandir(base / sub))
+            except FileNotFoundError:
+                continue
+            for alg_entry in algorithms:
+                for entry in os.scandir(alg_entry.path):
+                    if entry.name.startswith("."):
+                        continue
+                    digest = Digest(alg_entry.name, entry.name)
+                    if isinstance(into, dict):
+                        try:
+                            into[digest] = entry.stat().st_mtime
+                        except FileNotFoundError:
+                            continue
+                    else:
+                        into.add(digest)
+        tags = {}
+        for tag in self.list_tags(repo) or []:
+            digest = self.get_tag(repo, tag)
+            if digest is not None:
+                tags[tag] = digest
+        return manifests, tags, links
+
+    def delete_blob_if_idle(self, digest: Digest, idle_before: float) -> int | None:
+        """Delete a blob unless it was accessed or written at/after ``idle_before``.
+
+        Call it holding :meth:`gc_lock`, so that a push that has just touched the blob
+        (under :meth:`try_push_lock`) is seen.  Returns the bytes freed, or None.
+        """
+        path = self.blob_path(digest)
+        try:
+            st = path.stat()
+            if st.st_mtime >= idle_before:
+                return None
+            os.unlink(path)
+        except FileNotFoundError:
+            return None
+        return st.st_size
+
+    def _lock_file(self) -> int:
+        return os.open(self.root / "gc.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextmanager
+    def gc_lock(self) -> Iterator[None]:
+        """Exclusive against pushes (held by GC while it deletes a batch of blobs)."""
+        fd = self._lock_file()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def try_push_lock(self) -> int | None:
+        """A shared lock held while a push references existing blobs; None if GC is
+        deleting right now (try again shortly).  Release with :meth:`release_lock`."""
+        fd = self._lock_file()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def release_lock(self, handle: int) -> None:
+        """Release a lock from :meth:`try_push_lock`."""
+        os.close(handle)

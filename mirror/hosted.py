@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mirror.errors import RegistryError
@@ -38,6 +39,8 @@ from mirror.service import MirrorService
 from mirror.store import DigestMismatch
 
 __all__ = ["HostedRegistry", "PushedManifest", "UploadState"]
+
+T = TypeVar("T")
 
 _CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
 
@@ -107,14 +110,29 @@ class HostedRegistry:
         upload_id = self.store.create_upload(r.repo_key)
         return UploadState(r.repo_key, upload_id, 0)
 
-    def mount(self, name: str, ns: str | None, digest_text: str, from_name: str | None) -> Digest | None:
+    async def _gc_safe(self, work: Callable[[], T]) -> T:
+        """Run ``work`` holding the shared side of the store's GC lock.
+
+        Work that makes existing blobs referenced (a mount, a manifest push) touches them
+        under this lock first, so a concurrent GC either deleted them already (and the
+        push sees them missing) or sees them as just used and keeps them.
+        """
+        for _ in range(1000):
+            handle = self.store.try_push_lock()
+            if handle is not None:
+                try:
+                    return work()
+                finally:
+                    self.store.release_lock(handle)
+            await deferLater(self._reads.clock, 0.01, lambda: None)
+        raise RegistryError("UNAVAILABLE", "garbage collection is holding the store; retry shortly")
+
+    async def mount(self, name: str, ns: str | None, digest_text: str, from_name: str | None) -> Digest | None:
         """Cross-repository mount: link an existing blob; ``None`` if it cannot be mounted."""
         r = self.writable(name, ns)
         try:
             digest = parse_digest(digest_text)
         except RegistryError:
-            return None
-        if self.store.blob_size(digest) is None:
             return None
         if from_name is not None:
             try:
@@ -123,8 +141,15 @@ class HostedRegistry:
                 return None
             if source.hosted and not self.store.has_blob_link(source.repo_key, digest):
                 return None
-        self.store.link_blob(r.repo_key, digest)
-        return digest
+
+        def link() -> Digest | None:
+            self.store.touch([(digest, self._reads.clock.seconds())])
+            if self.store.blob_size(digest) is None:
+                return None
+            self.store.link_blob(r.repo_key, digest)
+            return digest
+
+        return await self._gc_safe(link)
 
     def _session(self, name: str, ns: str | None, upload_id: str) -> Route:
         r = self.writable(name, ns)
@@ -217,7 +242,7 @@ class HostedRegistry:
         return len(stale)
 
     # manifests ----------------------------------------------------------------------------
-    def put_manifest(self, name: str, ns: str | None, reference: str, content_type: str | None, data: bytes) -> PushedManifest:
+    async def put_manifest(self, name: str, ns: str | None, reference: str, content_type: str | None, data: bytes) -> PushedManifest:
         """Validate and store a pushed manifest, byte for byte, and tag it."""
         r = self.writable(name, ns)
         ref = parse_reference(reference)
@@ -229,28 +254,35 @@ class HostedRegistry:
         digest = Digest.of(data, ref.digest.algorithm if ref.digest is not None else "sha256")
         if ref.digest is not None and ref.digest != digest:
             raise RegistryError("DIGEST_INVALID", f"manifest body is {digest}, not {ref.digest}", detail={"digest": str(ref.digest)})
-        subject = None
-        missing = []
-        for role, target in manifest_references(doc):
-            if role == "subject":
-                subject = target
-            elif role == "manifest":
-                if self.store.manifest_media_type(r.repo_key, target) is None:
+        references = list(manifest_references(doc))
+        subject = next((target for role, target in references if role == "subject"), None)
+
+        def store() -> None:
+            now = self._reads.clock.seconds()
+            self.store.touch([(target, now) for role, target in references if role != "subject"])
+            missing = []
+            for role, target in references:
+                if role == "subject":
+                    continue
+                if role == "manifest":
+                    if self.store.manifest_media_type(r.repo_key, target) is None or self.store.blob_size(target) is None:
+                        missing.append(target)
+                elif not self.store.has_blob_link(r.repo_key, target) or self.store.blob_size(target) is None:
                     missing.append(target)
-            elif not self.store.has_blob_link(r.repo_key, target) or self.store.blob_size(target) is None:
-                missing.append(target)
-        if missing:
-            raise RegistryError(
-                "MANIFEST_BLOB_UNKNOWN",
-                f"manifest references {len(missing)} blob(s) or manifest(s) not in {name}: {', '.join(map(str, missing[:5]))}",
-                detail={"digest": str(missing[0])},
-            )
-        self.store.put_blob(digest, data)
-        self.store.link_manifest(r.repo_key, digest, media_type)
-        if subject is not None:
-            self.store.add_referrer(r.repo_key, subject, _descriptor(doc, media_type, digest, len(data)))
-        if ref.tag is not None:
-            self.store.set_tag(r.repo_key, ref.tag, digest)
+            if missing:
+                raise RegistryError(
+                    "MANIFEST_BLOB_UNKNOWN",
+                    f"manifest references {len(missing)} blob(s) or manifest(s) not in {name}: {', '.join(map(str, missing[:5]))}",
+                    detail={"digest": str(missing[0])},
+                )
+            self.store.put_blob(digest, data)
+            self.store.link_manifest(r.repo_key, digest, media_type)
+            if subject is not None:
+                self.store.add_referrer(r.repo_key, subject, _descriptor(doc, media_type, digest, len(data)))
+            if ref.tag is not None:
+                self.store.set_tag(r.repo_key, ref.tag, digest)
+
+        await self._gc_safe(store)
         self._log.info(
             "pushed manifest {repository}:{reference} = {digest} ({media_type})",
             repository=r.repo_key, reference=reference, digest=str(digest), media_type=media_type,

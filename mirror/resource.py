@@ -164,6 +164,10 @@ class RegistryResource(Resource):
             _render_error(request, e)
             return NOT_DONE_YET
         call = _Call(request, params)
+        ns = call.arg("ns")
+        if ns is not None and any(u.registry == ns.lower() for u in self._service.config.upstreams):
+            # Registry proxying: the ns that scoped the request is echoed back.
+            call.set_header("OCI-Namespace", ns)
         handler: Handler = getattr(self, f"_{handler_name}")
         d = Deferred.fromCoroutine(handler(call))
         d.addErrback(self._failed, call)
@@ -197,10 +201,12 @@ class RegistryResource(Resource):
     async def _tags(self, call: _Call) -> None:
         name = call.params["name"]
         tags = self._service.tags(name, call.arg("ns"))
+        if tags is None:  # all deleted: Distribution 2.8's answer
+            call.finish_json({"name": name, "tags": None})
+            return
         page, last = paginate(tags, call.arg("n"), call.arg("last"))
         link = f"/v2/{name}/tags/list?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
-        # A repository whose tags were all deleted answers "tags": null, as Distribution 2.8 does.
-        call.finish_json({"name": name, "tags": page if tags else None}, link=link)
+        call.finish_json({"name": name, "tags": page}, link=link)
 
     async def _manifest(self, call: _Call) -> None:
         accept = parse_accept(call.request.requestHeaders.getRawHeaders(b"accept"))
@@ -260,7 +266,7 @@ class RegistryResource(Resource):
         content, length = call.body()
         limit = self._service.config.max_manifest_size
         data = content.read(limit + 1)
-        pushed = self._hosted.put_manifest(name, call.arg("ns"), call.params["reference"], call.header("Content-Type"), data)
+        pushed = await self._hosted.put_manifest(name, call.arg("ns"), call.params["reference"], call.header("Content-Type"), data)
         call.set_header("Location", f"/v2/{name}/manifests/{pushed.digest}")
         call.set_header("Docker-Content-Digest", str(pushed.digest))
         if pushed.subject is not None:
@@ -275,7 +281,7 @@ class RegistryResource(Resource):
         name, ns = call.params["name"], call.arg("ns")
         mount, digest = call.arg("mount"), call.arg("digest")
         if mount is not None:
-            mounted = self._hosted.mount(name, ns, mount, call.arg("from"))
+            mounted = await self._hosted.mount(name, ns, mount, call.arg("from"))
             if mounted is not None:
                 self._blob_created(call, name, mounted)
                 return

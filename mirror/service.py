@@ -444,12 +444,19 @@ class MirrorService:
         return size
 
     # listings -----------------------------------------------------------------------------
-    def tags(self, name: str, ns: str | None) -> list[str]:
-        """Tags the registry holds for a repository, in lexical order."""
+    def tags(self, name: str, ns: str | None) -> list[str] | None:
+        """Tags the registry holds for a repository, in lexical order.
+
+        ``None`` when every tag the repository had was deleted: CNCF Distribution 2.8
+        answers ``"tags": null`` then, and we answer as it does.  A repository that never
+        had a tag answers the spec's empty list.
+        """
         r = self.route(name, ns)
         tags = self.store.list_tags(r.repo_key)
         if tags is None:
             raise RegistryError("NAME_UNKNOWN", f"repository {name} is not known to this registry", detail={"name": name})
+        if not tags and self.store.had_tags(r.repo_key):
+            return None
         return tags
 
     async def referrers(self, name: str, ns: str | None, digest_text: str, artifact_type: str | None) -> tuple[bytes, bool]:

@@ -15,6 +15,7 @@ files); the slow parts — fsync and renames of large files — are in
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
 from mirror.oci import Digest
@@ -97,6 +98,9 @@ class Store(Protocol):
     def list_tags(self, repo: str) -> list[str] | None:
         """The repository's tags, sorted; ``None`` when the store has no such repository."""
 
+    def had_tags(self, repo: str) -> bool:
+        """Whether ``repo`` ever held a tag (its tags may all be deleted since)."""
+
     def repositories(self) -> Iterator[str]:
         """Every repository holding a manifest or a tag, in lexical order."""
 
@@ -145,3 +149,22 @@ class Store(Protocol):
 
     def stale_uploads(self, idle_since: float) -> list[str]:
         """Ids of upload sessions with no activity since ``idle_since``."""
+
+    # garbage collection (blocking; see mirror.gc) ----------------------------------------
+    def scan_blobs(self) -> Iterator[tuple[Digest, int, float]]:
+        """Every stored blob with its size and last access."""
+
+    def scan_repository(self, repo: str) -> tuple[dict[Digest, float], dict[str, Digest], set[Digest]]:
+        """A repository's manifest links (with when written), tags and blob links."""
+
+    def delete_blob_if_idle(self, digest: Digest, idle_before: float) -> int | None:
+        """Delete a blob not accessed or written since ``idle_before``; bytes freed or None."""
+
+    def gc_lock(self) -> AbstractContextManager[None]:
+        """Exclusive against pushes referencing existing blobs (see :mod:`mirror.gc`)."""
+
+    def try_push_lock(self) -> object | None:
+        """The shared side of the GC lock, or None while GC deletes."""
+
+    def release_lock(self, handle: object) -> None:
+        """Release a handle from :meth:`try_push_lock`."""

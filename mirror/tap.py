@@ -14,13 +14,16 @@ from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mirror.config import ConfigError, MirrorConfig, load_config
 from mirror.fsstore import FilesystemStore
+from mirror.gc import collect
 from mirror.hosted import HostedRegistry
 from mirror.service import MirrorService
 from mirror.site import build_site
@@ -79,6 +82,28 @@ def reload_config(service: MirrorService, path: str) -> bool:
     return True
 
 
+class _PeriodicGc:
+    """Runs :func:`mirror.gc.collect` in a thread, never two at once."""
+
+    def __init__(self, service: MirrorService) -> None:
+        self._service = service
+        self._running = False
+
+    def __call__(self) -> Deferred[None] | None:
+        if self._running or not self._service.config.gc.interval:
+            return None
+        self._running = True
+        self._service.access.flush()  # GC evicts by the access record: make it current
+        d = deferToThread(collect, self._service.store, self._service.config)
+
+        def done(result: object) -> None:
+            self._running = False
+            if isinstance(result, Failure):
+                _log.failure("garbage collection failed", result)
+
+        return d.addBoth(done)
+
+
 class _ReloadOnHangup(Service):
     """SIGHUP re-reads the config without dropping connections."""
 
@@ -114,6 +139,9 @@ def makeService(options: Options) -> IService:
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
     TimerService(config.storage.access_flush_interval, service.access.flush).setServiceParent(top)
     TimerService(min(600.0, config.upload_expiry / 4), hosted.expire_uploads).setServiceParent(top)
+    if config.gc.interval:
+        gc_timer = TimerService(config.gc.interval, _PeriodicGc(service))
+        gc_timer.setServiceParent(top)
     _AccessFlush(service).setServiceParent(top)
     _ReloadOnHangup(reactor, service, options["config"]).setServiceParent(top)
     return top

@@ -36,7 +36,7 @@ def test_twistd_help_lists_mirror():
 
 
 def test_make_service_builds_listeners_and_flush_timer(tmp_path):
-    """One endpoint service per `listen` entry, plus the access-record and upload-expiry timers."""
+    """One endpoint service per `listen` entry, plus the access-record, upload-expiry and GC timers."""
     path = write_config(
         tmp_path,
         f"listen: ['tcp:0:interface=127.0.0.1', 'tcp:0:interface=127.0.0.1']\n"
@@ -48,8 +48,8 @@ def test_make_service_builds_listeners_and_flush_timer(tmp_path):
     top = makeService(options)
     services = list(top)
     assert sum(isinstance(s, StreamServerEndpointService) for s in services) == 2
-    timers = {s.call[0].__name__: s.step for s in services if isinstance(s, TimerService)}
-    assert timers == {"flush": 5, "expire_uploads": 600}
+    timers = {getattr(s.call[0], "__name__", type(s.call[0]).__name__): s.step for s in services if isinstance(s, TimerService)}
+    assert timers == {"flush": 5, "expire_uploads": 600, "_PeriodicGc": 3600}
     assert (tmp_path / "store" / "blobs").is_dir()
 
 
