@@ -683,6 +683,135 @@ def docker_pull(mirror_host_port: str, image: str, *, platform: str | None = Non
             return daemon.pull(image, platform=platform, timeout=timeout)
 
 
+# --------------------------------------------------------------------------
+# pushing to (and pulling from) a registry directly: the private-registry side
+# --------------------------------------------------------------------------
+
+def private_docker(workdir: Path, registry_host_port: str, *, storage_driver: str = "vfs") -> DockerDaemon:
+    """A :class:`DockerDaemon` with no mirror, for push/pull against ``registry_host_port`` itself.
+
+    dockerd treats 127.0.0.0/8 registries as insecure (plain HTTP) by default,
+    so ``127.0.0.1:PORT/repo:tag`` names need no daemon.json setting. Not started.
+    """
+    _check_host_port(registry_host_port)
+    workdir = Path(workdir)
+    return DockerDaemon(workdir / "docker", None, storage_driver=storage_driver,
+                        env=_client_env(workdir, _host(registry_host_port)))
+
+
+def docker_push(daemon: DockerDaemon, image: str, *, timeout: float = PULL_TIMEOUT) -> str:
+    """``docker push IMAGE``; returns the manifest digest docker reports (``digest: sha256:...``)."""
+    out = daemon.docker("push", image, timeout=timeout, log=daemon.workdir / "push.log")
+    for line in out.splitlines():
+        _, found, rest = line.partition("digest: ")
+        if found and rest.startswith("sha256:"):
+            return rest.split()[0]
+    raise ClientError("docker", f"no digest in the output of docker push {image}", proc_util.tail(out))
+
+
+def docker_repo_digest(daemon: DockerDaemon, image: str) -> str:
+    """The digest of ``image``'s RepoDigest for its own repository (``REPO@sha256:...``)."""
+    repo = image.rsplit("@", 1)[0]
+    if ":" in repo.rsplit("/", 1)[-1]:
+        repo = repo.rsplit(":", 1)[0]
+    out = daemon.docker("image", "inspect", "--format", "{{range .RepoDigests}}{{println .}}{{end}}",
+                        image, timeout=15)
+    for line in out.split():
+        name, _, digest = line.partition("@")
+        if name == repo:
+            return digest
+    raise ClientError("docker", f"no RepoDigest for {repo} in {out.split()}")
+
+
+class PodmanSession:
+    """podman with its storage, runroot, configs and auth in one temp dir, for several commands.
+
+    Like :func:`podman_pull` (vfs storage, private mount namespace with
+    copy-on-write /var/lib and /run, blackhole proxy) but talking to
+    registries directly: pass ``--tls-verify=false`` for plain-HTTP ones.
+    The local image store lives as long as the session. Use as a context
+    manager; the directory is removed on exit.
+    """
+
+    def __init__(self, *direct_hosts: str, storage_driver: str = "vfs") -> None:
+        """Prepare (nothing runs yet); ``direct_hosts`` bypass the blackhole proxy."""
+        self._workdir = proc_util.WorkDir("mirror-podman-session.")
+        w = self.workdir = self._workdir.path
+        self.log = w / "podman.log"
+        _write_registries_conf(w / "registries.conf", None, None)
+        (w / "storage.conf").write_text(f'[storage]\ndriver = "{storage_driver}"\n'
+                                        f'runroot = "{w}/runroot"\ngraphroot = "{w}/root"\n')
+        (w / "containers.conf").write_text(
+            f'[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+            f'events_logfile_path = "{w}/events.log"\n[network]\nnetwork_config_dir = "{w}/net"\n')
+        self.policy = w / "policy.json"
+        self.policy.write_text('{"default":[{"type":"insecureAcceptAnything"}]}')
+        (w / "auth.json").write_text("{}")
+        self.env = _client_env(w, *direct_hosts,
+                               CONTAINERS_REGISTRIES_CONF=str(w / "registries.conf"),
+                               CONTAINERS_STORAGE_CONF=str(w / "storage.conf"),
+                               CONTAINERS_CONF=str(w / "containers.conf"),
+                               REGISTRY_AUTH_FILE=str(w / "auth.json"))
+        self.base = ["podman", "--root", str(w / "root"), "--runroot", str(w / "runroot"),
+                     "--storage-driver", storage_driver, "--cgroup-manager", "cgroupfs",
+                     "--events-backend", "file", "--tmpdir", str(w / "libpodtmp"),
+                     "--network-config-dir", str(w / "net")]
+
+    def podman(self, *args: str, timeout: float = PULL_TIMEOUT) -> str:
+        """Run one podman command; returns stdout (raises ClientError with the log tail)."""
+        return _run_client("podman", self.base + list(args), w=self.workdir, env=self.env, timeout=timeout,
+                           log=self.log, isolate=True, overlays=("/var/lib", "/run"))
+
+    def digest(self, image: str) -> str:
+        """``podman image inspect --format {{.Digest}}`` of a local image."""
+        digest = self.podman("image", "inspect", "--format", "{{.Digest}}", image, timeout=30).strip()
+        if not digest.startswith("sha256:"):
+            raise ClientError("podman", f"no digest for {image}: {digest!r}", proc_util.tail_file(self.log))
+        return digest
+
+    def push(self, image: str, *, tls_verify: bool = False, timeout: float = PULL_TIMEOUT) -> str:
+        """``podman push IMAGE`` (to the registry its name says); returns ``--digestfile``'s digest."""
+        digest_file = self.workdir / "push.digest"
+        digest_file.unlink(missing_ok=True)
+        self.podman("push", f"--tls-verify={'true' if tls_verify else 'false'}",
+                    "--digestfile", str(digest_file), image, timeout=timeout)
+        return digest_file.read_text().strip()
+
+    def pull(self, image: str, *, tls_verify: bool = False, timeout: float = PULL_TIMEOUT) -> str:
+        """``podman pull IMAGE`` (any transport); returns the pulled image's ``.Digest``."""
+        self.podman("pull", f"--tls-verify={'true' if tls_verify else 'false'}",
+                    "--signature-policy", str(self.policy), image, timeout=timeout)
+        return self.digest(image.removeprefix("docker://"))
+
+    def pull_id(self, source: str, *, tls_verify: bool = False, timeout: float = PULL_TIMEOUT) -> str:
+        """``podman pull -q SOURCE`` for any transport (``oci:DIR:REF``...); returns the image ID
+        (``sha256:<hex>``, the config digest)."""
+        out = self.podman("pull", "-q", f"--tls-verify={'true' if tls_verify else 'false'}",
+                          "--signature-policy", str(self.policy), source, timeout=timeout)
+        lines = out.split()
+        if not lines:
+            raise ClientError("podman", f"no image ID from podman pull {source}", proc_util.tail_file(self.log))
+        return "sha256:" + lines[-1].removeprefix("sha256:")
+
+    def image_ids(self) -> list[str]:
+        """Full IDs (``sha256:<hex>``) of every local image."""
+        return ["sha256:" + i.removeprefix("sha256:")
+                for i in self.podman("images", "-q", "--no-trunc", timeout=30).split()]
+
+    def close(self) -> None:
+        """Remove the session's directory (unmounting leftovers)."""
+        self._workdir.cleanup()
+
+    def __enter__(self) -> PodmanSession:
+        """Return self."""
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """close()."""
+        self.close()
+
+
 def pull(client: str, mirror_host_port: str, image: str, **kwargs: object) -> str:
     """Dispatch to the pull function of ``client`` (skopeo uses the mirror form)."""
     if client == "skopeo":
@@ -701,7 +830,8 @@ def timed(fn: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, flo
 
 
 __all__ = [
-    "CLIENTS", "ClientError", "ContainerdDaemon", "DockerDaemon", "client_available", "ctr_pull",
-    "docker_pull", "missing_requirements", "normalize_image", "podman_pull", "pull", "skip_reason",
-    "skopeo_copy", "timed", "verify_dir_copy", "write_hosts_toml",
+    "CLIENTS", "ClientError", "ContainerdDaemon", "DockerDaemon", "PodmanSession", "client_available",
+    "ctr_pull", "docker_pull", "docker_push", "docker_repo_digest", "missing_requirements",
+    "normalize_image", "podman_pull", "private_docker", "pull", "skip_reason", "skopeo_copy", "timed",
+    "verify_dir_copy", "write_hosts_toml",
 ]

@@ -292,6 +292,119 @@ def push(layout_dir: Path, ref_in_layout: str, dest_host_port: str, repo: str, t
         return (w / "digest").read_text().strip()
 
 
+@dataclass(frozen=True)
+class SkopeoResult:
+    """What one :func:`skopeo_copy_refs` run did: exit code, ``--digestfile`` digest, output."""
+
+    returncode: int
+    digest: str | None
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        """True if skopeo exited 0."""
+        return self.returncode == 0
+
+
+def skopeo_copy_refs(source: str, dest: str, *, extra: Sequence[str] = (), direct_hosts: Sequence[str] = (),
+                     check: bool = True, timeout: float = PUSH_TIMEOUT) -> SkopeoResult:
+    """``skopeo copy SOURCE DEST`` with any transports (``oci:DIR:REF``, ``docker://HOST:PORT/REPO:TAG``...).
+
+    Isolated like :func:`push` (own policy, registries.conf, empty authfile,
+    blackhole proxy, private /var/lib); TLS verification is off both ways
+    (plain-HTTP registries on 127.0.0.1). ``extra`` goes after ``copy``
+    (e.g. ``--all``, ``--preserve-digests``, ``--format oci``).
+    ``direct_hosts`` are exempted from the blackhole proxy besides loopback.
+    With ``check=False`` a failure is returned (``ok`` False, the output's
+    tail in ``output``) instead of raised.
+    """
+    with proc_util.WorkDir("mirror-skopeo-copy.") as w:
+        argv = _skopeo_base(w) + ["copy", "-q", "--retry-times", "0", "--authfile", str(w / "auth.json"),
+                                  "--src-tls-verify=false", "--dest-tls-verify=false",
+                                  "--digestfile", str(w / "digest"), *extra, source, dest]
+        env = proc_util.blackhole_env(proc_util.base_env(w), *direct_hosts)
+        res = proc_util.run(proc_util.isolated_argv(w, argv), timeout=timeout, env=env, cwd=w,
+                            check=check, what="skopeo copy")
+        digest_file = w / "digest"
+        digest = digest_file.read_text().strip() if res.returncode == 0 and digest_file.exists() else None
+        return SkopeoResult(res.returncode, digest, proc_util.tail(res.stdout + "\n" + res.stderr))
+
+
+def push_layout(layout_dir: Path, ref_in_layout: str, dest_host_port: str, repo: str, tag: str, *,
+                all_platforms: bool = False, timeout: float = PUSH_TIMEOUT) -> str:
+    """Push a layout reference to ``HOST:PORT/REPO:TAG`` unchanged (``--preserve-digests``, no
+    ``--format``): the registry receives the layout's own manifest/index bytes and blobs.
+    Returns skopeo's ``--digestfile`` digest."""
+    extra = ["--preserve-digests"] + (["--all"] if all_platforms else [])
+    res = skopeo_copy_refs(f"oci:{Path(layout_dir).resolve()}:{ref_in_layout}",
+                           f"docker://{dest_host_port}/{repo}:{tag}", extra=extra, timeout=timeout)
+    assert res.digest is not None
+    return res.digest
+
+
+def pull_to_layout(src_host_port: str, repo: str, reference: str, layout_dir: Path, ref_in_layout: str, *,
+                   all_platforms: bool = False, timeout: float = PUSH_TIMEOUT) -> str:
+    """``skopeo copy --preserve-digests docker://HOST:PORT/REPO:REF oci:LAYOUT:REF_IN_LAYOUT``.
+
+    ``reference`` is a tag or a ``sha256:`` digest. Nothing is converted, so
+    the layout ends up holding the registry's manifest bytes and blobs.
+    Returns skopeo's ``--digestfile`` digest.
+    """
+    sep = "@" if reference.startswith("sha256:") else ":"
+    Path(layout_dir).mkdir(parents=True, exist_ok=True)
+    extra = ["--preserve-digests"] + (["--all"] if all_platforms else [])
+    res = skopeo_copy_refs(f"docker://{src_host_port}/{repo}{sep}{reference}",
+                           f"oci:{Path(layout_dir).resolve()}:{ref_in_layout}", extra=extra, timeout=timeout)
+    assert res.digest is not None
+    return res.digest
+
+
+def layout_ref_digest(layout_dir: Path, ref_in_layout: str) -> str:
+    """The digest ``index.json`` of a layout gives for a reference name."""
+    index = json.loads((Path(layout_dir) / "index.json").read_text())
+    for m in index.get("manifests", []):
+        if (m.get("annotations") or {}).get(REF_NAME) == ref_in_layout:
+            return str(m["digest"])
+    raise KeyError(f"{ref_in_layout!r} not in {layout_dir}/index.json")
+
+
+def layout_closure(layout_dir: Path, ref_in_layout: str) -> dict[str, Path]:
+    """Every blob a reference needs in a layout: digest → file, the top manifest/index included.
+
+    Walks index → child manifests (only those present: a single-platform
+    copy of an index holds one child) → config and layers; each file must
+    exist and hash to its name (a missing or corrupt blob raises).
+    """
+    root = Path(layout_dir)
+
+    def blob(digest: str) -> Path:
+        path = root / "blobs" / "sha256" / digest.split(":", 1)[1]
+        if not path.is_file():
+            raise proc_util.HarnessError(f"{root}: blob {digest} missing")
+        if sha256_digest(path.read_bytes()) != digest:
+            raise proc_util.HarnessError(f"{root}: blob {digest} does not hash to its name")
+        return path
+
+    out: dict[str, Path] = {}
+    pending = [layout_ref_digest(root, ref_in_layout)]
+    while pending:
+        digest = pending.pop()
+        if digest in out:
+            continue
+        path = out[digest] = blob(digest)
+        doc = json.loads(path.read_bytes())
+        if "manifests" in doc:
+            present = [m["digest"] for m in doc["manifests"]
+                       if (root / "blobs" / "sha256" / m["digest"].split(":", 1)[1]).exists()]
+            if not present:
+                raise proc_util.HarnessError(f"{root}: no child manifest of {digest} present")
+            pending += present
+        else:
+            for d in [doc["config"]["digest"], *(layer["digest"] for layer in doc["layers"])]:
+                out[d] = blob(d)
+    return out
+
+
 # --------------------------------------------------------------------------
 # seeding a registry
 # --------------------------------------------------------------------------

@@ -273,13 +273,17 @@ def test_no_leftovers_after_daemon_clients(seeded: Seeded) -> None:
     """ctr and docker pulls leave no temp dirs, mounts or daemons behind."""
     reg, info = seeded
     tmp = Path(tempfile.gettempdir())
-    before = set(tmp.glob("mirror-*"))
+    marks = (f"{tmp}/mirror-ctr.", f"{tmp}/mirror-docker.")
+
+    def client_dirs() -> set[Path]:  # only the clients' own dirs: other runs may share /tmp
+        return {p for p in tmp.glob("mirror-*") if any(str(p).startswith(m) for m in marks)}
+
+    before = client_dirs()
     for client in ("ctr", "docker"):
         if clients.client_available(client):
             assert clients.pull(client, reg.host_port, "hello") == info["latest"].digest
-    new = sorted(str(p) for p in set(tmp.glob("mirror-*")) - before)
+    new = sorted(str(p) for p in client_dirs() - before)
     assert not new
-    marks = (f"{tmp}/mirror-ctr.", f"{tmp}/mirror-docker.")
     assert not [line for line in Path("/proc/mounts").read_text().splitlines()
                 if any(f" {m}" in line for m in marks)]
     assert not [pid for pid in _pids() if any(m in _cmdline(pid) for m in marks)]
