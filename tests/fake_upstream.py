@@ -38,6 +38,7 @@ class FakeRegistry(Resource):
         self.chunk_delay = 0.0  # seconds between 64 KiB chunks of a blob
         self.lie_digest = False  # send a wrong Docker-Content-Digest on manifests
         self.stalled = []  # requests held open forever (closed at teardown)
+        self.referrers: dict[str, list[dict]] | None = None  # subject -> descriptors; None: no API
 
     # content --------------------------------------------------------------------------
     def add_blob(self, data: bytes) -> str:
@@ -75,6 +76,14 @@ class FakeRegistry(Resource):
         parts = path.split("/")
         if path == "/v2/":
             return b"{}"
+        if "referrers" in parts:
+            if self.referrers is None:
+                request.setResponseCode(404)
+                return b"404 page not found"
+            request.setHeader(b"content-type", b"application/vnd.oci.image.index.v1+json")
+            doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                   "manifests": self.referrers.get(parts[-1], [])}
+            return json.dumps(doc).encode()
         if "manifests" in parts:
             i = parts.index("manifests")
             return self._manifest(request, "/".join(parts[2:i]), parts[i + 1], method)

@@ -314,3 +314,32 @@ async def test_referrers(registry):
     await r.content()
     r = await registry.get(f"/v2/x/y/referrers/{subject}")
     assert json.loads(await r.content())["manifests"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_gone_mid_upload_appends_nothing(registry):
+    """A PATCH whose client disconnects before sending its whole body changes nothing; the
+    session stays usable."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.task import deferLater
+
+    r = await registry.get("/v2/x/y/blobs/uploads/", method="POST")
+    location = r.headers.getRawHeaders("location")[0]
+    await r.content()
+    proto = Protocol()
+    port = int(registry.url.rsplit(":", 1)[1])
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+    proto.transport.write(
+        f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n".encode() + b"x" * 300_000
+    )
+    await deferLater(reactor, 0.1, lambda: None)
+    proto.transport.abortConnection()
+    await deferLater(reactor, 0.1, lambda: None)
+    r = await registry.get(location)
+    assert r.code == 204 and r.headers.getRawHeaders("range") == ["0-0"]
+    data = b"whole"
+    r = await registry.get(f"{location}?digest={sha(data)}", method="PUT", data=data)
+    assert r.code == 201
+    await r.content()

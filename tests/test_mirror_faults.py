@@ -474,3 +474,23 @@ async def test_access_record_batches_reads_and_flushes(fake_upstream, make_mirro
     assert m.service.store.last_access(digest) == 1_000_000.0  # nothing written yet
     assert m.service.access.flush() >= 1
     assert m.service.store.last_access(digest) >= before - 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_referrers_of_mirrored_repositories_come_from_the_upstream(fake_upstream, make_mirror):
+    """Referrers of a mirrored image are the upstream's (filtered here by artifactType);
+    an upstream without the API gets a 404, so clients fall back to the tag schema."""
+    manifest_digest, _ = image(fake_upstream)
+    m = make_mirror(fake_upstream.url)
+    r = await m.get(f"/v2/library/app/referrers/{manifest_digest}")
+    assert r.code == 404
+    await r.content()
+    sig = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "1" * 64, "size": 10, "artifactType": "application/example.sig"}
+    sbom = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "2" * 64, "size": 10, "artifactType": "application/example.sbom"}
+    fake_upstream.referrers = {manifest_digest: [sig, sbom]}
+    r = await m.get(f"/v2/library/app/referrers/{manifest_digest}")
+    assert r.code == 200 and r.headers.getRawHeaders("content-type") == [OCI_INDEX]
+    assert json.loads(await r.content())["manifests"] == [sig, sbom]
+    r = await m.get(f"/v2/library/app/referrers/{manifest_digest}?artifactType=application/example.sbom")
+    assert r.headers.getRawHeaders("oci-filters-applied") == ["artifactType"]
+    assert json.loads(await r.content())["manifests"] == [sbom]
