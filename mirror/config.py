@@ -41,6 +41,7 @@ class UpstreamConfig:
     password: str | None = attrs.field(default=None, repr=False)
     tag_ttl: float = 300.0  # seconds a tag's digest is trusted before a revalidating HEAD
     timeout: float = 30.0  # seconds to wait for response headers, and at most between body bytes
+    offline: bool = False  # never contact this upstream: serve what is cached, refuse misses
 
 
 @attrs.frozen
@@ -75,6 +76,7 @@ class MirrorConfig:
     read_only: bool = False  # refuse pushes and deletes (pulls and mirroring go on)
     delete: bool = True  # allow DELETE of manifests, tags and blobs in hosted repositories
     upload_expiry: float = 24 * 3600.0  # seconds an idle upload session is kept
+    offline: bool = False  # no upstream is ever contacted (per upstream: upstreams[].offline)
     gc: GcConfig = GcConfig()
     max_manifest_size: int = 4 * 1024 * 1024
     source: str = "<config>"
@@ -211,6 +213,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             password=r.take("password", r.string),
             tag_ttl=r.take("tag_ttl", r.number, 300.0) or 0.0,
             timeout=r.take("timeout", r.positive, 30.0) or 30.0,
+            offline=bool(r.take("offline", r.boolean, False)),
         )
         r.finish()
         if (cfg.username is None) != (cfg.password is None):
@@ -252,6 +255,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         hosted=top.take("hosted", top.patterns, ()) or (),
         read_only=bool(top.take("read_only", top.boolean, False)),
         delete=bool(top.take("delete", top.boolean, True)),
+        offline=bool(top.take("offline", top.boolean, False)),
         upload_expiry=top.take("upload_expiry", top.positive, 24 * 3600.0) or 24 * 3600.0,
         gc=top.take("gc", gc, GcConfig()) or GcConfig(),
         max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024) or 0,

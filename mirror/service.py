@@ -92,6 +92,11 @@ def _media_type(content_type: str | None, doc: dict[str, object]) -> str:
     raise UpstreamRefused("MANIFEST_INVALID", f"upstream sent a manifest of unknown type {content_type!r}", status=502)
 
 
+def _effective(upstream: UpstreamConfig, config: MirrorConfig) -> UpstreamConfig:
+    """An upstream's settings with the global ``offline`` switch applied."""
+    return attrs.evolve(upstream, offline=True) if config.offline and not upstream.offline else upstream
+
+
 class MirrorService:
     """Registry reads, answered from the store and filled from upstreams on demand.
 
@@ -116,7 +121,7 @@ class MirrorService:
         self.config = config
         self.store = store
         self._make_upstream = make_upstream
-        self._upstreams = {u.registry: make_upstream(u) for u in config.upstreams}
+        self._upstreams = {u.registry: make_upstream(_effective(u, config)) for u in config.upstreams}
         self._clock = self.clock = clock
         self._run_blocking = run_blocking
         self.access = AccessRecord(store, clock.seconds)
@@ -135,6 +140,7 @@ class MirrorService:
         needs_restart = [key for key in ("listen", "storage") if getattr(new, key) != getattr(self.config, key)]
         upstreams = {}
         for u in new.upstreams:
+            u = _effective(u, new)
             current = self._upstreams.get(u.registry)
             upstreams[u.registry] = current if current is not None and current.config == u else self._make_upstream(u)
         self._upstreams = upstreams

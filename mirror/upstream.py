@@ -156,6 +156,7 @@ class Upstream:
     # the registry API ---------------------------------------------------------------------
     async def get_manifest(self, name: str, reference: str, accept: list[str], max_size: int) -> ManifestResponse:
         """GET a manifest (capped at ``max_size``)."""
+        self._refuse_if_offline("MANIFEST_UNKNOWN", name, reference)
         response = await self._request(b"GET", name, f"manifests/{reference}", {"Accept": ", ".join(accept)})
         self._check(response, name, "MANIFEST_UNKNOWN", reference)
         try:
@@ -168,18 +169,21 @@ class Upstream:
 
     async def head_manifest(self, name: str, reference: str, accept: list[str]) -> str | None:
         """HEAD a manifest; the ``Docker-Content-Digest`` the upstream gives, if any."""
+        self._refuse_if_offline("MANIFEST_UNKNOWN", name, reference)
         response = await self._request(b"HEAD", name, f"manifests/{reference}", {"Accept": ", ".join(accept)})
         self._check(response, name, "MANIFEST_UNKNOWN", reference)
         return _header(response, "Docker-Content-Digest")
 
     async def get_blob(self, name: str, digest: str) -> IResponse:
         """GET a blob; the 200 response with its body not yet read."""
+        self._refuse_if_offline("BLOB_UNKNOWN", name, digest)
         response = await self._request(b"GET", name, f"blobs/{digest}", {})
         self._check(response, name, "BLOB_UNKNOWN", digest)
         return response
 
     async def head_blob(self, name: str, digest: str) -> int | None:
         """HEAD a blob; its size if the upstream says."""
+        self._refuse_if_offline("BLOB_UNKNOWN", name, digest)
         response = await self._request(b"HEAD", name, f"blobs/{digest}", {})
         self._check(response, name, "BLOB_UNKNOWN", digest)
         length = _header(response, "Content-Length")
@@ -190,6 +194,7 @@ class Upstream:
 
         An upstream without the API (404) raises ``UpstreamRefused``.
         """
+        self._refuse_if_offline("MANIFEST_UNKNOWN", name, digest)
         tail = f"referrers/{digest}" + (f"?{urlencode({'artifactType': artifact_type})}" if artifact_type else "")
         response = await self._request(b"GET", name, tail, {"Accept": OCI_INDEX})
         if response.code == 404:
@@ -206,6 +211,14 @@ class Upstream:
         return manifests
 
     # plumbing -----------------------------------------------------------------------------
+    def _refuse_if_offline(self, unknown_code: str, name: str, reference: str) -> None:
+        """Offline: a miss fails at once, loudly, naming what was missing."""
+        if self.config.offline:
+            what = f"{self.name}/{name}{'@' if ':' in reference else ':'}{reference}"
+            raise UpstreamUnavailable(
+                unknown_code, f"mirror is offline (offline: true) and {what} is not cached", status=404
+            )
+
     def _check(self, response: IResponse, name: str, unknown_code: str, ref: str) -> None:
         code = response.code
         if 200 <= code < 300:

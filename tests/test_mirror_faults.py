@@ -494,3 +494,36 @@ async def test_referrers_of_mirrored_repositories_come_from_the_upstream(fake_up
     r = await m.get(f"/v2/library/app/referrers/{manifest_digest}?artifactType=application/example.sbom")
     assert r.headers.getRawHeaders("oci-filters-applied") == ["artifactType"]
     assert json.loads(await r.content())["manifests"] == [sbom]
+
+
+@pytest.mark.parametrize("scope", ["global", "upstream"])
+@pytest_twisted.ensureDeferred
+async def test_offline_serves_cache_and_refuses_misses_loudly(scope, fake_upstream, make_mirror):
+    """offline: true (global, or per upstream) never contacts the upstream: cached tags and
+    blobs are served, and a miss answers at once with an error naming the mirror as offline
+    and the missing image."""
+    import attrs
+
+    _, layer = image(fake_upstream)
+    m = make_mirror(fake_upstream.url, tag_ttl=0)
+    r = await m.get("/v2/library/app/manifests/latest")
+    await r.content()
+    config = m.service.config
+    if scope == "global":
+        m.service.reconfigure(attrs.evolve(config, offline=True))
+    else:
+        m.service.reconfigure(attrs.evolve(config, upstreams=(attrs.evolve(config.upstreams[0], offline=True),)))
+    before = sum(fake_upstream.requests.values())
+    r = await m.get("/v2/library/app/manifests/latest")  # TTL 0: would revalidate if online
+    assert r.code == 200
+    await r.content()
+    started = time.monotonic()
+    r = await m.get("/v2/library/app/manifests/other")
+    assert r.code == 404
+    error = json.loads(await r.content())["errors"][0]
+    assert error["code"] == "MANIFEST_UNKNOWN"
+    assert "offline" in error["message"] and "docker.io/library/app:other" in error["message"]
+    r = await m.get(f"/v2/library/app/blobs/{layer}")
+    assert r.code == 404 and await error_of(r) == "BLOB_UNKNOWN"
+    assert time.monotonic() - started < 1
+    assert sum(fake_upstream.requests.values()) == before
