@@ -15,6 +15,9 @@ setup(
         "pyyaml>=6",
         # attrs: frozen, validated config and value objects (twisted already depends on it)
         "attrs>=23.1",
+        # prometheus-client: the standard exposition format and metric types, rather than
+        # a hand-written text encoder
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": [

@@ -78,6 +78,7 @@ class MirrorConfig:
     upload_expiry: float = 24 * 3600.0  # seconds an idle upload session is kept
     offline: bool = False  # no upstream is ever contacted (per upstream: upstreams[].offline)
     gc: GcConfig = GcConfig()
+    metrics_listen: tuple[str, ...] = ()  # endpoints serving /metrics, /healthz, /readyz
     max_manifest_size: int = 4 * 1024 * 1024
     source: str = "<config>"
 
@@ -220,6 +221,12 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             raise r.error(key_path, "username and password go together")
         return cfg
 
+    def metrics(key_path: str, value: object) -> tuple[str, ...]:
+        r = _Reader(source, key_path, value)
+        endpoints = r.take("listen", listen, (), required=True)
+        r.finish()
+        return endpoints or ()
+
     def gc(key_path: str, value: object) -> GcConfig:
         r = _Reader(source, key_path, value)
         d = GcConfig()
@@ -258,6 +265,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         offline=bool(top.take("offline", top.boolean, False)),
         upload_expiry=top.take("upload_expiry", top.positive, 24 * 3600.0) or 24 * 3600.0,
         gc=top.take("gc", gc, GcConfig()) or GcConfig(),
+        metrics_listen=top.take("metrics", metrics, ()) or (),
         max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024) or 0,
         source=source,
     )

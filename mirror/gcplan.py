@@ -75,6 +75,7 @@ class Plan:
     blob_repos: dict[Digest, tuple[str, ...]]  # who last held each deleted blob (for reports)
     bytes_before: int
     bytes_freed: int
+    blobs_before: int = 0
 
 
 def _closure(roots: Iterable[Digest], inv: Inventory) -> set[Digest]:
@@ -162,6 +163,7 @@ def plan(inv: Inventory, policy: GcPolicy, now: float) -> Plan:
         blob_repos={d: tuple(sorted(set(holders.get(d, ())))) for d in deleted},
         bytes_before=bytes_before,
         bytes_freed=sum(inv.blobs[d][0] for d in deleted),
+        blobs_before=len(inv.blobs),
     )
 
 

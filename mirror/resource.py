@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mirror.errors import RegistryError, error_body
 from mirror.hosted import HostedRegistry, UploadState, upload_location
 from mirror.httpheaders import parse_accept, parse_range
+from mirror.metrics import ready
 from mirror.oci import OCI_INDEX, Digest
 from mirror.service import BlobBody, MirrorService
 from mirror.streaming import ClientGone, FileSender
@@ -38,6 +39,8 @@ Handler = Callable[["_Call"], Awaitable[None]]
 #: (path pattern, {method: handler name}); names are raw-path matches, checked later.
 ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
     (re.compile(r"/v2/?"), {"GET": "base", "HEAD": "base"}),
+    (re.compile(r"/healthz"), {"GET": "healthz"}),
+    (re.compile(r"/readyz"), {"GET": "readyz"}),
     (re.compile(r"/v2/_catalog"), {"GET": "catalog"}),
     (re.compile(r"/v2/(?P<name>.+)/tags/list"), {"GET": "tags"}),
     (
@@ -161,9 +164,14 @@ class RegistryResource(Resource):
         try:
             handler_name, params = match_route(method, path)
         except RegistryError as e:
+            self._service.metrics.request("unknown", "other", e.status, 0)
             _render_error(request, e)
             return NOT_DONE_YET
         call = _Call(request, params)
+        metrics = self._service.metrics
+        request.notifyFinish().addBoth(
+            lambda _: metrics.request(handler_name, method, request.code, request.sentLength)
+        )
         ns = call.arg("ns")
         if ns is not None and any(u.registry == ns.lower() for u in self._service.config.upstreams):
             # Registry proxying: the ns that scoped the request is echoed back.
@@ -192,6 +200,16 @@ class RegistryResource(Resource):
     # handlers -----------------------------------------------------------------------------
     async def _base(self, call: _Call) -> None:
         call.finish_json({})
+
+    async def _healthz(self, call: _Call) -> None:
+        call.finish(200, b"ok\n", "text/plain")
+
+    async def _readyz(self, call: _Call) -> None:
+        problem = ready(self._service.config.storage.root)
+        if problem is not None:
+            call.finish(503, f"not ready: {problem}\n".encode(), "text/plain")
+        else:
+            call.finish(200, b"ready\n", "text/plain")
 
     async def _catalog(self, call: _Call) -> None:
         page, last = paginate(self._service.repositories(), call.arg("n"), call.arg("last"))

@@ -30,6 +30,7 @@ from mirror.access import AccessRecord
 from mirror.config import MirrorConfig, UpstreamConfig
 from mirror.errors import RegistryError
 from mirror.httpheaders import accepts
+from mirror.metrics import Metrics
 from mirror.oci import (
     MANIFEST_MEDIA_TYPES,
     OCI_INDEX,
@@ -120,6 +121,8 @@ class MirrorService:
     ) -> None:
         self.config = config
         self.store = store
+        self.metrics = Metrics()
+        self.metrics.watch_ratelimits(lambda: [(u.name, u.ratelimit_remaining) for u in self._upstreams.values()])
         self._make_upstream = make_upstream
         self._upstreams = {u.registry: make_upstream(_effective(u, config)) for u in config.upstreams}
         self._clock = self.clock = clock
@@ -274,6 +277,8 @@ class MirrorService:
             reason=error.message,
             event_kind="stale_tag",
         )
+        assert r.upstream is not None
+        self.metrics.stale_tag(r.upstream.registry)
         # Trust it for another TTL, so that every request does not wait on a dead upstream.
         self._tags[(r.repo_key, tag)] = _TagState(cached.digest, self._clock.seconds())
         return cached
@@ -488,6 +493,7 @@ class MirrorService:
 
     # logging ------------------------------------------------------------------------------
     def _log_cache(self, kind: str, r: Route, reference: str, result: str) -> None:
+        self.metrics.cache_lookup(kind, result)
         self._log.info(
             "cache {result}: {kind} {repository}@{reference}",
             result=result,
@@ -498,6 +504,8 @@ class MirrorService:
         )
 
     def _log_fetch(self, kind: str, r: Route, reference: str, size: int, started: float, outcome: str) -> None:
+        assert r.upstream is not None
+        self.metrics.fetched(r.upstream.registry, kind, outcome, size)
         self._log.info(
             "upstream fetch: {upstream} {kind} {repository}@{digest}: {outcome}, {bytes} bytes in {seconds:.3f} s",
             upstream=r.upstream.registry,

@@ -20,11 +20,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
 
 from mirror.config import ConfigError, MirrorConfig, load_config
 from mirror.fsstore import FilesystemStore
 from mirror.gc import collect
 from mirror.hosted import HostedRegistry
+from mirror.metrics import HealthResource, ready
 from mirror.service import MirrorService
 from mirror.site import build_site
 from mirror.upstream import Upstream
@@ -100,6 +102,10 @@ class _PeriodicGc:
             self._running = False
             if isinstance(result, Failure):
                 _log.failure("garbage collection failed", result)
+                return
+            plan = result.plan  # type: ignore[attr-defined]
+            freed = result.bytes_freed  # type: ignore[attr-defined]
+            self._service.metrics.gc_run(freed, plan.bytes_before - freed, plan.blobs_before - result.blobs_deleted)  # type: ignore[attr-defined]
 
         return d.addBoth(done)
 
@@ -139,6 +145,10 @@ def makeService(options: Options) -> IService:
         StreamServerEndpointService(endpoint, site).setServiceParent(top)
     TimerService(config.storage.access_flush_interval, service.access.flush).setServiceParent(top)
     TimerService(min(600.0, config.upload_expiry / 4), hosted.expire_uploads).setServiceParent(top)
+    if config.metrics_listen:
+        health = Site(HealthResource(service.metrics, lambda: ready(service.config.storage.root)))
+        for description in config.metrics_listen:
+            StreamServerEndpointService(endpoints.serverFromString(reactor, description), health).setServiceParent(top)
     if config.gc.interval:
         gc_timer = TimerService(config.gc.interval, _PeriodicGc(service))
         gc_timer.setServiceParent(top)

@@ -147,6 +147,7 @@ class Upstream:
         self._bearer: Challenge | None = None  # the realm/service learned from a challenge
         self._basic = False  # the upstream asked for Basic
         self.requests = 0  # requests sent (tests and metrics count them)
+        self.ratelimit_remaining: str | None = None  # Docker Hub's last ratelimit-remaining
 
     @property
     def name(self) -> str:
@@ -250,7 +251,7 @@ class Upstream:
         """One request; the body is left unread (callers read it with a cap, or stream it)."""
         self.requests += 1
         try:
-            return await self._http.request(
+            response = await self._http.request(
                 method.decode(),
                 url,
                 headers=Headers({k: [v] for k, v in headers.items()}),
@@ -260,6 +261,10 @@ class Upstream:
             )
         except Exception as e:
             raise self._unavailable(f"{method.decode()} {url}", e) from None
+        remaining = _header(response, "RateLimit-Remaining")
+        if remaining is not None:
+            self.ratelimit_remaining = remaining
+        return response
 
     async def _request(
         self, method: bytes, name: str, tail: str, headers: Mapping[str, str]

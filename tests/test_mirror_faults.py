@@ -527,3 +527,58 @@ async def test_offline_serves_cache_and_refuses_misses_loudly(scope, fake_upstre
     assert r.code == 404 and await error_of(r) == "BLOB_UNKNOWN"
     assert time.monotonic() - started < 1
     assert sum(fake_upstream.requests.values()) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_requests_cache_fetches_and_stale_tags(fake_upstream, make_mirror):
+    """Metrics follow what happened: requests by route and status, cache hits and misses,
+    joins, upstream fetches and bytes, stale tags, rate-limit headroom; no credentials or
+    repository names in labels."""
+    _, layer = image(fake_upstream)
+    m = make_mirror(fake_upstream.url, tag_ttl=0, timeout=1, username="alice", password="s3cret-pw")
+    fake_upstream.chunk_delay = 0.002
+
+    async def pull():
+        return await (await m.get(f"/v2/library/app/blobs/{layer}")).content()
+
+    await defer.gatherResults([defer.ensureDeferred(pull()) for _ in range(3)])
+    await pull()
+    await (await m.get("/v2/library/app/manifests/latest")).content()
+    fake_upstream.faults["library/app:latest"] = "500"
+    await (await m.get("/v2/library/app/manifests/latest")).content()
+    await (await m.get("/v2/Bad/manifests/x")).content()
+    text = m.service.metrics.exposition().decode()
+
+    def value(line_start):
+        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(line_start))
+
+    assert value('mirror_http_requests_total{method="GET",route="blob",status="200"}') == 4
+    assert value('mirror_http_requests_total{method="GET",route="manifest",status="400"}') == 1
+    assert value('mirror_cache_requests_total{kind="blob",result="hit"}') == 1
+    assert value('mirror_cache_requests_total{kind="blob",result="miss"}') == 1
+    assert value("mirror_inflight_joins_total") == 2
+    assert value('mirror_upstream_fetches_total{kind="blob",outcome="ok",upstream="docker.io"}') == 1
+    assert value('mirror_upstream_bytes_total{upstream="docker.io"}') >= len(LAYER)
+    assert value('mirror_stale_tags_served_total{upstream="docker.io"}') == 1
+    assert value('mirror_http_response_bytes_total{route="blob"}') == 4 * len(LAYER)
+    assert 'mirror_upstream_ratelimit_remaining{upstream="docker.io"} 76.0' in text
+    assert "s3cret" not in text and "alice" not in text and "library/app" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_and_readiness(fake_upstream, make_mirror):
+    """/healthz answers while alive; /readyz is 200 while the store is writable, 503 if not."""
+    m = make_mirror(fake_upstream.url)
+    r = await m.get("/healthz")
+    assert r.code == 200 and await r.content() == b"ok\n"
+    r = await m.get("/readyz")
+    assert r.code == 200
+    await r.content()
+    (m.root / "spool").rename(m.root / "spool.away")  # a store that cannot take writes,
+    (m.root / "spool").write_bytes(b"")  # even for root: spool is now a file
+    try:
+        r = await m.get("/readyz")
+        assert r.code == 503 and b"not writable" in await r.content()
+    finally:
+        (m.root / "spool").unlink()
+        (m.root / "spool.away").rename(m.root / "spool")

@@ -191,3 +191,25 @@ def test_access_record_survives_restart(seeded_upstream, mirror):
     mirror.start()
     status, _, _ = http(f"{mirror.url}/v2/{image.repo}/blobs/{layer}")
     assert status == 200
+
+
+def test_metrics_endpoint_of_the_real_service(seeded_upstream, workdir):
+    """`metrics.listen` serves Prometheus text, /healthz and /readyz on its own port."""
+    from tests.integration.mirror_proc import MirrorProcess
+    from tests.integration.upstream_registry import free_port
+
+    registry, seeded = seeded_upstream
+    port = free_port()
+    d = workdir / "metrics"
+    d.mkdir()
+    with MirrorProcess(d, [{"registry": "docker.io", "url": registry.url}], metrics={"listen": f"tcp:{port}:interface=127.0.0.1"}) as m:
+        image = seeded["latest"]
+        assert skopeo_copy(f"{m.host_port}/{image.repo}:{image.tag}") == image.digest
+        status, headers, body = http(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+        text = body.decode()
+        assert 'mirror_upstream_fetches_total{kind="blob",outcome="ok",upstream="docker.io"}' in text
+        assert 'mirror_http_requests_total{method="GET",route="manifest",status="200"}' in text
+        assert http(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        assert http(f"http://127.0.0.1:{port}/readyz")[0] == 200
+        assert http(f"{m.url}/healthz")[0] == 200
