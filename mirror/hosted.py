@@ -12,7 +12,7 @@ every blob and child manifest it names is already in the repository.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import BinaryIO, TypeVar
 
 import attrs
@@ -33,6 +33,7 @@ from mirror.oci import (
     parse_digest,
     parse_manifest,
     parse_reference,
+    validate_tag,
 )
 from mirror.routing import Route
 from mirror.service import MirrorService
@@ -60,6 +61,7 @@ class PushedManifest:
 
     digest: Digest
     subject: Digest | None
+    tags: tuple[str, ...] = ()  # tags set by ?tag= on a push by digest
 
 
 class HostedRegistry:
@@ -242,10 +244,16 @@ class HostedRegistry:
         return len(stale)
 
     # manifests ----------------------------------------------------------------------------
-    async def put_manifest(self, name: str, ns: str | None, reference: str, content_type: str | None, data: bytes) -> PushedManifest:
-        """Validate and store a pushed manifest, byte for byte, and tag it."""
+    async def put_manifest(
+        self, name: str, ns: str | None, reference: str, content_type: str | None, data: bytes, extra_tags: Sequence[str] = ()
+    ) -> PushedManifest:
+        """Validate and store a pushed manifest, byte for byte, and tag it.
+
+        ``extra_tags`` are the spec's ``?tag=`` parameters of a push by digest.
+        """
         r = self.writable(name, ns)
         ref = parse_reference(reference)
+        tags = [ref.tag] if ref.tag is not None else [validate_tag(t) for t in extra_tags]
         limit = self._reads.config.max_manifest_size
         if len(data) > limit:
             raise RegistryError("MANIFEST_INVALID", f"manifest of {len(data)} bytes is over the limit of {limit}", status=413)
@@ -262,8 +270,8 @@ class HostedRegistry:
             self.store.touch([(target, now) for role, target in references if role != "subject"])
             missing = []
             for role, target in references:
-                if role == "subject":
-                    continue
+                if role in ("subject", "foreign"):
+                    continue  # a subject may be pushed later; foreign layers live at their urls
                 if role == "manifest":
                     if self.store.manifest_media_type(r.repo_key, target) is None or self.store.blob_size(target) is None:
                         missing.append(target)
@@ -279,15 +287,15 @@ class HostedRegistry:
             self.store.link_manifest(r.repo_key, digest, media_type)
             if subject is not None:
                 self.store.add_referrer(r.repo_key, subject, _descriptor(doc, media_type, digest, len(data)))
-            if ref.tag is not None:
-                self.store.set_tag(r.repo_key, ref.tag, digest)
+            for tag in tags:
+                self.store.set_tag(r.repo_key, tag, digest)
 
         await self._gc_safe(store)
         self._log.info(
             "pushed manifest {repository}:{reference} = {digest} ({media_type})",
             repository=r.repo_key, reference=reference, digest=str(digest), media_type=media_type,
         )
-        return PushedManifest(digest, subject)
+        return PushedManifest(digest, subject, tuple(tags) if ref.tag is None else ())
 
     def delete_manifest(self, name: str, ns: str | None, reference: str) -> None:
         """DELETE by digest: the manifest and every tag on it; by tag: only the tag."""

@@ -52,6 +52,15 @@ MANIFEST_MEDIA_TYPES: tuple[str, ...] = (
     DOCKER_SCHEMA1,
 )
 INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+#: Layers that live outside registries (the descriptor's ``urls`` say where).
+NONDISTRIBUTABLE_LAYERS = frozenset(
+    {
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)
 
 #: Distribution's limit on a whole repository name.
 NAME_MAX_LENGTH = 255
@@ -166,8 +175,8 @@ def is_index(media_type: str) -> bool:
 def manifest_references(doc: dict[str, object]) -> Iterator[tuple[str, Digest]]:
     """Yield ``(role, digest)`` for what a manifest points at.
 
-    Roles are ``"config"``, ``"layer"``, ``"manifest"`` (an index's children) and
-    ``"subject"``.  Malformed descriptors raise ``MANIFEST_INVALID``.
+    Roles are ``"config"``, ``"layer"``, ``"foreign"`` (a non-distributable layer with
+    ``urls``), ``"manifest"`` (an index's children) and ``"subject"``.  Malformed descriptors raise ``MANIFEST_INVALID``.
     """
 
     def descriptor_digest(desc: object) -> Digest:
@@ -185,6 +194,10 @@ def manifest_references(doc: dict[str, object]) -> Iterator[tuple[str, Digest]]:
         if not isinstance(items, list):
             raise RegistryError("MANIFEST_INVALID", f"{key} is not a list")
         for desc in items:
-            yield role, descriptor_digest(desc)
+            digest = descriptor_digest(desc)
+            if role == "layer" and desc.get("mediaType") in NONDISTRIBUTABLE_LAYERS and desc.get("urls"):
+                yield "foreign", digest  # fetched by clients from its urls, not from registries
+            else:
+                yield role, digest
     if "subject" in doc:
         yield "subject", descriptor_digest(doc["subject"])

@@ -284,7 +284,12 @@ class RegistryResource(Resource):
         content, length = call.body()
         limit = self._service.config.max_manifest_size
         data = content.read(limit + 1)
-        pushed = await self._hosted.put_manifest(name, call.arg("ns"), call.params["reference"], call.header("Content-Type"), data)
+        extra_tags = [t.decode("utf-8", "replace") for t in call.request.args.get(b"tag", [])]
+        pushed = await self._hosted.put_manifest(
+            name, call.arg("ns"), call.params["reference"], call.header("Content-Type"), data, extra_tags
+        )
+        if pushed.tags:
+            call.request.responseHeaders.setRawHeaders(b"OCI-Tag", [t.encode() for t in pushed.tags])
         call.set_header("Location", f"/v2/{name}/manifests/{pushed.digest}")
         call.set_header("Docker-Content-Digest", str(pushed.digest))
         if pushed.subject is not None:

@@ -343,3 +343,36 @@ async def test_client_gone_mid_upload_appends_nothing(registry):
     r = await registry.get(f"{location}?digest={sha(data)}", method="PUT", data=data)
     assert r.code == 201
     await r.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_foreign_layers_need_not_be_pushed(registry):
+    """A non-distributable layer with urls is fetched by clients from its urls, so a manifest
+    naming one is accepted without the blob (as Distribution does); an ordinary missing layer
+    is still MANIFEST_BLOB_UNKNOWN."""
+    config = await push_blob(registry, "x/y", b"{}")
+    foreign = sha(b"lives elsewhere")
+    doc = json.loads(image_manifest(config, []))
+    doc["layers"] = [{"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "digest": foreign, "size": 15, "urls": ["https://example.com/layer"]}]
+    body = json.dumps(doc).encode()
+    r = await registry.get("/v2/x/y/manifests/f", method="PUT", data=body, headers={"Content-Type": OCI_MANIFEST})
+    assert r.code == 201, await r.content()
+    await r.content()
+    del doc["layers"][0]["urls"]
+    r = await registry.get("/v2/x/y/manifests/g", method="PUT", data=json.dumps(doc).encode(), headers={"Content-Type": OCI_MANIFEST})
+    assert r.code == 404 and await code_of(r) == "MANIFEST_BLOB_UNKNOWN"
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_by_digest_with_tag_parameters(registry):
+    """PUT by digest with ?tag=a&tag=b sets both tags and answers one OCI-Tag header per tag."""
+    config = await push_blob(registry, "x/y", b"{}")
+    body = image_manifest(config, [])
+    r = await registry.get(f"/v2/x/y/manifests/{sha(body)}?tag=a&tag=b", method="PUT", data=body, headers={"Content-Type": OCI_MANIFEST})
+    assert r.code == 201
+    assert r.headers.getRawHeaders("oci-tag") == ["a", "b"]
+    await r.content()
+    r = await registry.get("/v2/x/y/tags/list")
+    assert json.loads(await r.content())["tags"] == ["a", "b"]
+    r = await registry.get(f"/v2/x/y/manifests/{sha(body)}?tag=-bad", method="PUT", data=body, headers={"Content-Type": OCI_MANIFEST})
+    assert r.code == 400 and await code_of(r) == "TAG_INVALID"
