@@ -18,6 +18,10 @@ setup(
         # prometheus-client: the standard exposition format and metric types, rather than
         # a hand-written text encoder
         "prometheus-client>=0.17",
+        # bcrypt: htpasswd password checks for client auth (the only hash we accept)
+        "bcrypt>=4",
+        # pyjwt: signing and checking the registry's own Docker-flow tokens (exp, aud, iss)
+        "pyjwt>=2.8",
     ],
     extras_require={
         "test": [
@@ -25,8 +29,6 @@ setup(
             "pytest-twisted>=1.14",
             # cryptography: the integration tests' token issuer signs JWTs and makes TLS certs
             "cryptography>=42",
-            # bcrypt: the htpasswd file of the Basic-auth upstream registry in the integration tests
-            "bcrypt>=4",
         ],
     },
     entry_points={"console_scripts": ["mirror = mirror.cli:main"]},

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from mirror.auth import ACTIONS, AccessRule, AuthConfig
+
 __all__ = ["ConfigError", "GcConfig", "MirrorConfig", "StorageConfig", "UpstreamConfig", "load_config", "parse_config"]
 
 T = TypeVar("T")
@@ -79,6 +81,7 @@ class MirrorConfig:
     offline: bool = False  # no upstream is ever contacted (per upstream: upstreams[].offline)
     gc: GcConfig = GcConfig()
     metrics_listen: tuple[str, ...] = ()  # endpoints serving /metrics, /healthz, /readyz
+    auth: AuthConfig | None = None  # client authentication; None: open registry
     max_manifest_size: int = 4 * 1024 * 1024
     source: str = "<config>"
 
@@ -227,6 +230,44 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         r.finish()
         return endpoints or ()
 
+    def actions(key_path: str, value: object) -> frozenset[str]:
+        if not isinstance(value, list) or not all(v in ACTIONS for v in value):
+            raise top.error(key_path, f"expected a list of actions from {', '.join(ACTIONS)}")
+        return frozenset(value)
+
+    def rule(key_path: str, value: object) -> AccessRule:
+        r = _Reader(source, key_path, value)
+        pattern = r.take("repository", r.string, required=True)
+        result = AccessRule(
+            pattern=pattern or "*",
+            anonymous=r.take("anonymous", actions, frozenset()) or frozenset(),
+            users=r.take("users", actions, frozenset(ACTIONS)) or frozenset(),
+        )
+        r.finish()
+        return result
+
+    def auth(key_path: str, value: object) -> AuthConfig:
+        r = _Reader(source, key_path, value)
+        htpasswd = r.take("htpasswd", r.string, required=True)
+        token = r.take("token", r.boolean, False)
+        rules_value = r.take("access", lambda p, v: v, None)
+        if rules_value is not None and not isinstance(rules_value, list):
+            raise r.error(f"{key_path}.access", "expected a list of rules")
+        key_file = r.take("key_file", r.string)
+        cfg = AuthConfig(
+            htpasswd=Path(htpasswd or ""),
+            token=bool(token),
+            issuer=r.take("issuer", r.string, "mirror") or "mirror",
+            service=r.take("service", r.string, "mirror") or "mirror",
+            token_lifetime=r.take("token_lifetime", r.positive, 300.0) or 300.0,
+            key_file=Path(key_file) if key_file else None,
+            rules=tuple(rule(f"{key_path}.access[{i}]", v) for i, v in enumerate(rules_value))
+            if rules_value is not None
+            else (AccessRule("*"),),
+        )
+        r.finish()
+        return cfg
+
     def gc(key_path: str, value: object) -> GcConfig:
         r = _Reader(source, key_path, value)
         d = GcConfig()
@@ -266,6 +307,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         upload_expiry=top.take("upload_expiry", top.positive, 24 * 3600.0) or 24 * 3600.0,
         gc=top.take("gc", gc, GcConfig()) or GcConfig(),
         metrics_listen=top.take("metrics", metrics, ()) or (),
+        auth=top.take("auth", auth, None),
         max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024) or 0,
         source=source,
     )

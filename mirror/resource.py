@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from mirror.auth import Authenticator, Principal, requirements
 from mirror.errors import RegistryError, error_body
 from mirror.hosted import HostedRegistry, UploadState, upload_location
 from mirror.httpheaders import parse_accept, parse_range
@@ -39,6 +41,7 @@ Handler = Callable[["_Call"], Awaitable[None]]
 #: (path pattern, {method: handler name}); names are raw-path matches, checked later.
 ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
     (re.compile(r"/v2/?"), {"GET": "base", "HEAD": "base"}),
+    (re.compile(r"/auth/token"), {"GET": "token", "POST": "token"}),
     (re.compile(r"/healthz"), {"GET": "healthz"}),
     (re.compile(r"/readyz"), {"GET": "readyz"}),
     (re.compile(r"/v2/_catalog"), {"GET": "catalog"}),
@@ -105,6 +108,7 @@ class _Call:
         self.params = params
         self.method = request.method.decode("latin-1")
         self.gone = False  # the client disconnected
+        self.principal: Principal | None = None  # who is calling, when auth is on
         request.notifyFinish().addErrback(self._lost)
 
     def _lost(self, _: Failure) -> None:
@@ -152,10 +156,11 @@ class RegistryResource(Resource):
     isLeaf = True
     _log = Logger()
 
-    def __init__(self, service: MirrorService, hosted: HostedRegistry) -> None:
+    def __init__(self, service: MirrorService, hosted: HostedRegistry, auth: Authenticator | None = None) -> None:
         super().__init__()
         self._service = service
         self._hosted = hosted
+        self.auth = auth  # replaced on a config reload
 
     def render(self, request: Request) -> Any:
         request.setHeader(b"Docker-Distribution-Api-Version", API_VERSION)
@@ -177,9 +182,80 @@ class RegistryResource(Resource):
             # Registry proxying: the ns that scoped the request is echoed back.
             call.set_header("OCI-Namespace", ns)
         handler: Handler = getattr(self, f"_{handler_name}")
-        d = Deferred.fromCoroutine(handler(call))
+        d = Deferred.fromCoroutine(self._authorized(handler, call, requirements(handler_name, params, call.arg)))
         d.addErrback(self._failed, call)
         return NOT_DONE_YET
+
+    async def _authorized(self, handler: Handler, call: _Call, required: Sequence[tuple[str, str]]) -> None:
+        auth = self.auth
+        if auth is not None and required:
+            call.principal = await self._authenticate(auth, call, required)
+        await handler(call)
+
+    async def _authenticate(self, auth: Authenticator, call: _Call, required: Sequence[tuple[str, str]]) -> Principal:
+        """Who is calling, checked against what the request needs; 401/403 otherwise."""
+        header = call.header("Authorization")
+        realm = self._realm(call)
+        principal = Principal(None)
+        if header and header[:7].lower() == "bearer " and auth.config.token:
+            principal = auth.principal_from_token(header[7:].strip())
+        elif (creds := auth.basic_credentials(header)) is not None:
+            user, password = creds
+            if not auth.cached_basic(user, password):
+                if not await deferToThread(auth.verify_password, user, password):
+                    raise RegistryError(
+                        "UNAUTHORIZED", "authentication failed", headers={"WWW-Authenticate": auth.challenge(None, realm=realm)}
+                    )
+                auth.remember_basic(user, password)
+            principal = Principal(user)
+        for repository, action in required:
+            if action == "login":
+                if principal.anonymous and principal.grants is None:
+                    raise RegistryError(
+                        "UNAUTHORIZED", "authentication required", headers={"WWW-Authenticate": auth.challenge(None, realm=realm)}
+                    )
+                continue
+            if auth.permitted(principal, repository, action):
+                continue
+            scope = f"repository:{repository}:{'pull,push' if action == 'push' else action}"
+            if principal.anonymous or principal.grants is not None:
+                error = "insufficient_scope" if principal.grants is not None else None
+                raise RegistryError(
+                    "UNAUTHORIZED",
+                    f"authentication required to {action} {repository}",
+                    detail=[{"Type": "repository", "Name": repository, "Action": action}],
+                    headers={"WWW-Authenticate": auth.challenge(scope, error, realm=realm)},
+                )
+            raise RegistryError("DENIED", f"{principal.user} may not {action} {repository}")
+        return principal
+
+    @staticmethod
+    def _realm(call: _Call) -> str:
+        host = call.header("Host") or "localhost"
+        return f"{'https' if call.request.isSecure() else 'http'}://{host}/auth/token"
+
+    async def _token(self, call: _Call) -> None:
+        """The Docker token endpoint (GET with optional Basic; POST, OAuth2 password grant)."""
+        auth = self.auth
+        if auth is None or not auth.config.token:
+            raise RegistryError("UNSUPPORTED", "this registry issues no tokens", status=404)
+        user = password = None
+        if call.method == "POST":
+            form = {k.decode(): v[0].decode("utf-8", "replace") for k, v in call.request.args.items() if v}
+            scopes = form.get("scope", "").split()
+            if form.get("grant_type") == "password":
+                user, password = form.get("username"), form.get("password")
+        else:
+            scopes = [v.decode("utf-8", "replace") for v in call.request.args.get(b"scope", [])]
+            creds = auth.basic_credentials(call.header("Authorization"))
+            if creds is not None:
+                user, password = creds
+        if user is not None:
+            if not (auth.cached_basic(user, password or "") or await deferToThread(auth.verify_password, user, password or "")):
+                raise RegistryError("UNAUTHORIZED", "authentication failed")
+            auth.remember_basic(user, password or "")
+        call.set_header("Cache-Control", "no-store")
+        call.finish_json(auth.issue_token(user, scopes))
 
     def _failed(self, failure: Failure, call: _Call) -> None:
         request = call.request
@@ -212,7 +288,10 @@ class RegistryResource(Resource):
             call.finish(200, b"ready\n", "text/plain")
 
     async def _catalog(self, call: _Call) -> None:
-        page, last = paginate(self._service.repositories(), call.arg("n"), call.arg("last"))
+        repositories = self._service.repositories()
+        if self.auth is not None and call.principal is not None:
+            repositories = [r for r in repositories if self.auth.permitted(call.principal, r, "pull")]
+        page, last = paginate(repositories, call.arg("n"), call.arg("last"))
         link = f"/v2/_catalog?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
         call.finish_json({"repositories": page}, link=link)
 
@@ -303,8 +382,12 @@ class RegistryResource(Resource):
     async def _start_upload(self, call: _Call) -> None:
         name, ns = call.params["name"], call.arg("ns")
         mount, digest = call.arg("mount"), call.arg("digest")
-        if mount is not None:
-            mounted = await self._hosted.mount(name, ns, mount, call.arg("from"))
+        source = call.arg("from")
+        readable = self.auth is None or call.principal is None or (
+            source is not None and self.auth.permitted(call.principal, source, "pull")
+        )
+        if mount is not None and readable:
+            mounted = await self._hosted.mount(name, ns, mount, source)
             if mounted is not None:
                 self._blob_created(call, name, mounted)
                 return

@@ -12,6 +12,7 @@ from __future__ import annotations
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from mirror.auth import Authenticator
 from mirror.hosted import HostedRegistry
 from mirror.resource import RegistryResource
 from mirror.service import MirrorService
@@ -44,9 +45,9 @@ class RegistryChannel(HTTPChannel):
         super().dataReceived(data)
 
 
-def build_site(service: MirrorService, hosted: HostedRegistry) -> Site:
+def build_site(service: MirrorService, hosted: HostedRegistry, auth: Authenticator | None = None) -> Site:
     """The HTTP site serving the registry API."""
-    site = Site(RegistryResource(service, hosted))
+    site = Site(RegistryResource(service, hosted, auth))
     site.protocol = RegistryChannel
     site.displayTracebacks = False
     return site

@@ -25,7 +25,9 @@ from twisted.web.server import Site
 from mirror.config import ConfigError, MirrorConfig, load_config
 from mirror.fsstore import FilesystemStore
 from mirror.gc import collect
+from mirror.auth import Authenticator
 from mirror.hosted import HostedRegistry
+from mirror.resource import RegistryResource
 from mirror.metrics import HealthResource, ready
 from mirror.service import MirrorService
 from mirror.site import build_site
@@ -71,13 +73,26 @@ def build_service(config: MirrorConfig, reactor: object, pool: HTTPConnectionPoo
     )
 
 
-def reload_config(service: MirrorService, path: str) -> bool:
+def build_auth(config: MirrorConfig) -> Authenticator | None:
+    """The client authenticator for ``config`` (reads the htpasswd file), or None."""
+    if config.auth is None:
+        return None
+    try:
+        return Authenticator(config.auth)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{config.source}: auth.htpasswd: {getattr(e, 'strerror', None) or e}") from None
+
+
+def reload_config(service: MirrorService, path: str, resource: RegistryResource | None = None) -> bool:
     """Re-read the config file and apply it; a bad file is refused and the old config kept."""
     try:
         new = load_config(path)
+        auth = build_auth(new)
     except ConfigError as e:
         _log.error("config reload refused, keeping the running config: {error}", error=str(e))
         return False
+    if resource is not None:
+        resource.auth = auth
     for key in service.reconfigure(new):
         _log.warn("config reload: {key} changed; it takes effect only after a restart", key=key)
     _log.info("config reloaded from {path} (read_only={read_only})", path=path, read_only=new.read_only)
@@ -113,17 +128,18 @@ class _PeriodicGc:
 class _ReloadOnHangup(Service):
     """SIGHUP re-reads the config without dropping connections."""
 
-    def __init__(self, reactor: object, service: MirrorService, path: str) -> None:
+    def __init__(self, reactor: object, service: MirrorService, path: str, resource: RegistryResource) -> None:
         self._reactor = reactor
         self._service = service
         self._path = path
+        self._resource = resource
 
     def startService(self) -> None:
         super().startService()
         signal.signal(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        self._reactor.callFromThread(reload_config, self._service, self._path)  # type: ignore[attr-defined]
+        self._reactor.callFromThread(reload_config, self._service, self._path, self._resource)  # type: ignore[attr-defined]
 
 
 def makeService(options: Options) -> IService:
@@ -136,9 +152,14 @@ def makeService(options: Options) -> IService:
         # One line naming the file and key, then a clean exit: no traceback.
         sys.stderr.write(f"mirror: {e}\n")
         raise SystemExit(2) from None
+    try:
+        auth = build_auth(config)
+    except ConfigError as e:
+        sys.stderr.write(f"mirror: {e}\n")
+        raise SystemExit(2) from None
     service = build_service(config, reactor)
     hosted = HostedRegistry(service, deferToThread)
-    site = build_site(service, hosted)
+    site = build_site(service, hosted, auth)
     top = MultiService()
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, description)
@@ -153,5 +174,5 @@ def makeService(options: Options) -> IService:
         gc_timer = TimerService(config.gc.interval, _PeriodicGc(service))
         gc_timer.setServiceParent(top)
     _AccessFlush(service).setServiceParent(top)
-    _ReloadOnHangup(reactor, service, options["config"]).setServiceParent(top)
+    _ReloadOnHangup(reactor, service, options["config"], site.resource).setServiceParent(top)
     return top

@@ -18,7 +18,7 @@ from mirror.config import MirrorConfig, StorageConfig, UpstreamConfig
 from mirror.hosted import HostedRegistry
 from mirror.service import MirrorService
 from mirror.site import build_site
-from mirror.tap import build_service
+from mirror.tap import build_auth, build_service
 from tests.fake_upstream import FakeRegistry
 
 
@@ -62,6 +62,7 @@ def make_mirror(tmp_path):
         hosted=(),
         read_only=False,
         delete=True,
+        auth=None,
         **upstream_kw,
     ) -> RunningMirror:
         """``url`` None: no upstream (with ``hosted=("*",)``, a pure private registry)."""
@@ -74,11 +75,12 @@ def make_mirror(tmp_path):
             hosted=tuple(hosted),
             read_only=read_only,
             delete=delete,
+            auth=auth,
         )
         pool = HTTPConnectionPool(reactor, persistent=True)
         service = build_service(config, reactor, pool)
         hosted_registry = HostedRegistry(service, deferToThread)
-        port = reactor.listenTCP(0, build_site(service, hosted_registry), interface="127.0.0.1")
+        port = reactor.listenTCP(0, build_site(service, hosted_registry, build_auth(config)), interface="127.0.0.1")
         m = RunningMirror(service, f"http://127.0.0.1:{port.getHost().port}", root, port, pool, hosted_registry)
         started.append(m)
         return m
