@@ -30,7 +30,7 @@ from mirror.httpheaders import parse_accept, parse_range
 from mirror.metrics import ready
 from mirror.oci import OCI_INDEX, Digest
 from mirror.service import BlobBody, MirrorService
-from mirror.streaming import ClientGone, FileSender
+from mirror.streaming import ClientGone, FileSender, SendfileSender, sendfile_transport
 
 __all__ = ["ROUTES", "RegistryResource", "paginate"]
 
@@ -438,12 +438,23 @@ class RegistryResource(Resource):
         call.set_header("Cache-Control", "max-age=31536000")
 
     async def _send(self, call: _Call, body: BlobBody, first: int, end: int | None) -> None:
-        sender = FileSender(body.file, body.source, call.request, first, end)
-        call.request.notifyFinish().addErrback(lambda _: sender.stopProducing())
-        await sender.start()
-        call.request.unregisterProducer()
+        request = call.request
+        transport = sendfile_transport(request.channel.transport) if request.channel is not None else None
+        if body.source.finished and body.size is not None and transport is not None and not request.chunked:
+            # A stored blob to a plain TCP client: the kernel copies it (sendfile).
+            request.write(b"")  # the headers go first, through Twisted's buffer
+            sender: FileSender | SendfileSender = SendfileSender(body.file, transport, request, first, end if end is not None else body.size)
+        else:
+            sender = FileSender(body.file, body.source, request, first, end)
+        request.notifyFinish().addErrback(lambda _: sender.stopProducing())
+        try:
+            await sender.start()
+        finally:
+            if isinstance(sender, SendfileSender):
+                request.sentLength += sender.sent  # Twisted counts only what passes through write()
+        request.unregisterProducer()
         if not call.gone:
-            call.request.finish()
+            request.finish()
 
 
 def _render_error(request: Request, error: RegistryError) -> None:

@@ -582,3 +582,39 @@ async def test_health_and_readiness(fake_upstream, make_mirror):
     finally:
         (m.root / "spool").unlink()
         (m.root / "spool.away").rename(m.root / "spool")
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_of_a_cached_blob_gets_every_byte(fake_upstream, make_mirror):
+    """A cached blob goes out by sendfile; a client reading slowly fills the socket, so the
+    sender must wait for writability and resume: the client still gets every byte, and the
+    server stays responsive meanwhile."""
+    from twisted.internet.threads import deferToThread
+
+    _, layer = image(fake_upstream)
+    m = make_mirror(fake_upstream.url)
+    await (await m.get(f"/v2/library/app/blobs/{layer}")).content()  # now cached
+    port = int(m.url.rsplit(":", 1)[1])
+
+    def slow_read():
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            s.sendall(f"GET /v2/library/app/blobs/{layer} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) < 1_000_000:
+                    time.sleep(0.002)
+            return data
+
+    reading = deferToThread(slow_read)
+    r = await m.get("/v2/")  # the reactor keeps answering while the slow client reads
+    assert r.code == 200
+    await r.content()
+    raw = await reading
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == LAYER

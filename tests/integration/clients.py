@@ -570,6 +570,9 @@ class DockerDaemon:
         self.containerd = ContainerdDaemon(self.workdir / "containerd", env=self.env)
         _check_socket_path(self.socket)
         self._proc: proc_util.ManagedProcess | None = None
+        #: more directories dockerd sees as private copy-on-write overlays (e.g. ``/etc/docker``
+        #: for a certs.d written in the work dir, see :func:`trust_ca_in_docker`)
+        self.extra_overlays: tuple[str, ...] = ()
 
     def _write_config(self) -> Path:
         """daemon.json confined to the work dir."""
@@ -599,7 +602,7 @@ class DockerDaemon:
             config = self._write_config()
             # dockerd always creates /run/docker/plugins: give it a copy-on-write /run
             argv = proc_util.isolated_argv(self.workdir, ["dockerd", "--config-file", str(config)],
-                                           overlays=("/run",))
+                                           overlays=("/run", *self.extra_overlays))
             self._proc = proc_util.ManagedProcess(argv, stdout=self.log_path, env=self.env,
                                                   cwd=self.workdir)
 
@@ -812,6 +815,89 @@ class PodmanSession:
         self.close()
 
 
+# --------------------------------------------------------------------------
+# TLS trust and logins (private registries with HTTPS and client auth)
+# --------------------------------------------------------------------------
+
+def trust_ca_in_docker(daemon: DockerDaemon, registry_host_port: str, ca_pem: bytes) -> Path:
+    """Make ``daemon`` (not started yet) trust ``ca_pem`` for ``registry_host_port`` through
+    ``/etc/docker/certs.d/HOST:PORT/ca.crt`` -- without touching the host's ``/etc``.
+
+    dockerd runs in a private mount namespace; this adds a copy-on-write overlay on
+    ``/etc/docker`` (``/etc`` if that does not exist) whose upper layer is in the daemon's work
+    dir, and writes ``ca.crt`` into it. Returns the upper-layer path of the file.
+
+    Note: dockerd always treats 127.0.0.0/8 registries as insecure (it tries HTTPS with
+    verification off, then HTTP), so a pull from a loopback HTTPS registry does not prove that
+    the CA was checked; it proves that dockerd spoke TLS when the port speaks only TLS.
+    """
+    _check_host_port(registry_host_port)
+    if daemon._proc is not None:
+        raise RuntimeError("trust_ca_in_docker must be called before the daemon starts")
+    etc = "/etc/docker" if Path("/etc/docker").is_dir() else "/etc"
+    upper = daemon.workdir / ("ovl" + etc.replace("/", "_")) / "upper"
+    certs_d = upper / ("certs.d" if etc == "/etc/docker" else "docker/certs.d")
+    path = certs_d / registry_host_port / "ca.crt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(ca_pem)
+    if etc not in daemon.extra_overlays:
+        daemon.extra_overlays = (*daemon.extra_overlays, etc)
+    return path
+
+
+def run_with_input(argv: Sequence[str], input_text: str, *, timeout: float, env: dict[str, str],
+                   cwd: Path, log: Path | None = None) -> tuple[int, str]:
+    """Run a command feeding ``input_text`` on stdin (a password for ``--password-stdin``);
+    returns (exit code, stdout+stderr). The input is never logged. Timeouts kill the group."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, cwd=cwd, text=True, errors="replace", start_new_session=True)
+    try:
+        out, _ = proc.communicate(input_text, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = proc.communicate()
+        raise ClientError(Path(argv[0]).name, f"timed out after {timeout}s: {' '.join(proc_util.display_argv(list(argv)))}",
+                          proc_util.tail(out or "")) from None
+    if log is not None:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"$ {' '.join(proc_util.display_argv(list(argv)))} (password on stdin)\n{out}[exit {proc.returncode}]\n")
+    return proc.returncode, out
+
+
+def docker_login(daemon: DockerDaemon, registry_host_port: str, user: str, password: str, *,
+                 check: bool = True, timeout: float = 60.0) -> tuple[int, str]:
+    """``docker login HOST:PORT -u USER --password-stdin`` against ``daemon``; (exit code, output).
+    With ``check`` a failure raises :class:`ClientError`."""
+    argv = ["docker", "-H", f"unix://{daemon.socket}", "login", registry_host_port, "-u", user, "--password-stdin"]
+    rc, out = run_with_input(argv, password, timeout=timeout, env=daemon.cli_env, cwd=daemon.workdir,
+                             log=daemon.workdir / "login.log")
+    if check and rc != 0:
+        raise ClientError("docker", f"docker login {registry_host_port} -u {user} exited {rc}", proc_util.tail(out))
+    return rc, out
+
+
+def podman_login(session: PodmanSession, registry_host_port: str, user: str, password: str, *,
+                 tls_verify: bool = False, cert_dir: Path | None = None, check: bool = True,
+                 timeout: float = 60.0) -> tuple[int, str]:
+    """``podman login HOST:PORT -u USER --password-stdin`` in ``session`` (credentials go to the
+    session's auth.json); (exit code, output). With ``check`` a failure raises :class:`ClientError`."""
+    args = session.base + ["login", f"--tls-verify={'true' if tls_verify else 'false'}", "-u", user, "--password-stdin"]
+    if cert_dir is not None:
+        args += ["--cert-dir", str(cert_dir)]
+    argv = proc_util.isolated_argv(session.workdir, args + [registry_host_port], overlays=("/var/lib", "/run"))
+    rc, out = run_with_input(argv, password, timeout=timeout, env=session.env, cwd=session.workdir, log=session.log)
+    if check and rc != 0:
+        raise ClientError("podman", f"podman login {registry_host_port} -u {user} exited {rc}", proc_util.tail(out))
+    return rc, out
+
+
 def pull(client: str, mirror_host_port: str, image: str, **kwargs: object) -> str:
     """Dispatch to the pull function of ``client`` (skopeo uses the mirror form)."""
     if client == "skopeo":
@@ -831,7 +917,7 @@ def timed(fn: Callable[..., T], *args: object, **kwargs: object) -> tuple[T, flo
 
 __all__ = [
     "CLIENTS", "ClientError", "ContainerdDaemon", "DockerDaemon", "PodmanSession", "client_available",
-    "ctr_pull", "docker_pull", "docker_push", "docker_repo_digest", "missing_requirements",
-    "normalize_image", "podman_pull", "private_docker", "pull", "skip_reason", "skopeo_copy", "timed",
-    "verify_dir_copy", "write_hosts_toml",
+    "ctr_pull", "docker_login", "docker_pull", "docker_push", "docker_repo_digest", "missing_requirements",
+    "normalize_image", "podman_login", "podman_pull", "private_docker", "pull", "run_with_input", "skip_reason",
+    "skopeo_copy", "timed", "trust_ca_in_docker", "verify_dir_copy", "write_hosts_toml",
 ]
