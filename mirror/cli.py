@@ -4,6 +4,10 @@
 ``mirror check-config --config FILE`` validates a configuration and exits;
 ``mirror gc --config FILE [--dry-run] [--delete-untagged]`` collects garbage and evicts
 mirrored content per the ``gc`` settings, safely while the service runs.
+``mirror warm --config FILE [IMAGE ...] [-f LIST] [--platform P] [-j N]`` pre-fetches images
+into the cache; ``mirror export --config FILE --out FILE.tar [IMAGE ...]`` writes cached
+images as an OCI image-layout archive and ``mirror import FILE.tar --config FILE`` loads
+one, verified (see docs/offline-ci.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--config", "-c", default="conf/mirror.yaml")
     gc.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
     gc.add_argument("--delete-untagged", action="store_true", help="also drop hosted manifests no tag reaches")
+    warm = sub.add_parser("warm", help="pre-fetch images into the cache (safe while the service runs)")
+    warm.add_argument("--config", "-c", default="conf/mirror.yaml")
+    warm.add_argument("images", nargs="*", metavar="IMAGE", help="e.g. alpine:3.19, ghcr.io/org/app:1, name@sha256:...")
+    warm.add_argument("-f", "--file", action="append", default=[], metavar="LIST",
+                      help="read image references from LIST, one per line (# comments); - for stdin")
+    warm.add_argument("--platform", default=None,
+                      help="platforms to take from multi-platform images: all, or os/arch[/variant],... (default: this host's)")
+    warm.add_argument("-j", "--jobs", type=_positive_int, default=4, help="images warmed at a time (default 4)")
+    export = sub.add_parser("export", help="write cached images as an OCI image-layout tar")
+    export.add_argument("--config", "-c", default="conf/mirror.yaml")
+    export.add_argument("--out", "-o", required=True, metavar="FILE.tar")
+    export.add_argument("images", nargs="*", metavar="IMAGE", help="images to export (default: every tagged image)")
+    load = sub.add_parser("import", help="load an OCI image-layout tar into the store, verified")
+    load.add_argument("archive", metavar="FILE.tar")
+    load.add_argument("--config", "-c", default="conf/mirror.yaml")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -39,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "gc":
         return _gc(config, dry_run=args.dry_run, delete_untagged=args.delete_untagged)
+    if args.command == "warm":
+        return _warm(config, args.images, args.file, args.platform, args.jobs)
+    if args.command == "export":
+        return _export(config, args.images, args.out)
+    if args.command == "import":
+        return _import(config, args.archive)
     from twisted.scripts.twistd import run
 
     sys.argv = ["twistd", "--nodaemon", "--pidfile=", "mirror", "--config", args.config]
@@ -54,6 +79,85 @@ def _gc(config: MirrorConfig, *, dry_run: bool, delete_untagged: bool) -> int:
     sizes = {d: size for d, size, _ in store.scan_blobs()}
     report = collect(store, config, dry_run=dry_run, delete_untagged=delete_untagged or None)
     print(format_report(report, sizes))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _warm(config: MirrorConfig, images: list[str], lists: list[str], platform: str | None, jobs: int) -> int:
+    from mirror.platforms import PlatformChoice, PlatformError, host_platform, parse_platforms
+    from mirror.warm import read_image_list, run_warm
+
+    wanted = list(images)
+    for path in lists:
+        try:
+            if path == "-":
+                wanted += read_image_list(sys.stdin)
+            else:
+                with open(path) as f:
+                    wanted += read_image_list(f)
+        except OSError as e:
+            print(f"mirror warm: {path}: cannot read: {e.strerror}", file=sys.stderr)
+            return 2
+    if not wanted:
+        print("mirror warm: no images given (name them, or -f LIST)", file=sys.stderr)
+        return 2
+    try:
+        choice = parse_platforms(platform) if platform is not None else PlatformChoice((host_platform(),))
+    except PlatformError as e:
+        print(f"mirror warm: {e}", file=sys.stderr)
+        return 2
+    return run_warm(config, wanted, platforms=choice, jobs=jobs)
+
+
+def _export(config: MirrorConfig, images: list[str], out: str) -> int:
+    from pathlib import Path
+
+    from mirror.fsstore import FilesystemStore
+    from mirror.ociarchive import ArchiveError, export_archive, plan_export
+    from mirror.progress import format_bytes
+
+    store = FilesystemStore(config.storage.root)
+    try:
+        entries, warnings = plan_export(store, config, images)
+        for warning in warnings:
+            print(f"mirror export: warning: {warning}", file=sys.stderr)
+        if not entries:
+            print("mirror export: nothing to export: the store holds no tagged image", file=sys.stderr)
+            return 1
+        result = export_archive(store, entries, Path(out), report=print)
+    except (ArchiveError, OSError) as e:
+        print(f"mirror export: {e}; no archive written", file=sys.stderr)
+        return 1
+    print(f"wrote {out}: {result.images} images, {result.blobs} blobs, {format_bytes(result.bytes)} in {result.seconds:.1f} s")
+    return 0
+
+
+def _import(config: MirrorConfig, archive: str) -> int:
+    import zlib
+    from pathlib import Path
+
+    from mirror.fsstore import FilesystemStore
+    from mirror.ociarchive import ArchiveError, import_archive
+
+    store = FilesystemStore(config.storage.root)
+    try:
+        result = import_archive(store, config, Path(archive), report=print)
+    except (ArchiveError, OSError, zlib.error) as e:
+        what = e if isinstance(e, ArchiveError) else (e.strerror if isinstance(e, OSError) and e.strerror else e)
+        print(f"mirror import: {archive}: refused: {what}; nothing was imported", file=sys.stderr)
+        return 1
+    for warning in result.warnings:
+        print(f"mirror import: warning: {warning}", file=sys.stderr)
+    print(result.summary(Path(archive)))
     return 0
 
 

@@ -11,13 +11,25 @@ taken only with ``all``.
 from __future__ import annotations
 
 import platform as _platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import attrs
 
-__all__ = ["ALL", "Platform", "PlatformError", "PlatformChoice", "host_platform", "parse_platforms", "select_children"]
+__all__ = [
+    "ALL",
+    "Platform",
+    "PlatformChoice",
+    "PlatformError",
+    "host_platform",
+    "parse_platforms",
+    "platform_of",
+    "select_children",
+]
 
 ALL = "all"
+
+T = TypeVar("T")
 
 #: ``uname -m`` → (GOARCH, variant), as containerd normalises them.
 _MACHINES: Mapping[str, tuple[str, str | None]] = {
@@ -95,8 +107,8 @@ def host_platform(machine: str | None = None) -> Platform:
     return Platform("linux", arch, variant)
 
 
-def _platform_of(descriptor: Mapping[str, object]) -> Platform | None:
-    p = descriptor.get("platform")
+def platform_of(p: object) -> Platform | None:
+    """A descriptor's ``platform`` object as a :class:`Platform` (None if absent or malformed)."""
     if not isinstance(p, Mapping):
         return None
     os_name, arch, variant = p.get("os"), p.get("architecture"), p.get("variant")
@@ -105,19 +117,29 @@ def _platform_of(descriptor: Mapping[str, object]) -> Platform | None:
     return Platform(os_name.lower(), arch.lower(), variant.lower() if isinstance(variant, str) and variant else None)
 
 
-def select_children(manifests: Sequence[Mapping[str, object]], choice: PlatformChoice) -> list[Mapping[str, object]]:
-    """The child descriptors of an index (its ``manifests`` list) that ``choice`` wants.
+def _json_platform(descriptor: object) -> object:
+    return descriptor.get("platform") if isinstance(descriptor, Mapping) else None
+
+
+def select_children(
+    children: Sequence[T], choice: PlatformChoice, platform: Callable[[T], object] = _json_platform
+) -> list[T]:
+    """The children of an index that ``choice`` wants, in the index's order.
+
+    ``children`` are descriptors (JSON objects by default; ``platform`` extracts the
+    ``platform`` object of another kind).
 
     Raises:
         PlatformError: when a wanted platform has no child, naming the ones there are.
     """
     if choice.platforms is None:
-        return list(manifests)
-    selected = []
+        return list(children)
+    platforms = [platform_of(platform(d)) for d in children]
+    wanted: set[int] = set()
     for want in choice.platforms:
-        found = [d for d in manifests if (p := _platform_of(d)) is not None and want.matches(p)]
+        found = {i for i, p in enumerate(platforms) if p is not None and want.matches(p)}
         if not found:
-            have = sorted({str(p) for d in manifests if (p := _platform_of(d)) is not None and p.os != "unknown"})
+            have = sorted({str(p) for p in platforms if p is not None and p.os != "unknown"})
             raise PlatformError(f"the index has no manifest for {want} (it has {', '.join(have) or 'no platforms'})")
-        selected.extend(d for d in found if d not in selected)
-    return selected
+        wanted |= found
+    return [d for i, d in enumerate(children) if i in wanted]

@@ -30,7 +30,7 @@ from mirror.httpheaders import parse_accept, parse_range
 from mirror.metrics import ready
 from mirror.oci import OCI_INDEX, Digest
 from mirror.service import BlobBody, MirrorService
-from mirror.streaming import ClientGone, FileSender, SendfileSender, sendfile_transport
+from mirror.streaming import ClientGone, FileSender, sendfile_transport
 
 __all__ = ["ROUTES", "RegistryResource", "paginate"]
 
@@ -439,19 +439,17 @@ class RegistryResource(Resource):
 
     async def _send(self, call: _Call, body: BlobBody, first: int, end: int | None) -> None:
         request = call.request
-        transport = sendfile_transport(request.channel.transport) if request.channel is not None else None
-        if body.source.finished and body.size is not None and transport is not None and not request.chunked:
-            # A stored blob to a plain TCP client: the kernel copies it (sendfile).
-            request.write(b"")  # the headers go first, through Twisted's buffer
-            sender: FileSender | SendfileSender = SendfileSender(body.file, transport, request, first, end if end is not None else body.size)
+        socket = sendfile_transport(request.channel.transport) if request.channel is not None else None
+        if socket is not None and not request.chunked:
+            request.write(b"")  # the headers go first, through Twisted's buffer; then sendfile
         else:
-            sender = FileSender(body.file, body.source, request, first, end)
+            socket = None
+        sender = FileSender(body.file, body.source, request, first, end, socket)
         request.notifyFinish().addErrback(lambda _: sender.stopProducing())
         try:
             await sender.start()
         finally:
-            if isinstance(sender, SendfileSender):
-                request.sentLength += sender.sent  # Twisted counts only what passes through write()
+            request.sentLength += sender.sent  # Twisted counts only what passes through write()
         request.unregisterProducer()
         if not call.gone:
             request.finish()

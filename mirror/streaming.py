@@ -1,9 +1,12 @@
 """Streaming blobs with constant memory.
 
-* :class:`BlobFill` is the protocol that receives one upstream blob body.  It writes
-  every chunk to a :class:`~mirror.store.BlobWriter` spool file (hashing it), and when
-  the body ends commits it — verified, fsynced and renamed — off the reactor thread.
-  It never waits for clients: a slow or departed client cannot stall or cancel a fill.
+* :class:`BlobFill` is the protocol that receives one upstream blob body.  It hands the
+  chunks, batch by batch, to a thread that writes them to a
+  :class:`~mirror.store.BlobWriter` spool file and hashes them (both release the GIL, so
+  this runs beside the reactor on another core), pausing the upstream socket if the disk
+  falls 8 MiB behind; when the body ends it commits — verified, fsynced, renamed — also
+  off the reactor thread.  It never waits for clients: a slow or departed client cannot
+  stall or cancel a fill.
 * :class:`FileSender` is the push producer that sends a file to one client: a cached
   blob, or the spool file of a fill still under way (following it as it grows).  Every
   client of a miss, the first included, follows the spool, so N concurrent requests
@@ -31,12 +34,24 @@ from zope.interface import implementer
 from mirror.oci import Digest
 from mirror.store import BlobWriter
 
-__all__ = ["BlobFill", "CachedSource", "ClientGone", "FileSender", "FillFailed", "SendfileSender", "Source", "sendfile_transport"]
+__all__ = ["BlobFill", "CachedSource", "ClientGone", "FileSender", "FillFailed", "Source", "sendfile_transport"]
 
 #: Bytes read from disk per write to a client.
 CHUNK = 256 * 1024
 #: Bytes per sendfile(2) call.
 SENDFILE_CHUNK = 16 * 1024 * 1024
+
+
+#: A fill holding more than this in memory, waiting for the disk, pauses the upstream...
+QUEUE_HIGH = 8 * 1024 * 1024
+#: ...and resumes it below this.
+QUEUE_LOW = 2 * 1024 * 1024
+
+
+def _write_all(writer: BlobWriter, chunks: list[bytes]) -> None:
+    """Write and hash a batch of chunks (in a thread: os.write and hashlib release the GIL)."""
+    for chunk in chunks:
+        writer.write(chunk)
 
 
 class FillFailed(Exception):
@@ -119,6 +134,13 @@ class BlobFill(Protocol):
         self._idle: IDelayedCall | None = None
         self._listeners: list[Callable[[], None]] = []
         self._problem: str | None = None
+        self._received = 0  # bytes from the upstream
+        self._queue: list[bytes] = []  # received, not yet handed to the writer thread
+        self._queued = 0  # bytes received and not yet on disk
+        self._writing = False
+        self._upstream_paused = False
+        self._lost: Failure | None = None  # how the body ended, once it has
+        self._completed = False
         self.finished = False
         self.failure: Failure | None = None
         self.done: Deferred[None] = Deferred()
@@ -148,21 +170,57 @@ class BlobFill(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._problem is not None:
             return
-        if self.expected_size is not None and self.writer.size + len(data) > self.expected_size:
+        if self.expected_size is not None and self._received + len(data) > self.expected_size:
             self._give_up(f"upstream sent more than its Content-Length of {self.expected_size}")
             return
-        try:
-            self.writer.write(data)
-        except OSError as e:
-            self._give_up(f"cannot write to the store: {e.strerror}")
-            return
+        self._received += len(data)
+        self._queue.append(data)
+        self._queued += len(data)
         self._reset_idle()
-        self._notify()
+        if self._queued > QUEUE_HIGH and not self._upstream_paused and self.transport is not None:
+            self._upstream_paused = True  # the disk is behind: let TCP hold the rest
+            self.transport.pauseProducing()
+        self._flush()
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        self._lost = reason
+        self._flush()
+
+    # writing: the disk write and the hash run in a thread, batch after batch --------------
+    def _flush(self) -> None:
+        if self._writing or self._completed:
+            return
+        if self._queue and self._problem is None:
+            batch, self._queue = self._queue, []
+            self._writing = True
+            d = self._run_blocking(_write_all, self.writer, batch)
+            d.addCallbacks(self._wrote, self._write_failed, callbackArgs=(sum(map(len, batch)),))
+        elif self._lost is not None:
+            self._complete(self._lost)
+
+    def _wrote(self, _: object, count: int) -> None:
+        self._writing = False
+        self._queued -= count
+        if self._upstream_paused and self._queued < QUEUE_LOW and self._lost is None and self.transport is not None:
+            self._upstream_paused = False
+            self.transport.resumeProducing()
+        if self._lost is None:
+            self._reset_idle()
+        self._notify()
+        self._flush()
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._writing = False
+        self._queue, self._queued = [], 0
+        error = failure.value
+        self._give_up(f"cannot write to the store: {getattr(error, 'strerror', None) or error}")
+        self._flush()
+
+    def _complete(self, reason: Failure) -> None:
+        self._completed = True
         if self._problem is None and not reason.check(ResponseDone):
             self._problem = f"upstream body ended early: {reason.getErrorMessage()}"
         if self._problem is None and self.expected_size is not None and self.writer.size != self.expected_size:
@@ -210,18 +268,35 @@ class FileSender:
     ``end`` is ``None`` to send up to the source's final size.  ``done`` fires when the
     last byte has been written, and fails when the source fails or the consumer stops
     the producer (client gone).  The file is closed either way.
+
+    Given ``socket`` (a plain TCP transport, see :func:`sendfile_transport`), bytes go by
+    ``sendfile(2)``: the kernel copies them from the page cache, nothing passes through
+    Python.  The sender then waits for the transport's own buffer (the response headers)
+    to drain first, and when the socket is full asks the transport to say when it is
+    writable again (marking its producer paused, so Twisted's ``doWrite`` resumes the
+    HTTP channel, which resumes us).  ``sent`` counts those bytes.
     """
 
-    def __init__(self, file: BinaryIO, source: Source, consumer: IConsumer, first: int = 0, end: int | None = None) -> None:
+    def __init__(
+        self,
+        file: BinaryIO,
+        source: Source,
+        consumer: IConsumer,
+        first: int = 0,
+        end: int | None = None,
+        socket: SocketWriter | None = None,
+    ) -> None:
         self._file = file
         self._fd = file.fileno()
         self._source = source
         self._consumer = consumer
         self._pos = first
         self._end = end
+        self._socket = socket
         self._paused = False
         self._pumping = False
         self._closed = False
+        self.sent = 0
         self.done: Deferred[None] = Deferred()
 
     def start(self) -> Deferred[None]:
@@ -241,12 +316,8 @@ class FileSender:
                 if self._end is not None:
                     limit = min(limit, self._end)
                 if self._pos < limit:
-                    data = os.pread(self._fd, min(CHUNK, limit - self._pos), self._pos)
-                    if not data:
-                        self._finish(Failure(FillFailed("file shorter than expected")))
+                    if not self._send(limit - self._pos):
                         return
-                    self._pos += len(data)
-                    self._consumer.write(data)
                     continue
                 if self._source.failure is not None:
                     self._finish(self._source.failure)
@@ -255,6 +326,40 @@ class FileSender:
                 return
         finally:
             self._pumping = False
+
+    def _send(self, count: int) -> bool:
+        """Send up to ``count`` bytes at the current position; False to stop pumping."""
+        if self._socket is None:
+            data = os.pread(self._fd, min(CHUNK, count), self._pos)
+            if not data:
+                self._finish(Failure(FillFailed("file shorter than expected")))
+                return False
+            self._pos += len(data)
+            self._consumer.write(data)
+            return True
+        t = self._socket
+        if len(t.dataBuffer) - t.offset > 0 or t._tempDataLen > 0:
+            self._wait_writable()
+            return False
+        try:
+            n = os.sendfile(t.fileno(), self._fd, self._pos, min(SENDFILE_CHUNK, count))
+        except BlockingIOError:
+            self._wait_writable()
+            return False
+        except OSError:
+            self._finish(Failure(ClientGone()))
+            return False
+        if n == 0:
+            self._finish(Failure(FillFailed("file shorter than expected")))
+            return False
+        self._pos += n
+        self.sent += n
+        return True
+
+    def _wait_writable(self) -> None:
+        assert self._socket is not None
+        self._socket.producerPaused = True
+        self._socket.startWriting()
 
     def _finish(self, failure: Failure | None) -> None:
         if self._closed:
@@ -280,7 +385,7 @@ class FileSender:
 
 
 class SocketWriter(TypingProtocol):
-    """What :class:`SendfileSender` needs of a plain TCP transport (``twisted.internet.tcp``)."""
+    """What :class:`FileSender` needs of a plain TCP transport for sendfile (``twisted.internet.tcp``)."""
 
     producerPaused: bool
     dataBuffer: bytes
@@ -300,83 +405,3 @@ def sendfile_transport(transport: object) -> SocketWriter | None:
     if isinstance(transport, tcp.Connection) and hasattr(os, "sendfile"):
         return transport  # type: ignore[return-value]
     return None
-
-
-@implementer(IPushProducer)
-class SendfileSender:
-    """Sends ``[first, end)`` of a whole, stored file with ``sendfile(2)``: the kernel
-    copies from the page cache to the socket, with no pass through Python.
-
-    It waits for the transport's own buffer (the response headers) to drain first, and
-    when the socket is full it asks the transport to tell it when it is writable again
-    (marking the transport's producer paused, so that Twisted's ``doWrite`` resumes the
-    HTTP channel, which resumes us).  ``done`` fires as for :class:`FileSender`; ``sent``
-    counts the bytes for the request's accounting.
-    """
-
-    def __init__(self, file: BinaryIO, transport: SocketWriter, consumer: IConsumer, first: int, end: int) -> None:
-        self._file = file
-        self._transport = transport
-        self._consumer = consumer
-        self._pos = first
-        self._end = end
-        self._paused = False
-        self._closed = False
-        self.sent = 0
-        self.done: Deferred[None] = Deferred()
-
-    def start(self) -> Deferred[None]:
-        self._consumer.registerProducer(self, True)
-        self._pump()
-        return self.done
-
-    def _buffered(self) -> bool:
-        t = self._transport
-        return len(t.dataBuffer) - t.offset > 0 or t._tempDataLen > 0
-
-    def _wait_writable(self) -> None:
-        self._transport.producerPaused = True
-        self._transport.startWriting()
-
-    def _pump(self) -> None:
-        if self._closed or self._paused:
-            return
-        if self._buffered():
-            self._wait_writable()
-            return
-        socket_fd, file_fd = self._transport.fileno(), self._file.fileno()
-        while self._pos < self._end:
-            try:
-                n = os.sendfile(socket_fd, file_fd, self._pos, min(SENDFILE_CHUNK, self._end - self._pos))
-            except BlockingIOError:
-                self._wait_writable()
-                return
-            except OSError:
-                self._finish(Failure(ClientGone()))
-                return
-            if n == 0:
-                self._finish(Failure(FillFailed("file shorter than expected")))
-                return
-            self._pos += n
-            self.sent += n
-        self._finish(None)
-
-    def _finish(self, failure: Failure | None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._file.close()
-        if failure is None:
-            self.done.callback(None)
-        else:
-            self.done.errback(failure)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self._finish(Failure(ClientGone()))

@@ -179,3 +179,35 @@ def test_cached_range(store):
     done = FileSender(store.open_blob(d), CachedSource(len(DATA)), client, 1000, 300_000).start()
     assert done.called
     assert bytes(client.data) == DATA[1000:300_000]
+
+
+def test_slow_disk_pauses_the_upstream_and_resumes_it(store):
+    """When the writer thread falls more than QUEUE_HIGH behind, the upstream socket is
+    paused (TCP holds the rest); it resumes once the backlog drops under QUEUE_LOW."""
+    from twisted.internet.defer import Deferred
+
+    from mirror.streaming import QUEUE_HIGH
+
+    pending = []
+
+    def run_later(f, *args):
+        d = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    data = b"x" * (QUEUE_HIGH + 1024 * 1024)
+    fill = BlobFill(store.new_writer(), Digest.of(data), len(data), Clock(), 30, run_later)
+    transport = StringTransport()
+    fill.makeConnection(transport)
+    for i in range(0, len(data), 65536):
+        fill.dataReceived(data[i : i + 65536])
+    assert transport.producerState == "paused"
+    while pending:
+        d, f, args = pending.pop(0)
+        d.callback(f(*args))
+    assert transport.producerState == "producing"
+    fill.connectionLost(Failure(ResponseDone()))
+    while pending:
+        d, f, args = pending.pop(0)
+        d.callback(f(*args))
+    assert fill.finished and store.blob_size(Digest.of(data)) == len(data)

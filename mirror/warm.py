@@ -1,0 +1,384 @@
+"""``mirror warm``: pre-fetch images into the cache through the service's own fetch path.
+
+Each image is resolved with :meth:`MirrorService.get_manifest` (the index, then the child
+manifests of the wanted platforms) and every config and layer is fetched with
+:meth:`MirrorService.get_blob`, so what lands in the store was verified exactly as for a
+client's pull: hashed as it arrives, fsynced, renamed into place.  A blob already in the
+store is a cache hit and is not downloaded again, so a run that was interrupted resumes
+where it stopped.
+
+``jobs`` images are warmed at a time; a blob shared by several images is fetched once.
+The service is built like the running one's (:func:`build_warm_service`), but without
+cleaning the spool directory, so warming the store of a running service does not disturb
+it: spool names are unique and commits are atomic renames.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import TextIO
+
+import attrs
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mirror.config import MirrorConfig
+from mirror.errors import RegistryError
+from mirror.fsstore import FilesystemStore
+from mirror.imageref import ImageRef, ImageRefError, full_reference, parse_image_ref
+from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, is_index
+from mirror.ocilayout import Descriptor, LayoutError, manifest_content
+from mirror.platforms import PlatformChoice, PlatformError, platform_of, select_children
+from mirror.progress import Progress, format_bytes, format_rate
+from mirror.service import Manifest, MirrorService
+from mirror.singleflight import SingleFlight
+from mirror.streaming import BlobFill, Source
+from mirror.upstream import Upstream
+
+__all__ = ["ImageResult", "WarmReport", "Warmer", "build_warm_service", "read_image_list", "run_warm"]
+
+#: Every manifest type: warm takes whatever the upstream serves for a reference.
+ACCEPT = list(MANIFEST_MEDIA_TYPES)
+
+
+def build_warm_service(config: MirrorConfig, reactor: object, pool: HTTPConnectionPool) -> MirrorService:
+    """The service :func:`mirror.tap.build_service` builds, minus its start-up spool clean.
+
+    ``clean_spool`` would delete the files of fills a running service has under way.
+    """
+    store = FilesystemStore(config.storage.root)
+    http = HTTPClient(Agent(reactor, pool=pool))
+    return MirrorService(
+        config, store, lambda u: Upstream(u, http, reactor), reactor, deferToThread  # type: ignore[arg-type]
+    )
+
+
+def read_image_list(lines: Iterable[str]) -> list[str]:
+    """Image references from a list file: one per line; blank lines and ``#`` comments skipped."""
+    images = []
+    for line in lines:
+        text = line.split("#", 1)[0].strip()
+        if text:
+            images.append(text)
+    return images
+
+
+@attrs.define
+class ImageResult:
+    """How warming one image went."""
+
+    image: str  # as the user wrote it
+    reference: str | None = None  # the full reference in the store: docker.io/library/alpine:3.19
+    digest: Digest | None = None  # of the top manifest
+    platforms: list[str] = attrs.Factory(list)  # of the children taken, for an index
+    manifests: int = 0
+    blobs: int = 0
+    fetched: int = 0  # blobs of this image that this run downloaded
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def line(self) -> str:
+        """The line printed when the image is done."""
+        if self.error is not None:
+            return f"FAILED  {self.image}: {self.error}"
+        where = f" ({', '.join(self.platforms)})" if self.platforms else ""
+        return (
+            f"ok      {self.reference} {self.digest}{where}: {self.blobs} blobs, "
+            f"{self.fetched} fetched, {self.blobs - self.fetched} already cached"
+        )
+
+
+@attrs.define
+class WarmReport:
+    """What a run did."""
+
+    images: list[ImageResult]
+    blobs_fetched: int = 0
+    bytes_fetched: int = 0
+    blobs_cached: int = 0
+    bytes_cached: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[ImageResult]:
+        return [i for i in self.images if not i.ok]
+
+    def summary(self) -> str:
+        """One line: images, manifests, blobs and bytes fetched vs already cached, time."""
+        manifests = sum(i.manifests for i in self.images)
+        ok = len(self.images) - len(self.failed)
+        text = (
+            f"summary: {len(self.images)} images ({ok} ok, {len(self.failed)} failed), {manifests} manifests; "
+            f"blobs: {self.blobs_fetched} fetched ({format_bytes(self.bytes_fetched)}), "
+            f"{self.blobs_cached} already cached ({format_bytes(self.bytes_cached)}); "
+            f"{self.seconds:.1f} s, {format_rate(self.bytes_fetched, self.seconds)}"
+        )
+        if not self.blobs_fetched and not self.failed:
+            text += "; everything was already cached"
+        return text
+
+
+def _follow(source: Source, on_bytes: Callable[[int], None]) -> Deferred[None]:
+    """Fires when ``source`` is whole and verified, fails with its failure; reports bytes."""
+    d: Deferred[None] = Deferred()
+
+    def check() -> None:
+        if d.called:
+            return
+        on_bytes(source.readable_end())
+        if source.failure is not None:
+            source.unsubscribe(check)
+            d.errback(source.failure)
+        elif source.finished:
+            source.unsubscribe(check)
+            d.callback(None)
+
+    source.subscribe(check)
+    check()
+    return d
+
+
+class _ImageFailed(Exception):
+    """Warming one image failed; the message says why."""
+
+
+class Warmer:
+    """Warms images through a :class:`MirrorService`.
+
+    Args:
+        service: the service whose store is filled.
+        platforms: which children of an index to take.
+        jobs: images warmed at a time.
+        progress: where progress goes (None: nowhere).
+    """
+
+    def __init__(self, service: MirrorService, *, platforms: PlatformChoice, jobs: int = 4, progress: Progress | None = None) -> None:
+        if jobs < 1:
+            raise ValueError("jobs must be at least 1")
+        self._service = service
+        self._clock: IReactorTime = service.clock
+        self._platforms = platforms
+        self._jobs = jobs
+        self._progress = progress
+        self._flights: SingleFlight[None] = SingleFlight()
+        self._outcome: dict[Digest, str] = {}  # "fetched" or "cached", once done in this run
+        self._fills: set[BlobFill] = set()  # fills this run follows (to stop on interrupt)
+        self._interrupted = False
+        self.report = WarmReport([])
+
+    async def run(self, images: Sequence[str]) -> WarmReport:
+        """Warm ``images`` (references as users write them), ``jobs`` at a time."""
+        started = self._clock.seconds()
+        unique = list(dict.fromkeys(images))
+        self.report = WarmReport([ImageResult(text) for text in unique])
+        if self._progress is not None:
+            self._progress.start(len(unique))
+        semaphore = DeferredSemaphore(self._jobs)
+        try:
+            await gatherResults(
+                [semaphore.run(lambda r=result: Deferred.fromCoroutine(self._image(r))) for result in self.report.images]
+            )
+        finally:
+            if self._progress is not None:
+                self._progress.stop()
+        self.report.seconds = self._clock.seconds() - started
+        return self.report
+
+    async def interrupt(self, timeout: float = 5.0) -> None:
+        """Stop the downloads under way, so that their spool files are removed."""
+        self._interrupted = True
+        for fill in list(self._fills):
+            if fill.transport is not None:
+                fill.transport.stopProducing()
+        deadline = self._clock.seconds() + timeout
+        while self._fills and self._clock.seconds() < deadline:
+            await deferLater(self._clock, 0.05, lambda: None)
+
+    # one image ----------------------------------------------------------------------------
+    async def _image(self, result: ImageResult) -> None:
+        try:
+            ref = parse_image_ref(result.image)
+            await self._warm(ref, result)
+        except (ImageRefError, _ImageFailed) as e:
+            result.error = str(e)
+        except RegistryError as e:
+            result.error = e.message
+        except (LayoutError, PlatformError) as e:
+            result.error = f"{result.reference or result.image}: {e}"
+        except Exception as e:  # one image's surprise must not stop the others
+            result.error = f"{type(e).__name__}: {e}"
+        if self._progress is not None and not self._interrupted:
+            self._progress.image_finished(result.line())
+
+    async def _warm(self, ref: ImageRef, result: ImageResult) -> None:
+        r = self._service.route(ref.name, ref.ns)
+        result.reference = full_reference(r.repo_key, None if ref.digest else (ref.tag or "latest"), ref.digest)
+        top = await self._service.get_manifest(ref.name, ref.ns, ref.reference, ACCEPT)
+        result.digest = top.digest
+        leaves = await self._leaves(ref, top, result, 0)
+        blobs: dict[Digest, Descriptor] = {}
+        for content in leaves:
+            for b in content:
+                blobs.setdefault(b.digest, b)
+        result.blobs = len(blobs)
+        for b in blobs.values():
+            await self._flights.run(b.digest, lambda b=b: self._blob(ref, r.repo_key, b))
+            if self._outcome.get(b.digest) == "fetched":
+                result.fetched += 1
+
+    async def _leaves(self, ref: ImageRef, manifest: Manifest, result: ImageResult, depth: int) -> list[tuple[Descriptor, ...]]:
+        """The blob lists of the image manifests under ``manifest`` (the wanted platforms)."""
+        result.manifests += 1
+        content = manifest_content(manifest.data, manifest.media_type)
+        if not is_index(content.media_type):
+            return [content.blobs]
+        if depth > 4:
+            raise LayoutError(f"index {manifest.digest} nests indexes too deep")
+        children = select_children(content.children, self._platforms, lambda d: d.extra.get("platform"))
+        leaves = []
+        for child in children:
+            if depth == 0 and (p := platform_of(child.extra.get("platform"))) is not None:
+                result.platforms.append(str(p))
+            m = await self._service.get_manifest(ref.name, ref.ns, str(child.digest), ACCEPT)
+            leaves += await self._leaves(ref, m, result, depth + 1)
+        return leaves
+
+    # one blob -----------------------------------------------------------------------------
+    async def _blob(self, ref: ImageRef, repo: str, d: Descriptor) -> None:
+        if d.digest in self._outcome:
+            return  # done earlier in this run, for another image
+        body = await self._service.get_blob(ref.name, ref.ns, str(d.digest))
+        try:
+            if body.cache == "hit":
+                self._check_size(d, body.size)
+                self._done(d.digest, "cached", body.size or 0)
+                if self._progress is not None:
+                    self._progress.blob_cached(body.size or 0)
+                return
+            progress = self._progress
+            if progress is not None:
+                progress.blob_started(repo, d.digest, body.size if body.size is not None else d.size)
+            fill = body.source if isinstance(body.source, BlobFill) else None
+            if fill is not None:
+                self._fills.add(fill)
+            try:
+                await _follow(body.source, lambda n: progress.blob_progress(d.digest, n) if progress else None)
+            except Exception as e:
+                if progress is not None:
+                    progress.blob_finished(d.digest, None, ok=False)
+                raise _ImageFailed(f"fetching blob {d.digest} failed: {e}") from None
+            finally:
+                self._fills.discard(fill)  # type: ignore[arg-type]
+            size = body.source.readable_end()
+            if progress is not None:
+                progress.blob_finished(d.digest, size, ok=True)
+            self._check_size(d, size)
+            self._done(d.digest, "fetched", size)
+        finally:
+            body.file.close()
+
+    @staticmethod
+    def _check_size(d: Descriptor, size: int | None) -> None:
+        if size is not None and size != d.size:
+            raise _ImageFailed(f"blob {d.digest} is {size} bytes but its manifest says {d.size}")
+
+    def _done(self, digest: Digest, outcome: str, size: int) -> None:
+        self._outcome[digest] = outcome
+        if outcome == "fetched":
+            self.report.blobs_fetched += 1
+            self.report.bytes_fetched += size
+        else:
+            self.report.blobs_cached += 1
+            self.report.bytes_cached += size
+
+
+# the command ----------------------------------------------------------------------------------
+def _log_observer(progress: Progress) -> Callable[[dict], None]:
+    """Shows the service's warnings that matter to whoever runs warm."""
+
+    def observe(event: dict) -> None:
+        if event.get("event_kind") == "stale_tag":
+            progress.message(
+                f"warning: {event.get('repository')}:{event.get('tag')}: upstream unreachable, "
+                f"kept the cached {event.get('digest')} unchecked ({event.get('reason')})"
+            )
+        elif event.get("event_kind") == "digest_mismatch":
+            progress.message(f"error: upstream sent {event.get('repository')}@{event.get('digest')} with wrong bytes; not cached")
+
+    return observe
+
+
+def run_warm(
+    config: MirrorConfig,
+    images: Sequence[str],
+    *,
+    platforms: PlatformChoice,
+    jobs: int = 4,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Run a warm on the global reactor; returns the exit code (0, 1 failures, 130 interrupted)."""
+    from twisted.internet import reactor
+
+    outcome: list[object] = []
+    interrupted: list[bool] = []
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max(16, jobs)
+    service = build_warm_service(config, reactor, pool)
+    progress = Progress(out, reactor, tty=out.isatty())
+    warmer = Warmer(service, platforms=platforms, jobs=jobs, progress=progress)
+    observer = _log_observer(progress)
+
+    async def main() -> WarmReport:
+        try:
+            return await warmer.run(images)
+        finally:
+            await pool.closeCachedConnections()
+
+    def start() -> None:
+        def done(result: object) -> None:
+            outcome.append(result)
+            try:
+                reactor.stop()  # type: ignore[attr-defined]
+            except ReactorNotRunning:
+                pass  # already stopping (interrupted)
+
+        Deferred.fromCoroutine(main()).addBoth(done)
+
+    def before_shutdown() -> Deferred[None] | None:
+        if outcome:
+            return None
+        interrupted.append(True)
+        progress.stop()
+        return Deferred.fromCoroutine(warmer.interrupt())
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+        reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)  # type: ignore[attr-defined]
+        reactor.run()  # type: ignore[attr-defined]
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        service.access.flush()  # warming counts as a pull for LRU eviction
+    if interrupted or not outcome:
+        print("mirror warm: interrupted; what was verified is kept, run it again to resume", file=err)
+        return 130
+    result = outcome[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    assert isinstance(result, WarmReport)
+    print(result.summary(), file=out)
+    for failed in result.failed:
+        print(f"mirror warm: failed: {failed.image}: {failed.error}", file=err)
+    return 1 if result.failed else 0
