@@ -128,7 +128,9 @@ class Authenticator:
             user, sep, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return None
-        return (user, password) if sep else None
+        # containers/image sends "Basic Og==" (an empty user and password) when it has no
+        # credentials: that is an anonymous client, not a failed login.
+        return (user, password) if sep and user else None
 
     def cached_basic(self, user: str, password: str) -> bool:
         """Whether this exact pair verified before (Basic sends it with every request)."""

@@ -182,3 +182,11 @@ def test_htpasswd_must_be_bcrypt(tmp_path):
     path.write_text("alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
     with pytest.raises(ValueError, match="not a user:bcrypt-hash entry"):
         Authenticator(AuthConfig(htpasswd=path))
+
+
+def test_empty_basic_credentials_are_anonymous(htpasswd):
+    """containers/image sends 'Basic Og==' (empty user and password) when it has none: that
+    is an anonymous client, not a failed login."""
+    auth = Authenticator(AuthConfig(htpasswd=htpasswd, rules=RULES))
+    assert auth.basic_credentials("Basic Og==") is None
+    assert auth.basic_credentials("Basic " + base64.b64encode(b"alice:pw").decode()) == ("alice", "pw")

@@ -29,8 +29,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -849,10 +852,6 @@ def run_with_input(argv: Sequence[str], input_text: str, *, timeout: float, env:
                    cwd: Path, log: Path | None = None) -> tuple[int, str]:
     """Run a command feeding ``input_text`` on stdin (a password for ``--password-stdin``);
     returns (exit code, stdout+stderr). The input is never logged. Timeouts kill the group."""
-    import os
-    import signal
-    import subprocess
-
     proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, cwd=cwd, text=True, errors="replace", start_new_session=True)
     try:

@@ -12,8 +12,8 @@ For each mode:
   pull, push, pull back;
 * skopeo: ``--dest-creds`` push and ``--src-creds`` pull; without creds a private repository
   is refused with an auth error (pull and push), a wrong password too;
-* anonymous pull of ``public/*``: plain HTTP and skopeo without credentials (xfail in Basic
-  mode: see :data:`BASIC_OG_BUG`);
+* anonymous pull of ``public/*``: plain HTTP and skopeo without credentials (skopeo sends
+  ``Basic Og==``, an empty user and password, which must count as anonymous);
 * podman: ``podman login`` (a wrong password fails), push, pull back; after ``podman logout``
   the private pull is refused.
 
@@ -179,11 +179,6 @@ def test_skopeo_creds_push_pull_and_refusals(auth_registry, layout, workdir):
     assert _is_auth_error(str(public_push.value)), str(public_push.value)
 
 
-BASIC_OG_BUG = (
-    "registry bug: after a Basic challenge, containers/image (skopeo, podman) without credentials "
-    "sends 'Authorization: Basic Og==' (empty user and password); the registry checks it as a login, "
-    "answers 401 'authentication failed', and the anonymous pull of public/* fails"
-)
 
 
 def test_anonymous_pull_of_public_repositories(auth_registry, layout, request):
@@ -205,8 +200,6 @@ def test_anonymous_pull_of_public_repositories(auth_registry, layout, request):
     status, _, _ = http_request(f"{r.mirror.url}/v2/private/app/manifests/1", headers=headers, timeout=30)
     assert status == 401
 
-    if r.mode == "basic":
-        request.applymarker(pytest.mark.xfail(raises=ClientError, strict=True, reason=BASIC_OG_BUG))
     assert skopeo_copy(f"{r.host_port}/public/app:1") == public  # no credentials
 
 

@@ -8,6 +8,8 @@ A test CA and a server certificate for IP 127.0.0.1 (signed by the CA) are made 
   (``--src-cert-dir`` holding ``ca.crt``): digests agree with what was pushed;
 * skopeo with verification on but without the CA fails with a certificate error, and so
   does a name the certificate does not cover (``localhost``): verification is real;
+* token auth over HTTPS: the realm names ``https://`` on the TLS port, skopeo logs in
+  through it with verification on;
 * dockerd pulls and pushes over HTTPS with the CA in ``certs.d`` (see the note in
   :func:`test_docker_push_and_pull_over_https`);
 * bad input: plain HTTP to the TLS port and a TLS handshake to the plain port both fail
@@ -21,6 +23,7 @@ import datetime as dt
 import http.client
 import ipaddress
 import json
+import secrets
 import socket
 import ssl
 import time
@@ -30,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -143,9 +147,7 @@ class TlsRegistry:
         return ssl.create_default_context(cafile=str(self.tls.ca_cert))
 
 
-@pytest.fixture
-def tls_registry(workdir: Path) -> Iterator[TlsRegistry]:
-    """A private registry listening on HTTPS (``ssl:``) and plain HTTP (``tcp:``) at once."""
+def _start_tls_registry(workdir: Path, **extra: object) -> TlsRegistry:
     tls = make_ca_and_server_cert(workdir / "tls")
     tls_port = free_port()
     http_port = free_port()
@@ -154,15 +156,26 @@ def tls_registry(workdir: Path) -> Iterator[TlsRegistry]:
     d = workdir / "registry"
     d.mkdir()
     m = MirrorProcess(d, [], listen=[tls_endpoint(tls_port, tls.key, tls.cert), tcp_endpoint(http_port)],
-                      hosted=["*"])
+                      hosted=["*"], **extra)
     assert m.ports == [tls_port, http_port] and m.port == http_port
     m.start()
+    return TlsRegistry(m, tls, tls_port)
+
+
+def _stop_and_check(r: TlsRegistry) -> None:
+    r.mirror.stop()
+    problems = [line for line in r.mirror.log_text().splitlines() if "Traceback" in line or "Unhandled" in line]
+    assert not problems, f"{r.mirror.log}:\n" + "\n".join(problems[:10])
+
+
+@pytest.fixture
+def tls_registry(workdir: Path) -> Iterator[TlsRegistry]:
+    """A private registry listening on HTTPS (``ssl:``) and plain HTTP (``tcp:``) at once."""
+    r = _start_tls_registry(workdir)
     try:
-        yield TlsRegistry(m, tls, tls_port)
+        yield r
     finally:
-        m.stop()
-    problems = [line for line in m.log_text().splitlines() if "Traceback" in line or "Unhandled" in line]
-    assert not problems, f"{m.log}:\n" + "\n".join(problems[:10])
+        _stop_and_check(r)
 
 
 @pytest.fixture
@@ -254,6 +267,37 @@ def test_skopeo_verification_is_real(tls_registry, layout, workdir):
     assert "x509" in str(wrong_name.value) and "localhost" in str(wrong_name.value), str(wrong_name.value)
     # the same with the CA and the certified address works
     assert skopeo_copy(f"{r.tls_host_port}/tls/verify:1", tls_verify=True, cert_dir=r.tls.cert_dir) == want
+
+
+@pytest.mark.clients
+def test_token_auth_over_https(workdir, layout):
+    """Token auth behind both endpoints: the Bearer realm follows the scheme and address the
+    client used (``https://`` on the TLS port, ``http://`` on the plain one), and skopeo with
+    credentials and verification on pushes and pulls over HTTPS through that realm."""
+    _need("skopeo")
+    password = "tls-" + secrets.token_hex(8)
+    htpasswd = workdir / "htpasswd"
+    htpasswd.write_text(f"alice:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}\n")
+    r = _start_tls_registry(workdir, auth={"htpasswd": str(htpasswd), "token": True})
+    try:
+        status, headers, _ = http_request(f"{r.https_url}/v2/", ssl_context=r.verified_context(), timeout=10)
+        assert status == 401
+        assert headers["www-authenticate"].startswith(f'Bearer realm="https://{r.tls_host_port}/auth/token"')
+        status, headers, _ = http_request(f"{r.mirror.url}/v2/", timeout=10)
+        assert status == 401
+        assert headers["www-authenticate"].startswith(f'Bearer realm="http://{r.http_host_port}/auth/token"')
+
+        pushed = images.push(layout.path, "latest", r.tls_host_port, "secure/app", "1", creds=("alice", password),
+                             tls_verify=True, cert_dir=r.tls.cert_dir)
+        assert skopeo_copy(f"{r.tls_host_port}/secure/app:1", tls_verify=True, cert_dir=r.tls.cert_dir,
+                           creds=("alice", password)) == pushed
+        with pytest.raises(ClientError) as anonymous:
+            skopeo_copy(f"{r.tls_host_port}/secure/app:1", tls_verify=True, cert_dir=r.tls.cert_dir)
+        assert "unauthorized" in str(anonymous.value).lower(), str(anonymous.value)
+        log = r.mirror.log_text()
+        assert '"GET /auth/token?' in log and password not in log
+    finally:
+        _stop_and_check(r)
 
 
 # --------------------------------------------------------------------------
