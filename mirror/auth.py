@@ -28,6 +28,7 @@ from pathlib import Path
 import attrs
 import bcrypt
 import jwt
+from twisted.internet.defer import Deferred
 
 from mirror.errors import RegistryError
 
@@ -140,6 +141,60 @@ class Authenticator:
         if len(self._verified) > 10_000:
             self._verified.clear()
         self._verified[hashlib.sha256(f"{user}:{password}".encode()).digest()] = user
+
+    async def check_password(self, user: str, password: str, run_blocking: Callable[..., Deferred[bool]]) -> bool:
+        """Whether the pair is valid: remembered, or bcrypt-checked in a thread."""
+        if self.cached_basic(user, password):
+            return True
+        if not await run_blocking(self.verify_password, user, password):
+            return False
+        self.remember_basic(user, password)
+        return True
+
+    async def authorize(
+        self,
+        header: str | None,
+        realm: str,
+        required: Sequence[tuple[str, str]],
+        run_blocking: Callable[..., Deferred[bool]],
+    ) -> Principal:
+        """Who is calling (from its ``Authorization`` header), checked against what the
+        request needs (see :func:`requirements`).
+
+        Raises:
+            RegistryError: ``UNAUTHORIZED`` (401, with the challenge) when more than the
+                caller showed is needed; ``DENIED`` (403) for a user the rules refuse.
+        """
+        principal = Principal(None)
+        if header and header[:7].lower() == "bearer " and self.config.token:
+            principal = self.principal_from_token(header[7:].strip())
+        elif (creds := self.basic_credentials(header)) is not None:
+            if not await self.check_password(*creds, run_blocking):
+                raise RegistryError("UNAUTHORIZED", "authentication failed", headers={"WWW-Authenticate": self.challenge(None, realm=realm)})
+            principal = Principal(creds[0])
+        for repository, action in required:
+            if action == "login":
+                if principal.anonymous and principal.grants is None:
+                    raise RegistryError(
+                        "UNAUTHORIZED", "authentication required", headers={"WWW-Authenticate": self.challenge(None, realm=realm)}
+                    )
+                continue
+            if self.permitted(principal, repository, action):
+                continue
+            scope = f"repository:{repository}:{'pull,push' if action == 'push' else action}"
+            if principal.anonymous or principal.grants is not None:
+                raise RegistryError(
+                    "UNAUTHORIZED",
+                    f"authentication required to {action} {repository}",
+                    detail=[{"Type": "repository", "Name": repository, "Action": action}],
+                    headers={
+                        "WWW-Authenticate": self.challenge(
+                            scope, "insufficient_scope" if principal.grants is not None else None, realm=realm
+                        )
+                    },
+                )
+            raise RegistryError("DENIED", f"{principal.user} may not {action} {repository}")
+        return principal
 
     # rules --------------------------------------------------------------------------------
     def permitted(self, principal: Principal, repository: str, action: str) -> bool:

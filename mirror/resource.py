@@ -189,45 +189,8 @@ class RegistryResource(Resource):
     async def _authorized(self, handler: Handler, call: _Call, required: Sequence[tuple[str, str]]) -> None:
         auth = self.auth
         if auth is not None and required:
-            call.principal = await self._authenticate(auth, call, required)
+            call.principal = await auth.authorize(call.header("Authorization"), self._realm(call), required, deferToThread)
         await handler(call)
-
-    async def _authenticate(self, auth: Authenticator, call: _Call, required: Sequence[tuple[str, str]]) -> Principal:
-        """Who is calling, checked against what the request needs; 401/403 otherwise."""
-        header = call.header("Authorization")
-        realm = self._realm(call)
-        principal = Principal(None)
-        if header and header[:7].lower() == "bearer " and auth.config.token:
-            principal = auth.principal_from_token(header[7:].strip())
-        elif (creds := auth.basic_credentials(header)) is not None:
-            user, password = creds
-            if not auth.cached_basic(user, password):
-                if not await deferToThread(auth.verify_password, user, password):
-                    raise RegistryError(
-                        "UNAUTHORIZED", "authentication failed", headers={"WWW-Authenticate": auth.challenge(None, realm=realm)}
-                    )
-                auth.remember_basic(user, password)
-            principal = Principal(user)
-        for repository, action in required:
-            if action == "login":
-                if principal.anonymous and principal.grants is None:
-                    raise RegistryError(
-                        "UNAUTHORIZED", "authentication required", headers={"WWW-Authenticate": auth.challenge(None, realm=realm)}
-                    )
-                continue
-            if auth.permitted(principal, repository, action):
-                continue
-            scope = f"repository:{repository}:{'pull,push' if action == 'push' else action}"
-            if principal.anonymous or principal.grants is not None:
-                error = "insufficient_scope" if principal.grants is not None else None
-                raise RegistryError(
-                    "UNAUTHORIZED",
-                    f"authentication required to {action} {repository}",
-                    detail=[{"Type": "repository", "Name": repository, "Action": action}],
-                    headers={"WWW-Authenticate": auth.challenge(scope, error, realm=realm)},
-                )
-            raise RegistryError("DENIED", f"{principal.user} may not {action} {repository}")
-        return principal
 
     @staticmethod
     def _realm(call: _Call) -> str:
@@ -251,9 +214,8 @@ class RegistryResource(Resource):
             if creds is not None:
                 user, password = creds
         if user is not None:
-            if not (auth.cached_basic(user, password or "") or await deferToThread(auth.verify_password, user, password or "")):
+            if not await auth.check_password(user, password or "", deferToThread):
                 raise RegistryError("UNAUTHORIZED", "authentication failed")
-            auth.remember_basic(user, password or "")
         call.set_header("Cache-Control", "no-store")
         call.finish_json(auth.issue_token(user, scopes))
 
