@@ -37,6 +37,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -134,12 +135,19 @@ class FilesystemStore:
         for sub in ("blobs", "spool", "repositories", "uploads"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
-    def clean_spool(self) -> int:
-        """Delete spool files left by a previous process (call at start-up only)."""
+    def clean_spool(self, idle_for: float = 0.0) -> int:
+        """Delete spool files left by a previous process (call at start-up only); with
+        ``idle_for``, keep files written within that many seconds (another process, e.g.
+        ``mirror warm``, may be filling them)."""
         removed = 0
+        cutoff = time.time() - idle_for
         for entry in os.scandir(self.root / "spool"):
-            os.unlink(entry.path)
-            removed += 1
+            try:
+                if not idle_for or entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # committed or aborted meanwhile
         return removed
 
     # paths -----------------------------------------------------------------------------

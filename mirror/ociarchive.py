@@ -279,10 +279,12 @@ def import_archive(
     started = clock()
     try:
         staged = _stage(store, Path(path))
-    except tarfile.TarError as e:
-        raise ArchiveError(f"not a readable tar archive ({e})") from None
     except EOFError:
         raise ArchiveError("the archive ends early (truncated)") from None
+    except tarfile.TarError as e:
+        if "unexpected end" in str(e) or "truncated" in str(e):
+            raise ArchiveError(f"the archive ends early (truncated: {e})") from None
+        raise ArchiveError(f"not a readable tar archive ({e})") from None
     images, warnings = _plan_import(store, config, staged)
     _commit(store, images, clock)
     for image in images:
@@ -311,7 +313,7 @@ def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> by
         raise ArchiveError(f"{member.name} is {member.size} bytes, more than the {limit} allowed")
     src = tar.extractfile(member)
     assert src is not None
-    data = src.read(limit + 1)
+    data = src.read(member.size)  # not read(limit): that would allocate the limit up front
     if len(data) != member.size:
         raise ArchiveError(f"{member.name}: the archive ends early (truncated)")
     return data

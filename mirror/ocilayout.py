@@ -4,7 +4,13 @@ An OCI image layout (image-spec ``image-layout.md``) is ``oci-layout``, ``index.
 and ``blobs/<alg>/<encoded>``.  ``index.json`` lists the top-level manifests; each
 carries its name in the annotation ``org.opencontainers.image.ref.name`` — here the full
 reference (``docker.io/library/hello:latest``), which is what skopeo's
-``oci-archive:FILE:REF`` and containerd's import look up.
+``oci-archive:FILE:REF`` looks up — and in containerd's ``io.containerd.image.name``.
+
+skopeo (containers/image) only takes OCI media types from ``index.json``, so a Docker
+schema 2 manifest or manifest list is listed under its OCI counterpart (the image-spec's
+compatibility matrix pairs them).  The manifest's bytes, and so its digest, are the
+mirror's; and its own ``mediaType`` field still says what it is, which is what
+:func:`manifest_media_type` returns for such a pair: an import restores the Docker type.
 
 :func:`image_closure` walks an image from its top descriptor through an index's
 children to every config and layer, reading manifests and sizes through callables, so
@@ -25,6 +31,8 @@ import attrs
 
 from mirror.errors import RegistryError
 from mirror.oci import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
     MANIFEST_MEDIA_TYPES,
@@ -50,6 +58,7 @@ __all__ = [
     "descriptor",
     "image_closure",
     "image_name",
+    "index_media_type",
     "manifest_content",
     "manifest_media_type",
     "parse_blob_member",
@@ -123,16 +132,28 @@ class ManifestContent:
     blobs: tuple[Descriptor, ...] = ()  # an image's config and (distributable) layers
 
 
+#: Docker manifest types and the OCI types ``index.json`` lists them under.
+_OCI_COUNTERPART = {DOCKER_MANIFEST: OCI_MANIFEST, DOCKER_MANIFEST_LIST: OCI_INDEX}
+
+
+def index_media_type(media_type: str) -> str:
+    """The media type ``index.json`` lists a manifest under (see the module docstring)."""
+    return _OCI_COUNTERPART.get(media_type, media_type)
+
+
 def manifest_media_type(doc: Mapping[str, object], declared: str | None = None) -> str:
     """A manifest's media type: ``declared`` (from a descriptor or Content-Type) when it
-    names a manifest type, else the document's ``mediaType``, else inferred (OCI).
+    names a manifest type, else the document's ``mediaType``, else inferred (OCI).  A
+    Docker document declared as its OCI counterpart is of its own (Docker) type.
 
     Raises:
-        LayoutError: when ``declared`` and the document's field disagree, or neither
-            says and the shape is not a manifest's.
+        LayoutError: when ``declared`` and the document's field disagree otherwise, or
+            neither says and the shape is not a manifest's.
     """
     field = doc.get("mediaType")
     if declared is not None and isinstance(field, str) and field != declared:
+        if _OCI_COUNTERPART.get(field) == declared:
+            return field
         raise LayoutError(f"the descriptor says {declared} but the manifest says {field}")
     if declared in MANIFEST_MEDIA_TYPES:
         return declared
@@ -151,9 +172,9 @@ def manifest_content(data: bytes, declared: str | None = None) -> ManifestConten
         doc = parse_manifest(data)
     except RegistryError as e:
         raise LayoutError(e.message) from None
+    if "fsLayers" in doc or declared in (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED):
+        raise LayoutError("Docker schema 1 manifests cannot go into an OCI layout")
     media_type = manifest_media_type(doc, declared)
-    if "fsLayers" in doc or media_type in (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED):
-        raise LayoutError(f"{media_type} manifests cannot go into an OCI layout")
     if is_index(media_type):
         items = doc.get("manifests")
         if not isinstance(items, list):
@@ -276,11 +297,15 @@ def _leaves(
 
 # index.json ---------------------------------------------------------------------------------
 def build_index(entries: Sequence[tuple[Descriptor, str]]) -> bytes:
-    """``index.json`` listing each top descriptor under its full reference name."""
+    """``index.json`` listing each top descriptor under its full reference name (Docker
+    types under their OCI counterparts)."""
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
-        "manifests": [d.to_json({REF_NAME: name}) for d, name in entries],
+        "manifests": [
+            attrs.evolve(d, media_type=index_media_type(d.media_type)).to_json({REF_NAME: name, CONTAINERD_NAME: name})
+            for d, name in entries
+        ],
     }
     return json.dumps(doc, indent=1).encode() + b"\n"
 

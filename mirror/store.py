@@ -40,6 +40,9 @@ class BlobWriter(Protocol):
     def size(self) -> int:
         """Bytes written so far."""
 
+    def hash_also(self, digest: Digest) -> None:
+        """Also hash with ``digest``'s algorithm when it is not sha256 (before writing)."""
+
     def write(self, data: bytes) -> None:
         """Append ``data`` (and hash it)."""
 

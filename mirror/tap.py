@@ -55,13 +55,18 @@ class _AccessFlush(Service):
         self._service.access.flush()
 
 
-def build_service(config: MirrorConfig, reactor: object, pool: HTTPConnectionPool | None = None) -> MirrorService:
+def build_service(
+    config: MirrorConfig, reactor: object, pool: HTTPConnectionPool | None = None, *, clean_spool: bool = True
+) -> MirrorService:
     """The mirror service for ``config`` on ``reactor`` (a real one).
 
     ``pool`` holds the upstream connections; the caller may pass one to close it later.
+    ``clean_spool`` removes spool files a previous process left (idle for 10 minutes, so
+    that a ``mirror warm`` sharing the store keeps its fills); ``mirror warm`` itself
+    passes False.
     """
     store = FilesystemStore(config.storage.root)
-    removed = store.clean_spool()
+    removed = store.clean_spool(idle_for=600) if clean_spool else 0
     if removed:
         _log.info("removed {count} unfinished spool files from a previous run", count=removed)
     if pool is None:

@@ -20,19 +20,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TextIO
 
 import attrs
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from mirror.config import MirrorConfig
 from mirror.errors import RegistryError
-from mirror.fsstore import FilesystemStore
 from mirror.imageref import ImageRef, ImageRefError, full_reference, parse_image_ref
 from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, is_index
 from mirror.ocilayout import Descriptor, LayoutError, manifest_content
@@ -41,7 +38,7 @@ from mirror.progress import Progress, format_bytes, format_rate
 from mirror.service import Manifest, MirrorService
 from mirror.singleflight import SingleFlight
 from mirror.streaming import BlobFill, Source
-from mirror.upstream import Upstream
+from mirror.tap import build_service
 
 __all__ = ["ImageResult", "WarmReport", "Warmer", "build_warm_service", "read_image_list", "run_warm"]
 
@@ -50,15 +47,9 @@ ACCEPT = list(MANIFEST_MEDIA_TYPES)
 
 
 def build_warm_service(config: MirrorConfig, reactor: object, pool: HTTPConnectionPool) -> MirrorService:
-    """The service :func:`mirror.tap.build_service` builds, minus its start-up spool clean.
-
-    ``clean_spool`` would delete the files of fills a running service has under way.
-    """
-    store = FilesystemStore(config.storage.root)
-    http = HTTPClient(Agent(reactor, pool=pool))
-    return MirrorService(
-        config, store, lambda u: Upstream(u, http, reactor), reactor, deferToThread  # type: ignore[arg-type]
-    )
+    """The service :func:`mirror.tap.build_service` builds, minus its start-up spool clean,
+    which would delete the files of fills a running service has under way."""
+    return build_service(config, reactor, pool, clean_spool=False)
 
 
 def read_image_list(lines: Iterable[str]) -> list[str]:
@@ -363,6 +354,12 @@ def run_warm(
         progress.stop()
         return Deferred.fromCoroutine(warmer.interrupt())
 
+    unique = len(dict.fromkeys(images))
+    print(
+        f"warming {unique} image{'s' if unique != 1 else ''} into {config.storage.root} "
+        f"(platforms: {platforms}), {min(jobs, unique)} at a time",
+        file=out,
+    )
     globalLogPublisher.addObserver(observer)
     try:
         reactor.callWhenRunning(start)  # type: ignore[attr-defined]
@@ -379,6 +376,7 @@ def run_warm(
         result.raiseException()
     assert isinstance(result, WarmReport)
     print(result.summary(), file=out)
+    out.flush()  # before stderr, so that a shared log keeps the order
     for failed in result.failed:
         print(f"mirror warm: failed: {failed.image}: {failed.error}", file=err)
     return 1 if result.failed else 0

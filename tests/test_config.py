@@ -41,6 +41,12 @@ def test_sample_config_is_valid():
     assert cfg.upstreams[0].url == "https://registry-1.docker.io"
 
 
+@pytest.mark.parametrize("name", ["private.yaml", "offline.yaml"])
+def test_other_shipped_configs_are_valid(name):
+    """Every config the README tells users to run loads."""
+    load_config(Path(__file__).parent.parent / "conf" / name)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -12,12 +12,11 @@ import sys
 import time
 
 import attrs
-import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
-from mirror.config import GcConfig, MirrorConfig, StorageConfig
+from mirror.config import GcConfig, MirrorConfig
 from mirror.fsstore import FilesystemStore
 from mirror.gc import collect
 from mirror.oci import OCI_MANIFEST, Digest

@@ -14,12 +14,11 @@ import time
 
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 
 from mirror.oci import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Digest
-from tests.fake_upstream import digest_of
+
 
 LAYER = os.urandom(3 * 1024 * 1024 + 17)
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
