@@ -12,7 +12,11 @@ CONFIG ?= conf/mirror.yaml
 DEB_TEST_PACKAGES := docker-registry skopeo podman containerd docker.io runc jq curl openssl ca-certificates
 PYTEST_ARGS ?=
 
-.PHONY: run test venv deb-test-deps bench clean
+# The benchmark also needs nginx (the sendfile ceiling) and wrk (small requests).
+DEB_BENCH_PACKAGES := docker-registry skopeo nginx-light wrk
+BENCH_ARGS ?= --runs 3
+
+.PHONY: run test venv deb-test-deps deb-bench-deps bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +41,19 @@ deb-test-deps:
 
 test: deb-test-deps venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+deb-bench-deps:
+	@missing=""; \
+	for p in $(DEB_BENCH_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+# Not part of the test command: mirror vs CNCF Distribution's proxy mode, then GC at scale.
+bench: deb-bench-deps venv
+	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/gc_bench.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--config", "-c", default="conf/mirror.yaml")
     gc.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
     gc.add_argument("--delete-untagged", action="store_true", help="also drop hosted manifests no tag reaches")
+    gc.add_argument("--json", action="store_true", help="print one JSON summary line (the service reads it)")
     warm = sub.add_parser("warm", help="pre-fetch images into the cache (safe while the service runs)")
     warm.add_argument("--config", "-c", default="conf/mirror.yaml")
     warm.add_argument("images", nargs="*", metavar="IMAGE", help="e.g. alpine:3.19, ghcr.io/org/app:1, name@sha256:...")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok")
         return 0
     if args.command == "gc":
-        return _gc(config, dry_run=args.dry_run, delete_untagged=args.delete_untagged)
+        return _gc(config, dry_run=args.dry_run, delete_untagged=args.delete_untagged, as_json=args.json)
     if args.command == "warm":
         return _warm(config, args.images, args.file, args.platform, args.jobs)
     if args.command == "export":
@@ -71,14 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _gc(config: MirrorConfig, *, dry_run: bool, delete_untagged: bool) -> int:
+def _gc(config: MirrorConfig, *, dry_run: bool, delete_untagged: bool, as_json: bool = False) -> int:
+    import json
+
     from mirror.fsstore import FilesystemStore
-    from mirror.gc import collect, format_report
+    from mirror.gc import collect, format_report, summary
 
     store = FilesystemStore(config.storage.root)
-    sizes = {d: size for d, size, _ in store.scan_blobs()}
     report = collect(store, config, dry_run=dry_run, delete_untagged=delete_untagged or None)
-    print(format_report(report, sizes))
+    if as_json:
+        print(json.dumps(summary(report)))
+    else:
+        print(format_report(report))
     return 0
 
 

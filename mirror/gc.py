@@ -32,7 +32,7 @@ from mirror.gcplan import GcPolicy, Inventory, Plan, RepoInventory, plan
 from mirror.oci import Digest, manifest_references, parse_manifest
 from mirror.routing import is_hosted
 
-__all__ = ["GcReport", "collect", "format_report", "inventory", "policy_of"]
+__all__ = ["GcReport", "collect", "format_report", "inventory", "policy_of", "summary"]
 
 _log = Logger()
 
@@ -49,6 +49,22 @@ class GcReport:
     seconds: float
     blobs_deleted: int
     bytes_freed: int
+    sizes: dict[Digest, tuple[int, float]] = attrs.field(factory=dict, repr=False)  # the inventory's blobs
+
+
+def summary(report: GcReport) -> dict[str, object]:
+    """The numbers of a run, for logs, metrics and ``mirror gc --json``."""
+    freed = report.plan.bytes_freed if report.dry_run else report.bytes_freed
+    deleted = len(report.plan.delete_blobs) if report.dry_run else report.blobs_deleted
+    return {
+        "dry_run": report.dry_run,
+        "manifests_dropped": len(report.plan.drop_manifests),
+        "blobs_deleted": deleted,
+        "bytes_freed": freed,
+        "store_bytes": report.plan.bytes_before - freed,
+        "store_blobs": report.plan.blobs_before - deleted,
+        "seconds": round(report.seconds, 3),
+    }
 
 
 def policy_of(config: MirrorConfig, delete_untagged: bool | None = None) -> GcPolicy:
@@ -115,7 +131,8 @@ def collect(
     """One mark-and-sweep run (blocking: run it in a thread)."""
     started = now()
     policy = policy_of(config, delete_untagged)
-    the_plan = plan(inventory(store, config), policy, started)
+    inv = inventory(store, config)
+    the_plan = plan(inv, policy, started)
     deleted = freed = 0
     if not dry_run:
         for repo, tag in the_plan.drop_tags:
@@ -135,7 +152,7 @@ def collect(
             for repo in the_plan.blob_repos.get(digest, ()):
                 if store.blob_size(digest) is None:
                     store.unlink_blob(repo, digest)
-    report = GcReport(the_plan, dry_run, now() - started, deleted, freed)
+    report = GcReport(the_plan, dry_run, now() - started, deleted, freed, inv.blobs)
     _log.info(
         "gc{dry}: {manifests} manifests dropped, {blobs} blobs deleted, {bytes} bytes freed "
         "of {before} in {seconds:.2f} s",
@@ -155,7 +172,7 @@ def blobs_of(report: GcReport) -> list[Digest]:
     return report.plan.delete_blobs
 
 
-def format_report(report: GcReport, sizes: dict[Digest, int]) -> str:
+def format_report(report: GcReport) -> str:
     """Per repository: manifests dropped, blobs and bytes that go; then totals."""
     per_repo: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     for repo, _, _ in report.plan.drop_manifests:
@@ -164,7 +181,7 @@ def format_report(report: GcReport, sizes: dict[Digest, int]) -> str:
         holders = report.plan.blob_repos.get(digest) or ("(unreferenced)",)
         for repo in holders:
             per_repo[repo][1] += 1
-            per_repo[repo][2] += sizes.get(digest, 0) // len(holders)
+            per_repo[repo][2] += report.sizes.get(digest, (0, 0.0))[0] // len(holders)
     verb = "would delete" if report.dry_run else "deleted"
     lines = [f"{repo}: {m} manifests, {b} blobs, {n} bytes" for repo, (m, b, n) in sorted(per_repo.items())]
     total = report.plan.bytes_freed if report.dry_run else report.bytes_freed
