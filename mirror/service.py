@@ -151,6 +151,11 @@ class MirrorService:
         self._tags.clear()  # TTLs may have changed: revalidate tags on their next use
         return needs_restart
 
+    @property
+    def fills_in_flight(self) -> int:
+        """Blob fills not yet committed to the store (their clients may be done already)."""
+        return len(self._fills)
+
     # routing ------------------------------------------------------------------------------
     def route(self, name: str, ns: str | None) -> Route:
         """Check ``name`` and pick its upstream, or hosted (see :mod:`mirror.routing`)."""

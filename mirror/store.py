@@ -46,6 +46,9 @@ class BlobWriter(Protocol):
     def write(self, data: bytes) -> None:
         """Append ``data`` (and hash it)."""
 
+    def actual_digest(self, algorithm: str = "sha256") -> Digest:
+        """The digest of what was written so far."""
+
     def open_spool(self) -> BinaryIO:
         """A new reader of the bytes written so far (for clients following a fill)."""
 

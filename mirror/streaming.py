@@ -32,7 +32,7 @@ from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
 from mirror.oci import Digest
-from mirror.store import BlobWriter
+from mirror.store import BlobWriter, DigestMismatch
 
 __all__ = ["BlobFill", "CachedSource", "ClientGone", "FileSender", "FillFailed", "Source", "sendfile_transport"]
 
@@ -69,8 +69,12 @@ class Source(TypingProtocol):
         """Bytes from the start that may be sent now."""
 
     @property
+    def whole(self) -> bool:
+        """Every byte is readable and verified: ``readable_end()`` is the final size."""
+
+    @property
     def finished(self) -> bool:
-        """Whole and verified: ``readable_end()`` is the final size."""
+        """Whole, verified and stored (committed to the store)."""
 
     @property
     def failure(self) -> Failure | None:
@@ -87,6 +91,7 @@ class CachedSource:
     """A stored blob: all of it readable, nothing to wait for."""
 
     failure = None
+    whole = True
     finished = True
 
     def __init__(self, size: int) -> None:
@@ -141,14 +146,15 @@ class BlobFill(Protocol):
         self._upstream_paused = False
         self._lost: Failure | None = None  # how the body ended, once it has
         self._completed = False
-        self.finished = False
+        self.whole = False  # every byte received and the digest verified
+        self.finished = False  # ...and committed to the store
         self.failure: Failure | None = None
         self.done: Deferred[None] = Deferred()
 
     # Source -------------------------------------------------------------------------------
     def readable_end(self) -> int:
         size = self.writer.size
-        if self.finished or self.expected_size is None:
+        if self.whole or self.expected_size is None:
             return size
         return min(size, self.expected_size - 1)
 
@@ -225,10 +231,21 @@ class BlobFill(Protocol):
             self._problem = f"upstream body ended early: {reason.getErrorMessage()}"
         if self._problem is None and self.expected_size is not None and self.writer.size != self.expected_size:
             self._problem = f"upstream sent {self.writer.size} of {self.expected_size} bytes"
+        if self._problem is None and self.writer.actual_digest(self.digest.algorithm) != self.digest:
+            # (the writer checks again in commit; this early check lets followers finish)
+            self._problem = f"bytes do not match {self.digest}"
+            mismatch = DigestMismatch(self.digest, self.writer.actual_digest(self.digest.algorithm), self.writer.size)
+            self.writer.abort()
+            self._fail(Failure(mismatch))
+            return
         if self._problem is not None:
             self.writer.abort()
             self._fail(Failure(FillFailed(self._problem)))
             return
+        # Verified: clients get their last byte now; making it durable (fsync, rename)
+        # goes on in a thread, and only the store waits for it.
+        self.whole = True
+        self._notify()
         d = self._run_blocking(self.writer.commit, self.digest)
         d.addCallbacks(self._committed, self._commit_failed)
 
@@ -319,10 +336,10 @@ class FileSender:
                     if not self._send(limit - self._pos):
                         return
                     continue
-                if self._source.failure is not None:
-                    self._finish(self._source.failure)
-                elif self._source.finished and (self._end is None or self._pos >= self._end):
+                if self._source.whole and (self._end is None or self._pos >= self._end):
                     self._finish(None)
+                elif self._source.failure is not None:
+                    self._finish(self._source.failure)
                 return
         finally:
             self._pumping = False

@@ -44,6 +44,17 @@ class RunningMirror:
     pool: HTTPConnectionPool
     hosted: HostedRegistry
 
+    async def settled(self) -> None:
+        """Wait until every fill is committed: a client gets its last byte once the digest
+        verified, before the blob is fsynced and renamed into the store."""
+        from twisted.internet.task import deferLater
+
+        for _ in range(1000):
+            if not self.service.fills_in_flight:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError("fills still in flight after 10 s")
+
     def get(self, path: str, **kw):
         """A treq request against the mirror, on a fresh connection."""
         return treq.request(kw.pop("method", "GET"), self.url + path, persistent=False, **kw)

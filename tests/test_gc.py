@@ -166,7 +166,8 @@ async def test_pull_during_eviction_gets_whole_blob_or_fresh_fetch(fake_upstream
     r = await m.get("/v2/library/app/manifests/latest")
     await r.content()
     r = await m.get(f"/v2/library/app/blobs/{layer}")
-    await r.content()  # cached now
+    await r.content()
+    await m.settled()  # cached now
     config = with_gc(m, max_age=0.001)
     time.sleep(0.01)
     slow = await m.get(f"/v2/library/app/blobs/{layer}")  # headers in; body streams as read

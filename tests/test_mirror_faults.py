@@ -541,6 +541,7 @@ async def test_metrics_count_requests_cache_fetches_and_stale_tags(fake_upstream
         return await (await m.get(f"/v2/library/app/blobs/{layer}")).content()
 
     await defer.gatherResults([defer.ensureDeferred(pull()) for _ in range(3)])
+    await m.settled()
     await pull()
     await (await m.get("/v2/library/app/manifests/latest")).content()
     fake_upstream.faults["library/app:latest"] = "500"
@@ -592,7 +593,8 @@ async def test_slow_reader_of_a_cached_blob_gets_every_byte(fake_upstream, make_
 
     _, layer = image(fake_upstream)
     m = make_mirror(fake_upstream.url)
-    await (await m.get(f"/v2/library/app/blobs/{layer}")).content()  # now cached
+    await (await m.get(f"/v2/library/app/blobs/{layer}")).content()
+    await m.settled()  # now cached
     port = int(m.url.rsplit(":", 1)[1])
 
     def slow_read():

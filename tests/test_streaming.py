@@ -211,3 +211,31 @@ def test_slow_disk_pauses_the_upstream_and_resumes_it(store):
         d, f, args = pending.pop(0)
         d.callback(f(*args))
     assert fill.finished and store.blob_size(Digest.of(data)) == len(data)
+
+
+def test_clients_finish_when_verified_before_the_commit(store):
+    """The last byte goes out once the digest verified; fsync and rename (commit) run after,
+    and only the store waits for them."""
+    from twisted.internet.defer import Deferred
+
+    pending = []
+
+    def run_later(f, *args):
+        d = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    fill = BlobFill(store.new_writer(), Digest.of(DATA), len(DATA), Clock(), 30, run_later)
+    fill.makeConnection(StringTransport())
+    client = Consumer()
+    sent = FileSender(fill.writer.open_spool(), fill, client).start()
+    fill.dataReceived(DATA)
+    d, f, args = pending.pop(0)  # the write
+    d.callback(f(*args))
+    fill.connectionLost(Failure(ResponseDone()))
+    assert bytes(client.data) == DATA and sent.called  # whole and verified: done
+    assert fill.whole and not fill.finished
+    assert store.blob_size(Digest.of(DATA)) is None  # not in the store yet
+    d, f, args = pending.pop(0)  # the commit
+    d.callback(f(*args))
+    assert fill.finished and store.blob_size(Digest.of(DATA)) == len(DATA)

@@ -60,9 +60,15 @@ def test_skopeo_copy_through_mirror_keeps_digests(key, all_platforms, seeded_ups
     image = seeded[key]
     digest = skopeo_copy(f"{mirror.host_port}/{image.repo}:{image.tag}", all_platforms=all_platforms)
     assert digest == image.digest
-    # every blob the image names is now in the mirror's store, verified
+    # every blob the image names is now in the mirror's store, verified (the last commits,
+    # fsync and rename, may still be finishing after the client got its last byte)
+    import time
+
     for blob in image.blobs:
         path = mirror.root / "blobs" / "sha256" / blob[7:9] / blob[7:]
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == blob[7:]
 
 
