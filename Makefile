@@ -31,24 +31,24 @@ run: venv
 	mkdir -p var
 	$(VENV)/bin/twistd --nodaemon --pidfile= mirror --config $(CONFIG)
 
-deb-test-deps:
+# apt-get install whichever of the named Debian packages are missing (needs root)
+define apt-ensure
 	@missing=""; \
-	for p in $(DEB_TEST_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	for p in $(1); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
+endef
+
+deb-test-deps:
+	$(call apt-ensure,$(DEB_TEST_PACKAGES))
 
 test: deb-test-deps venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 deb-bench-deps:
-	@missing=""; \
-	for p in $(DEB_BENCH_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	fi
+	$(call apt-ensure,$(DEB_BENCH_PACKAGES))
 
 # Not part of the test command: mirror vs CNCF Distribution's proxy mode, then GC at scale.
 bench: deb-bench-deps venv
