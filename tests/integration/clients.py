@@ -30,10 +30,12 @@ import hashlib
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -798,6 +800,17 @@ class PodmanSession:
         if not lines:
             raise ClientError("podman", f"no image ID from podman pull {source}", proc_util.tail_file(self.log))
         return "sha256:" + lines[-1].removeprefix("sha256:")
+
+    def pull_layout(self, layout_dir: Path, ref: str, *, timeout: float = PULL_TIMEOUT) -> str:
+        """``pull_id`` of ``oci:LAYOUT:REF``.  podman names such an image after the layout's
+        path, so the path must be a valid reference; random temp dir names are not always
+        (mkdtemp may end one with ``_``): pull through a symlink with a safe name."""
+        safe = Path(tempfile.gettempdir()) / f"mirror-podman-layout-{secrets.token_hex(6)}"
+        safe.symlink_to(Path(layout_dir).resolve())
+        try:
+            return self.pull_id(f"oci:{safe}:{ref}", timeout=timeout)
+        finally:
+            safe.unlink()
 
     def image_ids(self) -> list[str]:
         """Full IDs (``sha256:<hex>``) of every local image."""

@@ -264,7 +264,7 @@ def test_podman_login_push_and_pull(auth_registry, layout):
         rc, out = podman_login(podman, r.host_port, USER, PASSWORD)
         assert "Login Succeeded" in out, out
 
-        image_id = podman.pull_id(f"oci:{layout.path}:latest")
+        image_id = podman.pull_layout(layout.path, "latest")
         podman.podman("tag", image_id, target, timeout=30)
         pushed = podman.push(target)
         assert r.served_digest("private/podman", "1") == pushed

@@ -219,7 +219,7 @@ def test_podman_push_and_pull_round_trip(private_registry, layout):
     m = private_registry
     target = f"{m.host_port}/mirrortest/podman:1"
     with PodmanSession(m.host_port.rsplit(":", 1)[0]) as podman:
-        image_id = podman.pull_id(f"oci:{layout.path}:latest")
+        image_id = podman.pull_layout(layout.path, "latest")
         podman.podman("tag", image_id, target, timeout=30)
         pushed = podman.push(target)
         served = served_digest(m, "mirrortest/podman", "1")
