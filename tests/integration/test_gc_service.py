@@ -44,8 +44,15 @@ def test_periodic_gc_in_the_service(workdir):
         assert sum(1 for p in (m.root / "blobs").rglob("*") if p.is_file()) < blobs_before
         with urllib.request.urlopen(f"{m.url}/v2/team/keep/manifests/{keep}", timeout=10) as r:
             assert r.status == 200 and json.loads(r.read())["schemaVersion"] == 2
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        runs = [line for line in text.splitlines() if line.startswith("mirror_gc_runs_total ")]
-        assert runs and float(runs[0].split()[1]) >= 1
+        def gc_runs() -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            runs = [line for line in text.splitlines() if line.startswith("mirror_gc_runs_total ")]
+            return float(runs[0].split()[1]) if runs else 0.0
+
+        # the child's summary reaches the service when the child exits, just after its deletes
+        deadline = time.monotonic() + 20
+        while gc_runs() < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert gc_runs() >= 1
         assert "gc: " in m.log_text() and "blobs deleted" in m.log_text()
