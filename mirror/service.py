@@ -93,6 +93,11 @@ def _media_type(content_type: str | None, doc: dict[str, object]) -> str:
     raise UpstreamRefused("MANIFEST_INVALID", f"upstream sent a manifest of unknown type {content_type!r}", status=502)
 
 
+def _hosted_blob_unknown(r: Route, digest: Digest) -> RegistryError:
+    """A hosted repository never asks an upstream: a blob it does not hold is unknown."""
+    return RegistryError("BLOB_UNKNOWN", f"blob {digest} is not in repository {r.repo_key}", detail={"digest": str(digest)})
+
+
 def _effective(upstream: UpstreamConfig, config: MirrorConfig) -> UpstreamConfig:
     """An upstream's settings with the global ``offline`` switch applied."""
     return attrs.evolve(upstream, offline=True) if config.offline and not upstream.offline else upstream
@@ -342,12 +347,13 @@ class MirrorService:
         """A blob to stream.  ``whole`` (for Range requests) waits for a fill to commit."""
         r = self.route(name, ns)
         digest = parse_digest(digest_text)
-        if r.hosted:
-            self._check_hosted_blob(r, digest)
-        body = self._cached_blob(digest, "hit")
+        linked = not r.hosted or self.store.has_blob_link(r.repo_key, digest)
+        body = self._cached_blob(digest, "hit") if linked else None
         if body is not None:
             self._log_cache("blob", r, digest_text, "hit")
             return body
+        if r.hosted:
+            raise _hosted_blob_unknown(r, digest)
         cache = "join"
         fill = self._fills.get(digest)
         if fill is None:
@@ -369,10 +375,6 @@ class MirrorService:
         except FileNotFoundError:  # committed (renamed) or aborted just now
             return await self.get_blob(name, ns, digest_text, whole=whole)
         return BlobBody(file, fill, fill.expected_size, digest, cache)
-
-    def _check_hosted_blob(self, r: Route, digest: Digest) -> None:
-        if not self.store.has_blob_link(r.repo_key, digest) or self.store.blob_size(digest) is None:
-            raise RegistryError("BLOB_UNKNOWN", f"blob {digest} is not in repository {r.repo_key}", detail={"digest": str(digest)})
 
     async def _wait_fill(self, fill: BlobFill) -> None:
         """Wait until ``fill`` commits or fails, without touching its shared Deferred."""
@@ -442,12 +444,13 @@ class MirrorService:
         """A blob's size for ``HEAD``: from the store, a fill, or the upstream (no fetch)."""
         r = self.route(name, ns)
         digest = parse_digest(digest_text)
-        if r.hosted:
-            self._check_hosted_blob(r, digest)
-        size = self.store.blob_size(digest)
+        linked = not r.hosted or self.store.has_blob_link(r.repo_key, digest)
+        size = self.store.blob_size(digest) if linked else None
         if size is not None:
             self._log_cache("blob", r, digest_text, "hit")
             return size
+        if r.hosted:
+            raise _hosted_blob_unknown(r, digest)
         fill = self._fills.get(digest)
         if fill is not None and fill.expected_size is not None:
             return fill.expected_size

@@ -29,7 +29,7 @@ class SingleFlight(Generic[T]):
 
     def run(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> Deferred[T]:
         """Run ``work()`` unless it is already running for ``key``; either way, a fresh
-        Deferred for its result.  Returns whether this call started it via ``joined``."""
+        Deferred for its result (cancelling it leaves the shared work running)."""
         mine: Deferred[T] = Deferred()
         waiters = self._waiters.get(key)
         if waiters is not None:
