@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make run    create the virtualenv, install, start twistd with conf/mirror.yaml
 #   make test   install the Debian test tools and Python deps, then run the tests
+# and `make check` (types and lint), which .ci/run runs before the tests.
 # Both work on a fresh Debian 12 machine (make test needs root for apt-get).
 
 PYTHON ?= python3
@@ -16,13 +17,13 @@ PYTEST_ARGS ?=
 DEB_BENCH_PACKAGES := docker-registry skopeo nginx-light wrk
 BENCH_ARGS ?= --runs 3
 
-.PHONY: run test venv deb-test-deps deb-bench-deps bench clean
+.PHONY: run test check venv deb-test-deps deb-bench-deps bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/ here
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[test,check]' --config-settings editable_mode=compat
 	touch $@
 
 venv: $(VENV)/.installed
@@ -46,6 +47,12 @@ deb-test-deps:
 
 test: deb-test-deps venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Strict types (mypy.ini) and lint (ruff.toml); the code under mirror/ is also kept formatted.
+check: venv
+	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check mirror twisted
 
 deb-bench-deps:
 	$(call apt-ensure,$(DEB_BENCH_PACKAGES))

@@ -25,21 +25,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twisted.internet import reactor, task  # noqa: E402
-from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
+from twisted.internet import reactor, task
+from twisted.internet.utils import getProcessOutputAndValue
 
-from mirror.fsstore import FilesystemStore  # noqa: E402
-from mirror.oci import OCI_MANIFEST, Digest  # noqa: E402
+from mirror.core.oci import OCI_MANIFEST, Digest
+from mirror.storage.fs import open_filesystem_store
+from tests.storeutil import Sync, blob_path
 
 
-def build(root: Path, blobs: int, manifests: int, garbage: float, seed: int = 1) -> FilesystemStore:
+def build(root: Path, blobs: int, manifests: int, garbage: float, seed: int = 1) -> None:
     rng = random.Random(seed)
-    store = FilesystemStore(root)
+    metadata = Sync(open_filesystem_store(root)).metadata
     old = time.time() - 30 * 24 * 3600
 
     def write(data: bytes) -> Digest:
         d = Digest.of(data)
-        path = store.blob_path(d)
+        path = blob_path(root, d)  # written directly, without fsync: a store this size builds in seconds
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         os.utime(path, (old, old))
@@ -58,9 +59,8 @@ def build(root: Path, blobs: int, manifests: int, garbage: float, seed: int = 1)
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": str(d), "size": 9} for d in layers],
         }
         m = write(json.dumps(doc).encode())
-        store.link_manifest(repo, m, OCI_MANIFEST)
-        store.set_tag(repo, f"t{i}", m)
-    return store
+        metadata.link_manifest(repo, m, OCI_MANIFEST)
+        metadata.set_tag(repo, f"t{i}", m)
 
 
 def main() -> None:
@@ -80,12 +80,17 @@ def main() -> None:
         conf.write_text(json.dumps({"listen": "tcp:0", "storage": {"root": str(work / "store")},
                                     "upstreams": [{"registry": "docker.io", "url": "http://127.0.0.1:9"}],
                                     "hosted": ["team/*"], "gc": {"grace": 3600, "max_age": 0}}))
-        argv = ["-m", "mirror.cli", "gc", "--config", str(conf), "--json"]
+        argv = ["-m", "mirror.tools.cli", "gc", "--config", str(conf), "--json"]
         results = {}
 
         def child(label, extra):
-            d = getProcessOutputAndValue(sys.executable, argv + extra, env=os.environ, path=str(Path(__file__).resolve().parents[1]))
-            return d.addCallback(lambda r: results.__setitem__(label, (json.loads(r[0].decode().splitlines()[-1]), time.monotonic())))
+            d = getProcessOutputAndValue(sys.executable, argv + extra, env=os.environ,
+                                         path=str(Path(__file__).resolve().parents[1]))
+
+            def record(r):
+                results[label] = (json.loads(r[0].decode().splitlines()[-1]), time.monotonic())
+
+            return d.addCallback(record)
 
         def both():
             d = child("dry", ["--dry-run"])
@@ -106,7 +111,7 @@ def main() -> None:
         start = time.monotonic()
         reactor.callWhenRunning(both)
         reactor.run()
-        dry, dry_end = results["dry"]
+        _dry, dry_end = results["dry"]
         real, real_end = results["real"]
         out = {
             "blobs": args.blobs + args.manifests,

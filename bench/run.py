@@ -151,7 +151,7 @@ class Reaper:
             name, stop = self._stops.pop()
             try:
                 stop()
-            except Exception as e:  # noqa: BLE001 - keep stopping the rest
+            except Exception as e:
                 log(f"stopping {name}: {e}")
 
 
@@ -368,7 +368,7 @@ def pull(port: int, image: Image, *, parallel: int = 1, registry: bool = True,
                         _, ttfb, _ = c.get(path_for(digest), expect_size=size)
                         with lock:
                             ttfbs[digest] = ttfb
-                except BaseException as e:  # noqa: BLE001 - reported below
+                except BaseException as e:
                     errors.append(e)
                 finally:
                     c.close()
@@ -402,7 +402,7 @@ def fan_in(port: int, image: Image, clients: int) -> dict[str, float]:
             r = pull(port, image)
             with lock:
                 results.append(r["wall_s"])
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             with lock:
                 errors.append(e)
 
@@ -872,8 +872,11 @@ def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionR
     a, b, c = imgs["a"], imgs["b"], imgs["c"]
     r: dict[str, Any] = {}
     rss: dict[str, float] = {}
-    spy = (lambda phase: opts.spy_dir / f"run{run_no}-{phase}.txt"
-           if opts.spy_dir is not None and server.name == "mirror" else None)
+
+    def spy(phase: str) -> Path | None:
+        if opts.spy_dir is not None and server.name == "mirror":
+            return opts.spy_dir / f"run{run_no}-{phase}.txt"
+        return None
 
     def phase(name: str) -> None:
         opts.deadline.check(f"{server.name} {name}")

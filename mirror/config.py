@@ -16,9 +16,18 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
-from mirror.auth import ACTIONS, AccessRule, AuthConfig
-
-__all__ = ["ConfigError", "GcConfig", "MirrorConfig", "StorageConfig", "UpstreamConfig", "load_config", "parse_config"]
+__all__ = [
+    "ACTIONS",
+    "AccessRule",
+    "AuthConfig",
+    "ConfigError",
+    "GcConfig",
+    "MirrorConfig",
+    "StorageConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
 
 T = TypeVar("T")
 
@@ -31,6 +40,32 @@ for _i, _p in enumerate("kmgt", start=1):
 
 class ConfigError(Exception):
     """A configuration problem; ``str()`` is one line naming the file and the key."""
+
+
+#: What access rules grant.
+ACTIONS = ("pull", "push", "delete")
+
+
+@attrs.frozen
+class AccessRule:
+    """What anonymous and authenticated clients may do in repositories matching ``pattern``."""
+
+    pattern: str
+    anonymous: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset(ACTIONS)
+
+
+@attrs.frozen
+class AuthConfig:
+    """The ``auth`` section: client authentication and access rules (see :mod:`mirror.web.auth`)."""
+
+    htpasswd: Path
+    token: bool = False  # the Docker token flow instead of Basic
+    issuer: str = "mirror"
+    service: str = "mirror"
+    token_lifetime: float = 300.0
+    key_file: Path | None = None  # HMAC key shared by several nodes; random per process if absent
+    rules: tuple[AccessRule, ...] = (AccessRule("*"),)
 
 
 @attrs.frozen
@@ -103,13 +138,24 @@ class _Reader:
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def take(self, key: str, check: Callable[[str, object], T], default: T | None = None, *, required: bool = False) -> T | None:
+    def optional(self, key: str, check: Callable[[str, object], T]) -> T | None:
+        """The checked value of ``key``, or ``None`` when it is absent (or null)."""
         self.seen.add(key)
         if key not in self.data or self.data[key] is None:
-            if required:
-                raise self.error(self.key_path(key), "missing value")
-            return default
+            return None
         return check(self.key_path(key), self.data[key])
+
+    def take(self, key: str, check: Callable[[str, object], T], default: T) -> T:
+        """The checked value of ``key``, or ``default`` when it is absent."""
+        value = self.optional(key, check)
+        return default if value is None else value
+
+    def need(self, key: str, check: Callable[[str, object], T]) -> T:
+        """The checked value of ``key``, which must be present."""
+        value = self.optional(key, check)
+        if value is None:
+            raise self.error(self.key_path(key), "missing value")
+        return value
 
     def finish(self) -> None:
         for key in self.data:
@@ -194,7 +240,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
 
     def storage(key_path: str, value: object) -> StorageConfig:
         r = _Reader(source, key_path, value)
-        root = r.take("root", r.string, required=True)
+        root = r.need("root", r.string)
         interval = r.take("access_flush_interval", r.positive, 60.0)
         r.finish()
         assert root is not None and interval is not None
@@ -202,8 +248,8 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
 
     def upstream(key_path: str, value: object) -> UpstreamConfig:
         r = _Reader(source, key_path, value)
-        registry = r.take("registry", r.string, required=True)
-        url = r.take("url", r.string, required=True)
+        registry = r.need("registry", r.string)
+        url = r.need("url", r.string)
         assert registry is not None and url is not None
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -213,11 +259,11 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         cfg = UpstreamConfig(
             registry=registry,
             url=url.rstrip("/"),
-            username=r.take("username", r.string),
-            password=r.take("password", r.string),
-            tag_ttl=r.take("tag_ttl", r.number, 300.0) or 0.0,
-            timeout=r.take("timeout", r.positive, 30.0) or 30.0,
-            offline=bool(r.take("offline", r.boolean, False)),
+            username=r.optional("username", r.string),
+            password=r.optional("password", r.string),
+            tag_ttl=r.take("tag_ttl", r.number, 300.0),
+            timeout=r.take("timeout", r.positive, 30.0),
+            offline=r.take("offline", r.boolean, False),
         )
         r.finish()
         if (cfg.username is None) != (cfg.password is None):
@@ -226,7 +272,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
 
     def metrics(key_path: str, value: object) -> tuple[str, ...]:
         r = _Reader(source, key_path, value)
-        endpoints = r.take("listen", listen, (), required=True)
+        endpoints = r.need("listen", listen)
         r.finish()
         return endpoints or ()
 
@@ -237,29 +283,29 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
 
     def rule(key_path: str, value: object) -> AccessRule:
         r = _Reader(source, key_path, value)
-        pattern = r.take("repository", r.string, required=True)
+        pattern = r.need("repository", r.string)
         result = AccessRule(
             pattern=pattern or "*",
-            anonymous=r.take("anonymous", actions, frozenset()) or frozenset(),
-            users=r.take("users", actions, frozenset(ACTIONS)) or frozenset(),
+            anonymous=r.take("anonymous", actions, frozenset()),
+            users=r.take("users", actions, frozenset(ACTIONS)),
         )
         r.finish()
         return result
 
     def auth(key_path: str, value: object) -> AuthConfig:
         r = _Reader(source, key_path, value)
-        htpasswd = r.take("htpasswd", r.string, required=True)
+        htpasswd = r.need("htpasswd", r.string)
         token = r.take("token", r.boolean, False)
-        rules_value = r.take("access", lambda p, v: v, None)
+        rules_value = r.optional("access", lambda p, v: v)
         if rules_value is not None and not isinstance(rules_value, list):
             raise r.error(f"{key_path}.access", "expected a list of rules")
-        key_file = r.take("key_file", r.string)
+        key_file = r.optional("key_file", r.string)
         cfg = AuthConfig(
             htpasswd=Path(htpasswd or ""),
             token=bool(token),
-            issuer=r.take("issuer", r.string, "mirror") or "mirror",
-            service=r.take("service", r.string, "mirror") or "mirror",
-            token_lifetime=r.take("token_lifetime", r.positive, 300.0) or 300.0,
+            issuer=r.take("issuer", r.string, "mirror"),
+            service=r.take("service", r.string, "mirror"),
+            token_lifetime=r.take("token_lifetime", r.positive, 300.0),
             key_file=Path(key_file) if key_file else None,
             rules=tuple(rule(f"{key_path}.access[{i}]", v) for i, v in enumerate(rules_value))
             if rules_value is not None
@@ -283,7 +329,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         r.finish()
         if cfg.low_watermark >= cfg.high_watermark:
             raise r.error(f"{key_path}.low_watermark", "must be below high_watermark")
-        return cfg  # type: ignore[return-value]
+        return cfg
 
     def upstreams(key_path: str, value: object) -> tuple[UpstreamConfig, ...]:
         if not isinstance(value, list):
@@ -297,18 +343,18 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         return result
 
     cfg = MirrorConfig(
-        listen=top.take("listen", listen, required=True) or (),
-        storage=top.take("storage", storage, required=True),  # type: ignore[arg-type]
-        upstreams=top.take("upstreams", upstreams, ()) or (),
-        hosted=top.take("hosted", top.patterns, ()) or (),
-        read_only=bool(top.take("read_only", top.boolean, False)),
-        delete=bool(top.take("delete", top.boolean, True)),
-        offline=bool(top.take("offline", top.boolean, False)),
-        upload_expiry=top.take("upload_expiry", top.positive, 24 * 3600.0) or 24 * 3600.0,
-        gc=top.take("gc", gc, GcConfig()) or GcConfig(),
-        metrics_listen=top.take("metrics", metrics, ()) or (),
-        auth=top.take("auth", auth, None),
-        max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024) or 0,
+        listen=top.need("listen", listen),
+        storage=top.need("storage", storage),
+        upstreams=top.take("upstreams", upstreams, ()),
+        hosted=top.take("hosted", top.patterns, ()),
+        read_only=top.take("read_only", top.boolean, False),
+        delete=top.take("delete", top.boolean, True),
+        offline=top.take("offline", top.boolean, False),
+        upload_expiry=top.take("upload_expiry", top.positive, 24 * 3600.0),
+        gc=top.take("gc", gc, GcConfig()),
+        metrics_listen=top.take("metrics", metrics, ()),
+        auth=top.optional("auth", auth),
+        max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024),
         source=source,
     )
     top.finish()
@@ -322,5 +368,3 @@ def load_config(path: str | Path) -> MirrorConfig:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     return parse_config(text, str(path))
-
-

@@ -1,4 +1,4 @@
-"""Prometheus metrics, and the small web resource that serves them with health checks.
+"""Prometheus metrics of the service (served by :mod:`mirror.web.health`).
 
 :class:`Metrics` owns its own ``CollectorRegistry`` (so several services, as in the
 tests, never collide) and has one method per thing that happens.  Labels are bounded
@@ -8,18 +8,12 @@ repository, a digest, a URL or a credential.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 
-__all__ = ["HealthResource", "Metrics", "ready"]
+__all__ = ["Metrics"]
 
 
 class Metrics:
@@ -34,7 +28,9 @@ class Metrics:
         self.fetches = Counter("mirror_upstream_fetches", "Upstream fetches", ["upstream", "kind", "outcome"], registry=r)
         self.fetch_bytes = Counter("mirror_upstream_bytes", "Bytes fetched from upstreams", ["upstream"], registry=r)
         self.fetch_errors = Counter("mirror_upstream_errors", "Failed upstream fetches", ["upstream"], registry=r)
-        self.stale = Counter("mirror_stale_tags_served", "Tags served unchecked because the upstream failed", ["upstream"], registry=r)
+        self.stale = Counter(
+            "mirror_stale_tags_served", "Tags served unchecked because the upstream failed", ["upstream"], registry=r
+        )
         self.store_bytes = Gauge("mirror_store_bytes", "Bytes in the blob store (at the last GC run)", registry=r)
         self.store_blobs = Gauge("mirror_store_blobs", "Blobs in the store (at the last GC run)", registry=r)
         self.gc_runs = Counter("mirror_gc_runs", "Garbage collection runs", registry=r)
@@ -88,45 +84,3 @@ class _RateLimitCollector:
             if value.isdigit():
                 family.add_metric([name], int(value))
         yield family
-
-
-def ready(store_root: Path) -> str | None:
-    """``None`` when the store is writable, else why not."""
-    probe = store_root / "spool" / f".ready-{secrets.token_hex(4)}"
-    try:
-        probe.write_bytes(b"ok")
-        os.unlink(probe)
-    except OSError as e:
-        return f"store not writable: {e.strerror}"
-    return None
-
-
-class HealthResource(Resource):
-    """``/healthz`` (alive), ``/readyz`` (store writable, config loaded) and ``/metrics``."""
-
-    isLeaf = True
-
-    def __init__(self, metrics: Metrics | None, readiness: Callable[[], str | None]) -> None:
-        super().__init__()
-        self._metrics = metrics
-        self._readiness = readiness
-
-    def render_GET(self, request: Request) -> bytes:
-        path = request.path.rstrip(b"/")
-        request.setHeader(b"Cache-Control", b"no-store")
-        if path == b"/healthz":
-            request.setHeader(b"Content-Type", b"text/plain")
-            return b"ok\n"
-        if path == b"/readyz":
-            problem = self._readiness()
-            request.setHeader(b"Content-Type", b"text/plain")
-            if problem is not None:
-                request.setResponseCode(503)
-                return f"not ready: {problem}\n".encode()
-            return b"ready\n"
-        if path == b"/metrics" and self._metrics is not None:
-            request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
-            return self._metrics.exposition()
-        request.setResponseCode(404)
-        request.setHeader(b"Content-Type", b"text/plain")
-        return b"not found\n"

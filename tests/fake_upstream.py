@@ -3,7 +3,8 @@
 It serves manifests and blobs from dicts and counts every request, and can be told to
 misbehave per blob: send corrupt bytes, drop the connection half-way, answer 429 or
 500, stall, or stream slowly.  Optionally it demands Bearer tokens from its own realm.
-Used by the in-process integration tests (real TCP on 127.0.0.1, real reactor).
+Used by the in-process integration tests (real TCP on 127.0.0.1, real reactor) and, over
+treq's in-memory agent with a Clock as ``clock``, by the unit tests (tests/inmemory.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FakeRegistry(Resource):
         self.tokens_issued = 0
         self.retry_after = "7"
         self.chunk_delay = 0.0  # seconds between 64 KiB chunks of a blob
+        self.clock = reactor  # what times chunk_delay (unit tests pass a Clock)
         self.lie_digest = False  # send a wrong Docker-Content-Digest on manifests
         self.stalled = []  # requests held open forever (closed at teardown)
         self.referrers: dict[str, list[dict]] | None = None  # subject -> descriptors; None: no API
@@ -140,10 +142,14 @@ class FakeRegistry(Resource):
         chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
         if fault == "drop":
             chunks = chunks[: max(1, len(chunks) // 2)]
-        self._stream(request, chunks, drop=fault == "drop")
+        gone: list[bool] = []  # the client may hang up once it has the Content-Length it wanted
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+        self._stream(request, chunks, drop=fault == "drop", gone=gone)
         return NOT_DONE_YET
 
-    def _stream(self, request, chunks, drop: bool) -> None:
+    def _stream(self, request, chunks, drop: bool, gone: list[bool]) -> None:
+        if gone:
+            return
         if not chunks:
             if drop:
                 request.transport.abortConnection()
@@ -152,9 +158,9 @@ class FakeRegistry(Resource):
             return
         request.write(chunks[0])
         if self.chunk_delay:
-            reactor.callLater(self.chunk_delay, self._stream, request, chunks[1:], drop)
+            self.clock.callLater(self.chunk_delay, self._stream, request, chunks[1:], drop, gone)
         else:
-            self._stream(request, chunks[1:], drop)
+            self._stream(request, chunks[1:], drop, gone)
 
     def close_stalled(self) -> None:
         for request in self.stalled:

@@ -78,7 +78,10 @@ def test_other_shipped_configs_are_valid(name):
             "listen: x\nstorage: {root: x}\nupstreams: [{registry: a.io, url: 'http://x', timeout: 0}]",
             "m.yaml: upstreams[0].timeout: expected a number > 0",
         ),
-        ("listen: x\nstorage: {root: x, access_flush_interval: 0}", "m.yaml: storage.access_flush_interval: expected a number > 0"),
+        (
+            "listen: x\nstorage: {root: x, access_flush_interval: 0}",
+            "m.yaml: storage.access_flush_interval: expected a number > 0",
+        ),
         ("listen: [", "m.yaml: line 1: invalid YAML"),
         ("- a\n- b", "m.yaml: (top level): expected a mapping"),
     ],
@@ -93,5 +96,5 @@ def test_errors_name_file_and_key(text, expected):
 
 def test_missing_file(tmp_path):
     """An unreadable file is a ConfigError naming it."""
-    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         load_config(tmp_path / "nope.yaml")

@@ -1,7 +1,7 @@
 """Unit tests of the pure GC planner: marking, sweeping, untagged, age and size eviction."""
 
-from mirror.gcplan import GcPolicy, Inventory, RepoInventory, plan
-from mirror.oci import Digest
+from mirror.core.gcplan import GcPolicy, Inventory, RepoInventory, plan
+from mirror.core.oci import Digest
 
 NOW = 1_000_000.0
 HOUR = 3600.0
@@ -63,7 +63,11 @@ def test_untagged_hosted_manifests_dropped_only_when_asked():
 
 def test_age_evicts_mirrored_but_never_hosted():
     """Mirrored manifests not accessed for max_age go with their blobs; hosted ones stay."""
-    inv = inventory(**{"docker.io__library__old": RepoInventory(hosted=False), "docker.io__library__new": RepoInventory(hosted=False), "mine": RepoInventory(hosted=True)})
+    inv = inventory(**{
+        "docker.io__library__old": RepoInventory(hosted=False),
+        "docker.io__library__new": RepoInventory(hosted=False),
+        "mine": RepoInventory(hosted=True),
+    })
     stale = add_image(inv, "docker.io/library/old", "stale", ["s1", "shared"], tag="latest")
     add_image(inv, "docker.io/library/new", "recent", ["r1", "shared"], accessed=NOW - HOUR * 2, tag="latest")
     add_image(inv, "mine", "hosted", ["h1"], tag="v1")  # accessed 10 days ago, hosted

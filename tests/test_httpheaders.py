@@ -2,9 +2,9 @@
 
 import pytest
 
-from mirror.errors import RegistryError
-from mirror.httpheaders import accepts, parse_accept, parse_range
-from mirror.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
+from mirror.core.errors import RegistryError
+from mirror.core.httpheaders import accepts, parse_accept, parse_range
+from mirror.core.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
 
 def test_accept_merges_separate_lines_in_any_order():

@@ -1,12 +1,13 @@
-"""Unit tests of image-reference parsing (mirror.imageref): Docker's grammar, and where the
+"""Unit tests of image-reference parsing (mirror.core.imageref): Docker's grammar, and where the
 mirror keeps each reference."""
 
 import pytest
 
 from mirror.config import UpstreamConfig
-from mirror.errors import RegistryError
-from mirror.imageref import ImageRefError, full_reference, parse_image_ref, route_image
-from mirror.oci import Digest
+from mirror.core.errors import RegistryError
+from mirror.core.imageref import ImageRefError, full_reference, parse_image_ref
+from mirror.core.oci import Digest
+from mirror.core.routing import Router
 
 SHA = "sha256:" + "ab" * 32
 HUB = UpstreamConfig(registry="docker.io", url="http://127.0.0.1:9")
@@ -63,17 +64,17 @@ def test_malformed_references_name_themselves_and_the_problem(text, why):
     assert why in str(info.value)
 
 
-def test_route_image_is_where_the_mirror_keeps_it():
+def test_an_image_reference_routes_to_where_the_mirror_keeps_it():
     """No registry: the first upstream (library/ on Docker Hub) or a hosted pattern; a
     registry: that upstream, or NAME_UNKNOWN when none is configured."""
     upstreams = (HUB, GHCR)
-    assert route_image(parse_image_ref("alpine"), upstreams, ()).repo_key == "docker.io/library/alpine"
-    assert route_image(parse_image_ref("docker.io/alpine"), upstreams, ()).repo_key == "docker.io/library/alpine"
-    assert route_image(parse_image_ref("ghcr.io/org/app:1"), upstreams, ()).repo_key == "ghcr.io/org/app"
-    r = route_image(parse_image_ref("myorg/app:1"), upstreams, ("myorg/*",))
-    assert r.hosted and r.repo_key == "myorg/app"
+    assert route_ref(parse_image_ref("alpine"), upstreams, ()).key == "docker.io/library/alpine"
+    assert route_ref(parse_image_ref("docker.io/alpine"), upstreams, ()).key == "docker.io/library/alpine"
+    assert route_ref(parse_image_ref("ghcr.io/org/app:1"), upstreams, ()).key == "ghcr.io/org/app"
+    r = route_ref(parse_image_ref("myorg/app:1"), upstreams, ("myorg/*",))
+    assert r.hosted and r.key == "myorg/app"
     with pytest.raises(RegistryError) as info:
-        route_image(parse_image_ref("quay.io/org/app"), upstreams, ())
+        route_ref(parse_image_ref("quay.io/org/app"), upstreams, ())
     assert info.value.code == "NAME_UNKNOWN" and "quay.io" in info.value.message
 
 
@@ -84,3 +85,8 @@ def test_full_reference():
     assert full_reference("docker.io/library/hello", None, digest) == f"docker.io/library/hello@{SHA}"
     with pytest.raises(ValueError):
         full_reference("docker.io/library/hello")
+
+
+def route_ref(ref, upstreams, hosted):
+    """Where the mirror keeps an image reference: the router, asked as containerd asks."""
+    return Router(upstreams, hosted).route(ref.name, ref.ns)

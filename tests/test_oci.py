@@ -1,9 +1,9 @@
-"""Unit tests of the OCI grammar: digests, names, tags, references, manifest references."""
+"""Unit tests of the OCI grammar: digests, names, tags, references (manifests: test_manifest.py)."""
 
 import pytest
 
-from mirror.errors import RegistryError
-from mirror.oci import Digest, manifest_references, parse_digest, parse_manifest, parse_reference, validate_name
+from mirror.core.errors import RegistryError
+from mirror.core.oci import Digest, parse_digest, parse_reference, validate_name
 
 SHA = "a" * 64
 
@@ -106,21 +106,3 @@ def test_reference_tag_or_digest():
 def test_invalid_tags(tag):
     """Tags outside [a-zA-Z0-9_][a-zA-Z0-9._-]{0,127} are TAG_INVALID."""
     assert code_of(parse_reference, tag) == "TAG_INVALID"
-
-
-def test_manifest_references_roles():
-    """Config, layers, index children and subject are all found, in that order."""
-    doc = {
-        "config": {"digest": f"sha256:{'1' * 64}"},
-        "layers": [{"digest": f"sha256:{'2' * 64}"}],
-        "manifests": [{"digest": f"sha256:{'3' * 64}"}],
-        "subject": {"digest": f"sha256:{'4' * 64}"},
-    }
-    assert [role for role, _ in manifest_references(doc)] == ["config", "layer", "manifest", "subject"]
-
-
-def test_manifest_invalid():
-    """Bad JSON, a non-object and a descriptor without a digest are MANIFEST_INVALID."""
-    assert code_of(parse_manifest, b"{nope") == "MANIFEST_INVALID"
-    assert code_of(parse_manifest, b"[1]") == "MANIFEST_INVALID"
-    assert code_of(lambda: list(manifest_references({"layers": [{"size": 1}]}))) == "MANIFEST_INVALID"

@@ -1,4 +1,4 @@
-"""Unit tests of the pure OCI image-layout logic (mirror.ocilayout): descriptors, what a
+"""Unit tests of the pure OCI image-layout logic (mirror.core.ocilayout): descriptors, what a
 manifest points at, walking an image, and index.json."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from mirror.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, Digest
-from mirror.ocilayout import (
+from mirror.core.manifest import Descriptor
+from mirror.core.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, Digest
+from mirror.core.ocilayout import (
     CONTAINERD_NAME,
     REF_NAME,
-    Descriptor,
     LayoutError,
     blob_member,
     build_index,
@@ -19,11 +19,11 @@ from mirror.ocilayout import (
     descriptor,
     image_closure,
     image_name,
-    manifest_content,
-    manifest_media_type,
+    layout_manifest,
     parse_blob_member,
     parse_index,
 )
+from tests.storeutil import run_now
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
@@ -56,14 +56,14 @@ class Blobs:
         doc = {"schemaVersion": 2, "mediaType": media_type, "manifests": [c.to_json() for c in children]}
         return self.desc(json.dumps(doc).encode(), media_type)
 
-    def read(self, d: Digest) -> bytes | None:
+    async def read(self, d: Digest) -> bytes | None:
         return self.data.get(d)
 
-    def size(self, d: Digest) -> int | None:
+    async def size(self, d: Digest) -> int | None:
         return len(self.data[d]) if d in self.data else None
 
     def walk(self, top: Descriptor, *, strict: bool):
-        return image_closure(top, self.read, self.size, strict=strict)
+        return run_now(image_closure(top, self.read, self.size, strict=strict))
 
 
 def test_descriptor_checks_and_round_trips():
@@ -78,51 +78,30 @@ def test_descriptor_checks_and_round_trips():
         ({"digest": obj["digest"], "size": 1}, "without a mediaType"),
         ({"mediaType": "m", "size": 1}, "without a digest"),
         ({"mediaType": "m", "digest": "sha256:zz", "size": 1}, "invalid sha256 digest"),
-        ({"mediaType": "m", "digest": obj["digest"], "size": -1}, "without a valid size"),
-        ({"mediaType": "m", "digest": obj["digest"], "size": True}, "without a valid size"),
+        ({"mediaType": "m", "digest": obj["digest"], "size": -1}, "invalid size"),
+        ({"mediaType": "m", "digest": obj["digest"], "size": True}, "invalid size"),
+        ({"mediaType": "m", "digest": obj["digest"]}, "without a size"),
     ]:
         with pytest.raises(LayoutError) as info:
             descriptor(bad, "manifests[3]")
         assert str(info.value).startswith("manifests[3]: ") and why in str(info.value)
 
 
-def test_manifest_content_lists_config_layers_and_children():
-    """An image lists its config and layers (foreign layers left out); an index its children."""
+def test_layout_manifests_go_through_the_one_parser():
+    """What a layout manifest points at is the manifest parser's answer (tested in
+    test_manifest.py); a layout adds one rule: schema 1 cannot go in, and errors are
+    LayoutErrors."""
     blobs = Blobs()
-    foreign = {"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", "digest": "sha256:" + "f" * 64,
-               "size": 9, "urls": ["https://example.com/layer"]}
     top = blobs.image([b"one", b"two"])
-    doc = json.loads(blobs.data[top.digest])
-    doc["layers"].append(foreign)
-    doc["layers"].append(doc["layers"][0])  # a repeated layer is listed once
-    content = manifest_content(json.dumps(doc).encode(), OCI_MANIFEST)
+    content = layout_manifest(blobs.data[top.digest], OCI_MANIFEST)
     assert [b.size for b in content.blobs] == [len(b'{"os":"linux"}'), 3, 3]
-    index = blobs.index([top])
-    content = manifest_content(blobs.data[index.digest], None)
-    assert content.media_type == OCI_INDEX and [c.digest for c in content.children] == [top.digest]
-
-
-def test_manifest_media_type_agreement():
-    """The descriptor's type wins when the manifest agrees; a disagreement is an error;
-    without either, the shape decides."""
-    assert manifest_media_type({"mediaType": DOCKER_MANIFEST}, DOCKER_MANIFEST) == DOCKER_MANIFEST
-    assert manifest_media_type({}, DOCKER_MANIFEST_LIST) == DOCKER_MANIFEST_LIST
-    assert manifest_media_type({"mediaType": OCI_INDEX}) == OCI_INDEX
-    assert manifest_media_type({"manifests": []}) == OCI_INDEX
-    assert manifest_media_type({"config": {}}) == OCI_MANIFEST
     # index.json lists Docker manifests under their OCI counterparts; the document says what it is
-    assert manifest_media_type({"mediaType": DOCKER_MANIFEST}, OCI_MANIFEST) == DOCKER_MANIFEST
-    assert manifest_media_type({"mediaType": DOCKER_MANIFEST_LIST}, OCI_INDEX) == DOCKER_MANIFEST_LIST
-    with pytest.raises(LayoutError, match="the descriptor says .* but the manifest says"):
-        manifest_media_type({"mediaType": OCI_INDEX}, OCI_MANIFEST)
-    with pytest.raises(LayoutError, match="the descriptor says .* but the manifest says"):
-        manifest_media_type({"mediaType": DOCKER_MANIFEST_LIST}, OCI_MANIFEST)
-    with pytest.raises(LayoutError, match="the descriptor says .* but the manifest says"):
-        manifest_media_type({"mediaType": OCI_MANIFEST}, DOCKER_MANIFEST)
-    with pytest.raises(LayoutError, match="not a manifest of a known type"):
-        manifest_media_type({"foo": 1})
+    docker = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST_LIST, "manifests": []}).encode()
+    assert layout_manifest(docker, OCI_INDEX).media_type == DOCKER_MANIFEST_LIST
+    with pytest.raises(LayoutError, match="mediaType is"):
+        layout_manifest(json.dumps({"mediaType": OCI_INDEX, "manifests": []}).encode(), OCI_MANIFEST)
     with pytest.raises(LayoutError, match="cannot go into an OCI layout"):
-        manifest_content(json.dumps({"schemaVersion": 1, "fsLayers": []}).encode())
+        layout_manifest(json.dumps({"schemaVersion": 1, "fsLayers": []}).encode())
 
 
 def test_closure_of_an_image_and_an_index():
@@ -170,14 +149,14 @@ def test_closure_errors():
     """Missing top manifest, missing blob, wrong blob size, wrong manifest size or bytes."""
     blobs = Blobs()
     top = blobs.image([b"layer"])
-    with pytest.raises(LayoutError, match="manifest sha256:.* is missing"):
+    with pytest.raises(LayoutError, match=r"manifest sha256:.* is missing"):
         Blobs().walk(top, strict=True)
     blobs.data[Digest.of(b"layer")] = b"layer!"  # the size is what the store says
     with pytest.raises(LayoutError, match="is 6 bytes, its descriptor says 5"):
         blobs.walk(top, strict=True)
     with pytest.raises(LayoutError, match="its size or digest does not match its descriptor"):
         blobs.walk(Descriptor(top.media_type, top.digest, top.size + 1), strict=True)
-    with pytest.raises(LayoutError, match="the descriptor says"):
+    with pytest.raises(LayoutError, match=r"declared as .* but the manifest.s mediaType is"):
         blobs.walk(Descriptor(OCI_INDEX, top.digest, top.size), strict=True)
 
 

@@ -1,9 +1,9 @@
-"""Unit tests of platform selection (mirror.platforms): --platform parsing and which
+"""Unit tests of platform selection (mirror.core.platforms): --platform parsing and which
 children of an index an image needs."""
 
 import pytest
 
-from mirror.platforms import Platform, PlatformChoice, PlatformError, host_platform, parse_platforms, select_children
+from mirror.core.platforms import Platform, PlatformChoice, PlatformError, host_platform, parse_platforms, select_children
 
 
 def child(os_name, arch, variant=None, digest="x"):

@@ -1,12 +1,12 @@
-"""Unit tests of warm's progress output (mirror.progress): formatting, plain lines for
+"""Unit tests of warm's progress output (mirror.tools.progress): formatting, plain lines for
 logs, bars redrawn in place on a terminal."""
 
 import io
 
 from twisted.internet.task import Clock
 
-from mirror.oci import Digest
-from mirror.progress import Progress, bar, format_bytes, format_rate, short_digest
+from mirror.core.oci import Digest
+from mirror.tools.progress import Progress, bar, format_bytes, format_rate, short_digest
 
 D1 = Digest("sha256", "1" * 64)
 D2 = Digest("sha256", "2" * 64)

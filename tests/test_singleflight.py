@@ -2,7 +2,7 @@
 
 from twisted.internet.defer import CancelledError, Deferred
 
-from mirror.singleflight import SingleFlight
+from mirror.registry.singleflight import SingleFlight
 
 
 def test_concurrent_calls_share_one_run():

@@ -1,6 +1,6 @@
 """Unit tests of WWW-Authenticate parsing and the token cache."""
 
-from mirror.upstream_auth import DEFAULT_TOKEN_LIFETIME, TokenCache, parse_challenge, token_from_response
+from mirror.upstream.challenge import DEFAULT_TOKEN_LIFETIME, TokenCache, parse_challenge, token_from_response
 
 
 def test_docker_hub_bearer_challenge():

@@ -42,8 +42,10 @@ from tests.integration.clients import (
     docker_repo_digest,
     podman_login,
     private_docker,
-    skip_reason as client_skip_reason,
     skopeo_copy,
+)
+from tests.integration.clients import (
+    skip_reason as client_skip_reason,
 )
 from tests.integration.mirror_proc import MirrorProcess
 from tests.integration.proc_util import HarnessError

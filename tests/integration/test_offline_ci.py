@@ -44,7 +44,7 @@ def _need_skopeo():
 
 def mirror_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """The ``mirror`` command, as users run it."""
-    return subprocess.run([sys.executable, "-m", "mirror.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mirror.tools.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
 
 
@@ -122,7 +122,8 @@ def test_warm_export_import_and_serve_offline(seeded_upstream, workdir):
                 assert ctr_pull(offline.host_port, f"docker.io/{image.repo}:{image.tag}") == image.digest
         if not skip_reason("podman"):
             image = seeded["multi-docker"]
-            assert podman_pull(offline.host_port, f"docker.io/{image.repo}:{image.tag}") == image.digest  # podman reports the tag's digest (the list)
+            # podman reports the tag's digest (the list)
+            assert podman_pull(offline.host_port, f"docker.io/{image.repo}:{image.tag}") == image.digest
         # nothing else is there, and the mirror says so without trying the upstream
         missing = subprocess.run(["curl", "-s", f"{offline.url}/v2/library/alpine/manifests/latest"], capture_output=True,
                                  text=True, timeout=30)

@@ -32,8 +32,10 @@ from tests.integration.clients import (
     docker_push,
     docker_repo_digest,
     private_docker,
-    skip_reason as client_skip_reason,
     skopeo_copy,
+)
+from tests.integration.clients import (
+    skip_reason as client_skip_reason,
 )
 from tests.integration.mirror_proc import MirrorProcess
 from tests.integration.proc_util import wait_until

@@ -17,7 +17,8 @@ import urllib.request
 import pytest
 
 from tests.integration import images
-from tests.integration.clients import skopeo_copy, skip_reason as client_skip_reason
+from tests.integration.clients import skip_reason as client_skip_reason
+from tests.integration.clients import skopeo_copy
 from tests.integration.proc_util import WorkDir
 from tests.integration.upstream_registry import DistributionRegistry
 
@@ -119,7 +120,7 @@ def test_fan_in_one_upstream_get_per_blob(seeded_upstream, mirror):
 
 def test_upstream_gone_and_mirror_restarted_still_serves(seeded_upstream, mirror_for):
     """After a restart with the upstream gone, everything cached pulls by tag and by digest."""
-    _, seeded = seeded_upstream
+    _, _seeded = seeded_upstream
     with WorkDir("mirror-offline-upstream.") as w:
         upstream = DistributionRegistry(w / "registry")
         upstream.start()
@@ -127,7 +128,8 @@ def test_upstream_gone_and_mirror_restarted_still_serves(seeded_upstream, mirror
             mine = images.seed_images(upstream, big_layer_sizes=None, only=["latest", "multi"])
             m = mirror_for([{"registry": "docker.io", "url": upstream.url, "tag_ttl": 0, "timeout": 2}])
             for key, all_platforms in (("latest", False), ("multi", True)):
-                assert skopeo_copy(f"{m.host_port}/{mine[key].repo}:{mine[key].tag}", all_platforms=all_platforms) == mine[key].digest
+                copied = skopeo_copy(f"{m.host_port}/{mine[key].repo}:{mine[key].tag}", all_platforms=all_platforms)
+                assert copied == mine[key].digest
         finally:
             upstream.close()
         m.stop()
@@ -208,7 +210,8 @@ def test_metrics_endpoint_of_the_real_service(seeded_upstream, workdir):
     port = free_port()
     d = workdir / "metrics"
     d.mkdir()
-    with MirrorProcess(d, [{"registry": "docker.io", "url": registry.url}], metrics={"listen": f"tcp:{port}:interface=127.0.0.1"}) as m:
+    with MirrorProcess(d, [{"registry": "docker.io", "url": registry.url}],
+                       metrics={"listen": f"tcp:{port}:interface=127.0.0.1"}) as m:
         image = seeded["latest"]
         assert skopeo_copy(f"{m.host_port}/{image.repo}:{image.tag}") == image.digest
         status, headers, body = http(f"http://127.0.0.1:{port}/metrics")

@@ -46,9 +46,11 @@ from tests.integration.clients import (
     docker_push,
     docker_repo_digest,
     private_docker,
-    skip_reason as client_skip_reason,
     skopeo_copy,
     trust_ca_in_docker,
+)
+from tests.integration.clients import (
+    skip_reason as client_skip_reason,
 )
 from tests.integration.mirror_proc import MirrorProcess, tcp_endpoint, tls_endpoint
 from tests.integration.upstream_registry import free_port, http_request

@@ -459,7 +459,7 @@ def _make_token_handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             """Silence stderr logging (requests are recorded instead)."""
 
         def _basic(self) -> tuple[str | None, str | None, bool]:
@@ -511,12 +511,12 @@ def _make_token_handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
             extra = {"WWW-Authenticate": f'Basic realm="{issuer.realm}"'} if status == 401 else {}
             self._send(status, body, extra)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             """Docker token endpoint (GET with optional Basic auth)."""
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             self._answer(query, *self._basic())
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             """OAuth2 form variant: grant_type=password|refresh_token."""
             length = int(self.headers.get("Content-Length") or 0)
             form = urllib.parse.parse_qs(self.rfile.read(length).decode("utf-8", "replace"))

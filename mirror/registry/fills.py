@@ -1,0 +1,272 @@
+"""Blob fills: one upstream download per blob, verified on its way into the store.
+
+:class:`BlobFill` is the protocol that receives one upstream blob body.  It hands the
+chunks, batch by batch, to a thread that writes them to a
+:class:`~mirror.storage.base.BlobWriter` spool and hashes them (both release the GIL, so
+this runs beside the reactor on another core), pausing the upstream socket if the disk
+falls 8 MiB behind; when the body ends it verifies the digest and commits.  It never
+waits for clients: a slow or departed client cannot stall or cancel a fill.  It is the
+:class:`~mirror.storage.sending.Source` its followers' responders follow, and it holds
+back the last byte until the digest has verified, so a client never receives a
+complete-looking body whose bytes turn out wrong.
+
+:class:`Fills` is the one place that answers "is this blob already being fetched?":
+every request for a digest either starts its fill or joins the one under way (from the
+moment the upstream request is sent until the blob is committed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from mirror.core.oci import Digest
+from mirror.registry.singleflight import Shared
+from mirror.storage.base import BlobWriter, DigestMismatch
+from mirror.storage.sending import Responder
+from mirror.upstream.client import stop_body
+
+__all__ = ["BlobFill", "FillFailed", "Fills"]
+
+#: A fill holding more than this in memory, waiting for the disk, pauses the upstream...
+QUEUE_HIGH = 8 * 1024 * 1024
+#: ...and resumes it below this.
+QUEUE_LOW = 2 * 1024 * 1024
+
+
+def _write_all(writer: BlobWriter, chunks: list[bytes]) -> None:
+    """Write and hash a batch of chunks (in a thread: os.write and hashlib release the GIL)."""
+    for chunk in chunks:
+        writer.write(chunk)
+
+
+class FillFailed(Exception):
+    """An upstream blob fill did not complete with verified bytes."""
+
+
+class BlobFill(Protocol):
+    """Receives an upstream blob body into a spool, then verifies and commits it.
+
+    Args:
+        writer: where the bytes go.
+        digest: what they must hash to.
+        expected_size: the upstream's ``Content-Length``, if it sent one.
+        clock: for the idle timeout.
+        idle_timeout: seconds without a byte before the fill is abandoned.
+        run_blocking: runs batches of writes off the reactor thread; returns a Deferred.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        writer: BlobWriter,
+        digest: Digest,
+        expected_size: int | None,
+        clock: IReactorTime,
+        idle_timeout: float,
+        run_blocking: Callable[..., Deferred[Any]],
+    ) -> None:
+        self.writer = writer
+        self.digest = digest
+        self.expected_size = expected_size
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._run_blocking = run_blocking
+        self._idle: IDelayedCall | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._problem: str | None = None
+        self._received = 0  # bytes from the upstream
+        self._queue: list[bytes] = []  # received, not yet handed to the writer thread
+        self._queued = 0  # bytes received and not yet on disk
+        self._writing = False
+        self._upstream_paused = False
+        self._lost: Failure | None = None  # how the body ended, once it has
+        self._completed = False
+        self.verified = False  # every byte received and the digest verified
+        self.stored = False  # ...and committed to the store
+        self.failure: Failure | None = None
+        self.done: Deferred[None] = Deferred()
+
+    def follower(self) -> Responder:
+        """A responder for one more client, following the spool as it grows."""
+        return self.writer.follow(self, self.expected_size)
+
+    # Source -------------------------------------------------------------------------------
+    def readable_end(self) -> int:
+        size = self.writer.size
+        if self.verified or self.expected_size is None:
+            return size
+        return min(size, self.expected_size - 1)
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def _notify(self) -> None:
+        for callback in list(self._listeners):
+            callback()
+
+    # IProtocol ----------------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self._reset_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._problem is not None:
+            return
+        if self.expected_size is not None and self._received + len(data) > self.expected_size:
+            self._give_up(f"upstream sent more than its Content-Length of {self.expected_size}")
+            return
+        self._received += len(data)
+        self._queue.append(data)
+        self._queued += len(data)
+        self._reset_idle()
+        if self._queued > QUEUE_HIGH and not self._upstream_paused and self.transport is not None:
+            self._upstream_paused = True  # the disk is behind: let TCP hold the rest
+            IPushProducer(self.transport).pauseProducing()
+        self._flush()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        self._lost = reason
+        self._flush()
+
+    # writing: the disk write and the hash run in a thread, batch after batch --------------
+    def _flush(self) -> None:
+        if self._writing or self._completed:
+            return
+        if self._queue and self._problem is None:
+            batch, self._queue = self._queue, []
+            self._writing = True
+            d = self._run_blocking(_write_all, self.writer, batch)
+            d.addCallbacks(self._wrote, self._write_failed, callbackArgs=(sum(map(len, batch)),))
+        elif self._lost is not None:
+            self._complete(self._lost)
+
+    def _wrote(self, _: object, count: int) -> None:
+        self._writing = False
+        self._queued -= count
+        if self._upstream_paused and self._queued < QUEUE_LOW and self._lost is None and self.transport is not None:
+            self._upstream_paused = False
+            IPushProducer(self.transport).resumeProducing()
+        if self._lost is None:
+            self._reset_idle()
+        self._notify()
+        self._flush()
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._writing = False
+        self._queue, self._queued = [], 0
+        error = failure.value
+        self._give_up(f"cannot write to the store: {getattr(error, 'strerror', None) or error}")
+        self._flush()
+
+    def _complete(self, reason: Failure) -> None:
+        self._completed = True
+        if self._problem is None and not reason.check(ResponseDone):
+            self._problem = f"upstream body ended early: {reason.getErrorMessage()}"
+        if self._problem is None and self.expected_size is not None and self.writer.size != self.expected_size:
+            self._problem = f"upstream sent {self.writer.size} of {self.expected_size} bytes"
+        actual = self.writer.actual_digest(self.digest.algorithm)
+        if self._problem is None and actual != self.digest:
+            # (the writer checks again in commit; this early check lets followers finish)
+            self._problem = f"bytes do not match {self.digest}"
+            self.writer.abort()
+            self._fail(Failure(DigestMismatch(self.digest, actual, self.writer.size)))
+            return
+        if self._problem is not None:
+            self.writer.abort()
+            self._fail(Failure(FillFailed(self._problem)))
+            return
+        # Verified: clients get their last byte now; making it durable goes on meanwhile,
+        # and only the store waits for it.
+        self.verified = True
+        self._notify()
+        d = Deferred.fromCoroutine(self.writer.commit(self.digest))
+        d.addCallbacks(self._committed, self._commit_failed)
+
+    # outcomes -----------------------------------------------------------------------------
+    def _committed(self, _: object) -> None:
+        self.stored = True
+        self._notify()
+        self.done.callback(None)
+
+    def _commit_failed(self, failure: Failure) -> None:
+        self.writer.abort()
+        self._fail(failure)
+
+    def _fail(self, failure: Failure) -> None:
+        self.failure = failure
+        self._notify()
+        self.done.errback(failure)
+
+    def abandon(self, problem: str) -> None:
+        """Stop receiving: the fill fails with ``problem`` and stores nothing."""
+        self._give_up(problem)
+
+    def _give_up(self, problem: str) -> None:
+        self._problem = problem
+        stop_body(self)
+
+    def _reset_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._idle_timeout)
+        else:
+            self._idle = self._clock.callLater(
+                self._idle_timeout, self._give_up, f"upstream sent nothing for {self._idle_timeout:g} s"
+            )
+
+
+class Fills:
+    """Blob fills by digest, from the moment one starts until it is stored or fails."""
+
+    def __init__(self) -> None:
+        self._fills: dict[Digest, Shared[BlobFill | None]] = {}
+
+    def __len__(self) -> int:
+        """Fills under way (their clients may be done already)."""
+        return len(self._fills)
+
+    def expected_size(self, digest: Digest) -> int | None:
+        """The upstream's ``Content-Length`` of a fill of ``digest`` under way, if known."""
+        shared = self._fills.get(digest)
+        fill = shared.peek() if shared is not None else None
+        return fill.expected_size if fill is not None else None
+
+    async def join_or_start(
+        self, digest: Digest, start: Callable[[], Awaitable[BlobFill | None]]
+    ) -> tuple[BlobFill | None, bool]:
+        """The fill of ``digest``: the one under way, or a new one from ``start()``.
+
+        Returns the fill (``None`` when ``start`` found the blob already stored) and
+        whether this call started it.  ``start`` runs shielded from the caller: a caller
+        that goes away does not cancel it for the others.
+        """
+        shared = self._fills.get(digest)
+        if shared is not None:
+            return await shared.wait(), False
+        shared = self._fills[digest] = Shared(start)
+        shared.wait().addBoth(self._started, digest, shared)
+        return await shared.wait(), True
+
+    def _started(self, result: BlobFill | Failure | None, digest: Digest, shared: Shared[BlobFill | None]) -> None:
+        if isinstance(result, BlobFill):
+            result.done.addBoth(lambda _: self._drop(digest, shared))
+        else:
+            self._drop(digest, shared)
+
+    def _drop(self, digest: Digest, shared: Shared[BlobFill | None]) -> None:
+        if self._fills.get(digest) is shared:
+            del self._fills[digest]

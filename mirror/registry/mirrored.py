@@ -1,0 +1,282 @@
+"""A mirrored repository: local content in front of an upstream registry.
+
+* **Manifests by digest** are immutable: served from the store, fetched once if absent.
+* **Tags** are trusted for the upstream's ``tag_ttl``; then one ``HEAD`` revalidates
+  them (:mod:`mirror.core.tagcache`).  An upstream that is down, slow or answering
+  5xx/429 gets the cached digest served (and a warning logged).
+* **Blobs** are served from the store; a miss starts one
+  :class:`~mirror.registry.fills.BlobFill` per digest, and every request for that digest
+  follows its spool until it commits (:class:`~mirror.registry.fills.Fills`).
+* Concurrent misses for one manifest share one upstream request.
+* Writes are refused with ``DENIED``, naming the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from mirror.core.errors import RegistryError
+from mirror.core.manifest import parse_manifest
+from mirror.core.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, parse_digest
+from mirror.core.routing import Route
+from mirror.core.tagcache import Freshness, TagCache, TagState
+from mirror.registry.fills import BlobFill, Fills
+from mirror.registry.repository import BlobBody, Context, Repository, StoredManifest
+from mirror.registry.singleflight import SingleFlight
+from mirror.storage.base import DigestMismatch
+from mirror.upstream.client import Upstream, UpstreamRefused, UpstreamUnavailable
+
+__all__ = ["MirrorState", "MirroredRepository"]
+
+
+@attrs.frozen
+class MirrorState:
+    """What the mirrored repositories of one registry share."""
+
+    run_blocking: Callable[..., Deferred[Any]]  # runs batches of fill writes in a thread
+    tags: TagCache = attrs.Factory(TagCache)
+    fills: Fills = attrs.Factory(Fills)
+    manifest_flights: SingleFlight[StoredManifest] = attrs.Factory(SingleFlight)
+
+
+class MirroredRepository(Repository):
+    """A repository mirrored from ``upstream`` (see the module docstring)."""
+
+    def __init__(self, name: str, route: Route, context: Context, upstream: Upstream, state: MirrorState) -> None:
+        super().__init__(name, route, context)
+        assert route.upstream is not None, "a mirrored repository has an upstream"
+        self._upstream = upstream
+        self._ttl = route.upstream.tag_ttl
+        self._state = state
+
+    def refusal(self, *, deleting: bool = False) -> RegistryError:
+        assert self.route.upstream is not None
+        patterns = ", ".join(self._ctx.config.hosted) or "none configured"
+        return RegistryError(
+            "DENIED",
+            f"repository {self.name} is mirrored from {self.route.upstream.registry} and read-only here; "
+            f"pushes and deletes go to hosted repositories (hosted patterns: {patterns})",
+        )
+
+    # manifests ----------------------------------------------------------------------------
+    async def _resolve_manifest(self, ref: Reference, accept: Sequence[str]) -> StoredManifest:
+        upstream_accept = [*MANIFEST_MEDIA_TYPES, *(a for a in accept if a not in MANIFEST_MEDIA_TYPES and "*" not in a)]
+        events, flights = self._ctx.events, self._state.manifest_flights
+        if ref.digest is not None:
+            digest = ref.digest
+            manifest = await self._ctx.local.manifest(self.key, digest)
+            if manifest is not None:
+                events.cache("manifest", self.route, str(ref), "hit")
+                return manifest
+            events.cache("manifest", self.route, str(ref), "miss")
+            return await flights.run((self.key, str(ref)), lambda: self._fetch_manifest(str(ref), digest, upstream_accept))
+        assert ref.tag is not None
+        tag = ref.tag
+        state = await self._tag_state(tag)
+        if self._state.tags.freshness(state, self._ctx.clock.seconds(), self._ttl) is Freshness.FRESH:
+            assert state is not None
+            manifest = await self._ctx.local.manifest(self.key, state.digest)
+            if manifest is not None:
+                events.cache("manifest", self.route, tag, "hit")
+                return manifest
+        events.cache("manifest", self.route, tag, "revalidate" if state is not None else "miss")
+        return await flights.run((self.key, tag), lambda: self._refresh_tag(tag, upstream_accept))
+
+    async def _tag_state(self, tag: str) -> TagState | None:
+        state = self._state.tags.get(self.key, tag)
+        if state is None:
+            digest = await self._ctx.store.metadata.get_tag(self.key, tag)
+            if digest is not None:
+                state = self._state.tags.loaded(self.key, tag, digest)
+        return state
+
+    async def _trust_tag(self, tag: str, digest: Digest) -> None:
+        if self._state.tags.confirmed(self.key, tag, digest, self._ctx.clock.seconds()):
+            await self._ctx.store.metadata.set_tag(self.key, tag, digest)
+
+    async def _forget_tag(self, tag: str) -> None:
+        self._state.tags.forget(self.key, tag)
+        await self._ctx.store.metadata.delete_tag(self.key, tag)
+
+    async def _refresh_tag(self, tag: str, accept: list[str]) -> StoredManifest:
+        state = await self._tag_state(tag)
+        cached = await self._ctx.local.manifest(self.key, state.digest) if state is not None else None
+        if cached is not None:
+            try:
+                remote = await self._upstream.head_manifest(self.route.remote_name, tag, accept)
+            except UpstreamUnavailable as e:
+                return self._serve_stale(tag, cached, e)
+            except UpstreamRefused as e:
+                if e.status == 404:
+                    await self._forget_tag(tag)
+                raise
+            if remote == str(cached.digest):
+                await self._trust_tag(tag, cached.digest)
+                return cached
+        try:
+            manifest = await self._fetch_manifest(tag, None, accept)
+        except UpstreamUnavailable as e:
+            if cached is not None:
+                return self._serve_stale(tag, cached, e)
+            raise
+        except UpstreamRefused as e:
+            if e.status == 404:
+                await self._forget_tag(tag)
+            raise
+        await self._trust_tag(tag, manifest.digest)
+        return manifest
+
+    def _serve_stale(self, tag: str, cached: StoredManifest, error: RegistryError) -> StoredManifest:
+        self._ctx.events.stale_tag(self.route, tag, cached.digest, error.message)
+        # Trust it for another TTL, so that every request does not wait on a dead upstream.
+        self._state.tags.confirmed(self.key, tag, cached.digest, self._ctx.clock.seconds())
+        return cached
+
+    async def _fetch_manifest(self, reference: str, expected: Digest | None, accept: list[str]) -> StoredManifest:
+        upstream = self._upstream
+        started = self._ctx.clock.seconds()
+        outcome = "error"
+        size = 0
+        try:
+            response = await upstream.get_manifest(self.route.remote_name, reference, accept, self._ctx.config.max_manifest_size)
+            data = response.data
+            size = len(data)
+            if expected is not None and not expected.matches(data):
+                outcome = "digest mismatch"
+                raise UpstreamRefused(
+                    "DIGEST_INVALID", f"upstream {upstream.name} sent a manifest that does not match {expected}", status=502
+                )
+            digest = expected if expected is not None else Digest.of(data)
+            if response.digest_header:
+                claimed = _claimed_digest(response.digest_header)
+                if claimed is None or not claimed.matches(data):
+                    outcome = "digest mismatch"
+                    raise UpstreamRefused(
+                        "DIGEST_INVALID",
+                        f"upstream {upstream.name} sent {self.route.remote_name}:{reference} whose bytes do not match "
+                        f"its Docker-Content-Digest {response.digest_header[:100]}",
+                        status=502,
+                    )
+            try:
+                media_type = parse_manifest(data, response.content_type).media_type
+            except RegistryError as e:
+                raise UpstreamRefused(
+                    "MANIFEST_INVALID", f"upstream {upstream.name} sent an invalid manifest: {e.message}", status=502
+                ) from None
+            await self._ctx.store.blobs.put(digest, data)
+            await self._ctx.store.metadata.link_manifest(self.key, digest, media_type)
+            outcome = "stored"
+            return StoredManifest(data, media_type, digest)
+        except RegistryError as e:
+            if outcome == "error":
+                outcome = e.code
+            raise
+        finally:
+            self._ctx.events.fetched("manifest", self.route, reference, size, started, outcome)
+
+    # blobs --------------------------------------------------------------------------------
+    async def get_blob(self, digest: Digest, *, wait_until_stored: bool = False) -> BlobBody:
+        local = await self._ctx.local.blob(digest)
+        if local is not None:
+            self._ctx.events.cache("blob", self.route, str(digest), "hit")
+            return local
+        fill, started = await self._state.fills.join_or_start(digest, lambda: self._start_fill(digest))
+        cache = "miss" if started else "join"
+        self._ctx.events.cache("blob", self.route, str(digest), cache)
+        if fill is not None and wait_until_stored:
+            await _until_settled(fill)
+        if fill is None or fill.stored:
+            body = await self._ctx.local.blob(digest, cache)
+            if body is None:
+                raise RegistryError("BLOB_UNKNOWN", f"blob {digest} vanished from the cache; retry")
+            return body
+        if fill.failure is not None:
+            raise RegistryError("UNAVAILABLE", f"fetching {digest} from upstream failed: {fill.failure.getErrorMessage()}")
+        try:
+            responder = fill.follower()
+        except FileNotFoundError:  # committed (renamed) or aborted just now
+            return await self.get_blob(digest, wait_until_stored=wait_until_stored)
+        return BlobBody(responder, fill.expected_size, digest, cache)
+
+    async def _start_fill(self, digest: Digest) -> BlobFill | None:
+        """Start fetching ``digest``; ``None`` if it was stored meanwhile (a fill that
+        committed between this request's store lookup and its turn here)."""
+        if await self._ctx.store.blobs.stat(digest) is not None:
+            return None
+        started = self._ctx.clock.seconds()
+        try:
+            response = await self._upstream.get_blob(self.route.remote_name, str(digest))
+        except RegistryError as e:
+            self._ctx.events.fetched("blob", self.route, str(digest), 0, started, e.code)
+            raise
+        writer = self._ctx.store.blobs.writer()
+        if digest.algorithm != "sha256":
+            writer.hash_also(digest)
+        length = response.length if isinstance(response.length, int) else None
+        assert self.route.upstream is not None
+        fill = BlobFill(writer, digest, length, self._ctx.clock, self.route.upstream.timeout, self._state.run_blocking)
+
+        def finished(result: Failure | None) -> None:
+            outcome = "stored"
+            if isinstance(result, Failure):
+                if result.check(DigestMismatch):
+                    mismatch = result.value
+                    assert isinstance(mismatch, DigestMismatch)
+                    self._ctx.events.digest_mismatch(self.route, digest, mismatch.actual, mismatch.size)
+                    outcome = "digest mismatch"
+                else:
+                    outcome = f"failed: {result.getErrorMessage()}"
+            self._ctx.events.fetched("blob", self.route, str(digest), writer.size, started, outcome)
+
+        fill.done.addBoth(finished)
+        response.deliverBody(fill)
+        return fill
+
+    async def blob_size(self, digest: Digest) -> int:
+        size = await self._ctx.store.blobs.stat(digest)
+        if size is not None:
+            self._ctx.events.cache("blob", self.route, str(digest), "hit")
+            return size
+        size = self._state.fills.expected_size(digest)
+        if size is not None:
+            return size
+        size = await self._upstream.head_blob(self.route.remote_name, str(digest))
+        if size is None:
+            body = await self.get_blob(digest, wait_until_stored=True)
+            body.responder.close()
+            assert body.size is not None
+            return body.size
+        return size
+
+    async def holds_blob(self, digest: Digest) -> bool:
+        return await self._ctx.store.blobs.stat(digest) is not None
+
+    async def referrers(self, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:
+        return await self._upstream.referrers(self.route.remote_name, str(subject), artifact_type)
+
+
+def _claimed_digest(header: str) -> Digest | None:
+    try:
+        return parse_digest(header.strip())
+    except RegistryError:
+        return None
+
+
+async def _until_settled(fill: BlobFill) -> None:
+    """Wait until ``fill`` is stored or has failed, without touching its shared Deferred."""
+    waiter: Deferred[None] = Deferred()
+
+    def check() -> None:
+        if (fill.stored or fill.failure is not None) and not waiter.called:
+            fill.unsubscribe(check)
+            waiter.callback(None)
+
+    fill.subscribe(check)
+    check()
+    await waiter

@@ -1,0 +1,125 @@
+"""The registry: the repository a request names, and what spans repositories.
+
+:class:`Registry` is what the web layer and the command-line tools hold.  For a name
+(and containerd's ``ns``) it asks the router (:class:`~mirror.core.routing.Router`)
+where the repository lives and hands back a
+:class:`~mirror.registry.hosted.HostedRepository` or a
+:class:`~mirror.registry.mirrored.MirroredRepository` — the only place that tells the
+two apart.  It also owns what repositories share (the store, the upstream clients,
+known tags, fills under way, upload sessions, the access record, metrics), the catalog,
+and applying a re-read configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from mirror.config import MirrorConfig, UpstreamConfig
+from mirror.core.routing import Router
+from mirror.metrics import Metrics
+from mirror.registry.access import AccessBatch
+from mirror.registry.events import Events
+from mirror.registry.hosted import HostedRepository
+from mirror.registry.mirrored import MirroredRepository, MirrorState
+from mirror.registry.repository import Context, LocalContent, Repository
+from mirror.registry.uploads import UploadSessions
+from mirror.storage.base import Store
+from mirror.upstream.client import Upstream
+
+__all__ = ["Registry"]
+
+
+def _effective(upstream: UpstreamConfig, config: MirrorConfig) -> UpstreamConfig:
+    """An upstream's settings with the global ``offline`` switch applied."""
+    return attrs.evolve(upstream, offline=True) if config.offline and not upstream.offline else upstream
+
+
+class Registry:
+    """Repositories by name, over one store and the configured upstreams.
+
+    Args:
+        config: the service configuration.
+        store: where content lives.
+        make_upstream: builds the client of one configured upstream.
+        clock: the reactor's time.
+        run_blocking: runs a blocking callable in a thread; returns a Deferred.
+    """
+
+    def __init__(
+        self,
+        config: MirrorConfig,
+        store: Store,
+        make_upstream: Callable[[UpstreamConfig], Upstream],
+        clock: IReactorTime,
+        run_blocking: Callable[..., Deferred[Any]],
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.metrics = Metrics()
+        self.metrics.watch_ratelimits(lambda: [(u.name, u.ratelimit_remaining) for u in self._upstreams.values()])
+        self.access = AccessBatch(store.access, clock.seconds)
+        self.uploads = UploadSessions(store.uploads, clock)
+        self._events = Events(self.metrics, clock)
+        self._mirror = MirrorState(run_blocking=run_blocking)
+        self._make_upstream = make_upstream
+        self._upstreams: dict[str, Upstream] = {}
+        self._apply(config)
+
+    def _apply(self, config: MirrorConfig) -> None:
+        upstreams = {}
+        for u in config.upstreams:
+            u = _effective(u, config)
+            current = self._upstreams.get(u.registry)
+            upstreams[u.registry] = current if current is not None and current.config == u else self._make_upstream(u)
+        self._upstreams = upstreams
+        self.config = config
+        self.router = Router(config.upstreams, config.hosted)
+        self._context = Context(
+            config, self.store, LocalContent(self.store, self.access, config.max_manifest_size), self._events, self.clock
+        )
+
+    def reconfigure(self, new: MirrorConfig) -> list[str]:
+        """Apply a re-read configuration while running (SIGHUP).
+
+        Upstreams, TTLs, hosted patterns, read-only and delete take effect at once;
+        upstream clients whose settings changed are rebuilt (dropping their cached
+        tokens).  Returns the keys that only a restart applies.
+        """
+        needs_restart = [key for key in ("listen", "storage") if getattr(new, key) != getattr(self.config, key)]
+        self._apply(attrs.evolve(new, listen=self.config.listen, storage=self.config.storage))
+        self._mirror.tags.clear()  # TTLs may have changed: revalidate tags on their next use
+        return needs_restart
+
+    def repository(self, name: str, ns: str | None = None) -> Repository:
+        """The repository a request names.
+
+        Raises:
+            RegistryError: ``NAME_INVALID`` or ``NAME_UNKNOWN`` (see the router).
+        """
+        route = self.router.route(name, ns)
+        if route.upstream is None:
+            return HostedRepository(name, route, self._context, self.uploads)
+        return MirroredRepository(name, route, self._context, self._upstreams[route.upstream.registry], self._mirror)
+
+    def serves_registry(self, ns: str) -> bool:
+        """Whether ``ns`` (containerd's ``?ns=``) names a configured upstream."""
+        return ns.lower() in self._upstreams
+
+    async def catalog(self) -> list[str]:
+        """Every repository the store holds, in lexical order."""
+        return await self.store.metadata.repositories()
+
+    async def expire_uploads(self) -> int:
+        """Remove upload sessions idle for longer than ``upload_expiry``."""
+        return await self.uploads.expire(self.config.upload_expiry)
+
+    @property
+    def fills_in_flight(self) -> int:
+        """Blob fills not yet committed to the store (their clients may be done already)."""
+        return len(self._mirror.fills)

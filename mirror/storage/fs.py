@@ -1,0 +1,644 @@
+"""The store on a local filesystem directory.
+
+Layout under ``root``::
+
+    layout.json                                    {"layout": 1}: the layout version
+    blobs/<algorithm>/<first two hex>/<hex>       content (manifests too); its mtime is
+                                                   the last write or read (the access record)
+    spool/<random>                                 blobs being written; renamed into
+                                                   blobs/ only after verify + fsync
+    repositories/<name...>/_manifests/<alg>/<hex>  a manifest the repository holds; the
+                                                   file holds its media type
+    repositories/<name...>/_tags/<tag>             the digest the tag points at
+    repositories/<name...>/_layers/<alg>/<hex>     a blob a hosted repository holds (empty)
+    repositories/<name...>/_referrers/<alg>/<subject hex>/<alg>/<hex>
+                                                   descriptor (JSON) of a manifest whose
+                                                   subject is that digest
+    uploads/<id>/data, uploads/<id>/repo           an upload session (push): the bytes
+                                                   so far and the repository it is for
+    gc.lock                                        flock: GC deletes (exclusive) vs pushes
+                                                   referencing existing blobs (shared)
+
+``_manifests``, ``_tags``, ``_layers`` and ``_referrers`` cannot collide with a nested
+repository, since a name component cannot start with ``_``.  Every path component comes
+from a checked name, tag or digest (:mod:`mirror.core.oci`), so nothing reaches outside
+``root``.  Stores written before ``layout.json`` existed have the same layout (version 1);
+opening one records the version (see :func:`open_filesystem_store`).
+
+Crash safety: content appears under ``blobs/`` only whole and verified, and every small
+file is written to a temporary name; both go through :func:`_publish` (fsync, then
+rename), the one place that makes anything durable and visible.  A tag or link may
+outlive its blob after a crash or eviction; readers treat a missing blob as a miss.
+
+Metadata operations are quick and run inline; fsyncs and copies of large files run in
+threads (``run_blocking``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+
+from mirror.core.errors import RegistryError
+from mirror.core.oci import Digest, Hasher, parse_digest
+from mirror.storage.base import BlobInfo, DigestMismatch, RepositoryRecord, Store
+from mirror.storage.sending import CachedSource, FileResponder, Responder, Source
+
+__all__ = ["LAYOUT_VERSION", "StoreLayoutError", "open_filesystem_store"]
+
+T = TypeVar("T")
+RunBlocking = Callable[..., Deferred[Any]]
+
+#: The layout this code reads and writes (see the module docstring).
+LAYOUT_VERSION = 1
+
+_UPLOAD_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_log = Logger()
+
+
+class StoreLayoutError(Exception):
+    """The directory holds a store this code cannot use; ``str()`` says why."""
+
+
+def _publish(path: Path, final: Path, fd: int | None = None) -> None:
+    """Make ``path`` durable and visible as ``final``: fsync, then rename.
+
+    ``fd`` is the file's open descriptor when the caller has one (it is closed here).
+    """
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, final)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably: temp file, then :func:`_publish`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    _publish(tmp, path, fd)
+
+
+class _Hashes:
+    """The running sha256 of written bytes, plus one other algorithm when asked."""
+
+    def __init__(self) -> None:
+        self.sha256: Hasher = hashlib.sha256()
+        self.other: Hasher | None = None
+        self.size = 0
+
+    def also(self, algorithm: str) -> None:
+        if algorithm != "sha256" and self.other is None:
+            self.other = hashlib.new(algorithm)
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        if self.other is not None:
+            self.other.update(data)
+        self.size += len(data)
+
+    def digest(self, algorithm: str = "sha256") -> Digest:
+        if algorithm != "sha256" and self.other is not None and self.other.name == algorithm:
+            return Digest(algorithm, self.other.hexdigest())
+        return Digest("sha256", self.sha256.hexdigest())
+
+    def verify(self, expected: Digest) -> None:
+        """Raise :class:`DigestMismatch` unless the bytes hash to ``expected``."""
+        actual = self.digest(expected.algorithm)
+        if actual != expected:
+            raise DigestMismatch(expected, actual, self.size)
+
+    @classmethod
+    def of_file(cls, path: Path, algorithm: str) -> _Hashes:
+        hashes = cls()
+        hashes.also(algorithm)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                hashes.update(chunk)
+        return hashes
+
+
+class _Layout:
+    """Paths under the store's root (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.spool = root / "spool"
+        self.repositories = root / "repositories"
+        self.uploads = root / "uploads"
+        self.lock = root / "gc.lock"
+        self.version = root / "layout.json"
+
+    def blob(self, digest: Digest) -> Path:
+        return self.blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
+
+    def repo(self, repo: str) -> Path:
+        return self.repositories / repo
+
+    def manifest_link(self, repo: str, digest: Digest) -> Path:
+        return self.repo(repo) / "_manifests" / digest.algorithm / digest.encoded
+
+    def tags(self, repo: str) -> Path:
+        return self.repo(repo) / "_tags"
+
+    def blob_link(self, repo: str, digest: Digest) -> Path:
+        return self.repo(repo) / "_layers" / digest.algorithm / digest.encoded
+
+    def referrers(self, repo: str, subject: Digest) -> Path:
+        return self.repo(repo) / "_referrers" / subject.algorithm / subject.encoded
+
+    def upload(self, upload_id: str) -> Path:
+        if _UPLOAD_ID_RE.fullmatch(upload_id) is None:
+            raise KeyError(upload_id)
+        return self.uploads / upload_id
+
+
+# blobs ------------------------------------------------------------------------------------------
+class FsBlobWriter:
+    """Spools a blob to ``spool/``, hashing as it goes; commit verifies and publishes."""
+
+    def __init__(self, layout: _Layout, run_blocking: RunBlocking) -> None:
+        self._layout = layout
+        self._run_blocking = run_blocking
+        self.path = layout.spool / secrets.token_hex(16)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._hashes = _Hashes()
+
+    @property
+    def size(self) -> int:
+        return self._hashes.size
+
+    def hash_also(self, digest: Digest) -> None:
+        self._hashes.also(digest.algorithm)
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None, "write after commit or abort"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self._hashes.update(data)
+
+    def actual_digest(self, algorithm: str = "sha256") -> Digest:
+        return self._hashes.digest(algorithm)
+
+    def follow(self, source: Source, size: int | None) -> Responder:
+        return FileResponder(open(self.path, "rb", buffering=0), source, size)
+
+    async def commit(self, expected: Digest) -> None:
+        await self._run_blocking(self._commit, expected)
+
+    def _commit(self, expected: Digest) -> None:
+        assert self._fd is not None, "commit after commit or abort"
+        try:
+            self._hashes.verify(expected)
+        except DigestMismatch:
+            self.abort()
+            raise
+        fd, self._fd = self._fd, None
+        _publish(self.path, self._layout.blob(expected), fd)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class FsBlobStore:
+    """Content by digest under ``blobs/``."""
+
+    def __init__(self, layout: _Layout, run_blocking: RunBlocking) -> None:
+        self._layout = layout
+        self._run_blocking = run_blocking
+
+    async def stat(self, digest: Digest) -> int | None:
+        try:
+            return self._layout.blob(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    async def open(self, digest: Digest) -> Responder | None:
+        try:
+            file = open(self._layout.blob(digest), "rb", buffering=0)
+        except FileNotFoundError:
+            return None
+        size = os.fstat(file.fileno()).st_size
+        return FileResponder(file, CachedSource(size), size)
+
+    async def read(self, digest: Digest, max_size: int) -> bytes | None:
+        try:
+            with open(self._layout.blob(digest), "rb", buffering=0) as f:
+                data = f.read(max_size + 1)
+        except FileNotFoundError:
+            return None
+        return data if len(data) <= max_size else None
+
+    async def put(self, digest: Digest, data: bytes) -> None:
+        path = self._layout.blob(digest)
+        try:
+            os.utime(path)  # already there: it counts as just written (GC grace)
+        except FileNotFoundError:
+            _write_atomic(path, data)
+
+    def writer(self) -> FsBlobWriter:
+        return FsBlobWriter(self._layout, self._run_blocking)
+
+    async def scan(self) -> list[BlobInfo]:
+        return list(self._scan())
+
+    def _scan(self) -> Iterator[BlobInfo]:
+        for alg_entry in os.scandir(self._layout.blobs):
+            for prefix in os.scandir(alg_entry.path):
+                for entry in os.scandir(prefix.path):
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue  # deleted meanwhile
+                    yield BlobInfo(Digest(alg_entry.name, entry.name), st.st_size, st.st_mtime)
+
+    async def delete_if_idle(self, digest: Digest, idle_before: float) -> int | None:
+        path = self._layout.blob(digest)
+        try:
+            st = path.stat()
+            if st.st_mtime >= idle_before:
+                return None
+            os.unlink(path)
+        except FileNotFoundError:
+            return None
+        return st.st_size
+
+    async def clean_spool(self, idle_for: float) -> int:
+        removed = 0
+        cutoff = time.time() - idle_for
+        for entry in os.scandir(self._layout.spool):
+            try:
+                if not idle_for or entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass  # committed or aborted meanwhile
+        return removed
+
+    async def check_writable(self) -> str | None:
+        probe = self._layout.spool / f".ready-{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"ok")
+            os.unlink(probe)
+        except OSError as e:
+            return f"store not writable: {e.strerror}"
+        return None
+
+
+# repositories -----------------------------------------------------------------------------------
+class FsMetadataStore:
+    """Per-repository manifests, tags, blob links and referrers under ``repositories/``."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self._layout = layout
+
+    async def link_manifest(self, repo: str, digest: Digest, media_type: str) -> None:
+        if await self.manifest_media_type(repo, digest) != media_type:
+            _write_atomic(self._layout.manifest_link(repo, digest), media_type.encode())
+
+    async def manifest_media_type(self, repo: str, digest: Digest) -> str | None:
+        try:
+            return self._layout.manifest_link(repo, digest).read_text() or None
+        except FileNotFoundError:
+            return None
+
+    async def unlink_manifest(self, repo: str, digest: Digest) -> bool:
+        return _unlink(self._layout.manifest_link(repo, digest))
+
+    async def set_tag(self, repo: str, tag: str, digest: Digest) -> None:
+        _write_atomic(self._layout.tags(repo) / tag, str(digest).encode())
+
+    async def get_tag(self, repo: str, tag: str) -> Digest | None:
+        return self._read_tag(repo, tag)
+
+    def _read_tag(self, repo: str, tag: str) -> Digest | None:
+        try:
+            text = (self._layout.tags(repo) / tag).read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return parse_digest(text.strip())
+        except RegistryError:
+            return None
+
+    async def delete_tag(self, repo: str, tag: str) -> None:
+        _unlink(self._layout.tags(repo) / tag)
+
+    async def list_tags(self, repo: str) -> list[str] | None:
+        return self._list_tags(repo)
+
+    def _list_tags(self, repo: str) -> list[str] | None:
+        try:
+            entries = os.scandir(self._layout.tags(repo))
+        except FileNotFoundError:
+            return [] if (self._layout.repo(repo) / "_manifests").is_dir() else None
+        with entries:
+            return sorted(e.name for e in entries if not e.name.startswith("."))
+
+    async def had_tags(self, repo: str) -> bool:
+        return self._layout.tags(repo).is_dir()
+
+    async def link_blob(self, repo: str, digest: Digest) -> None:
+        path = self._layout.blob_link(repo, digest)
+        if not path.exists():
+            _write_atomic(path, b"")
+
+    async def has_blob_link(self, repo: str, digest: Digest) -> bool:
+        return self._layout.blob_link(repo, digest).exists()
+
+    async def unlink_blob(self, repo: str, digest: Digest) -> bool:
+        return _unlink(self._layout.blob_link(repo, digest))
+
+    async def add_referrer(self, repo: str, subject: Digest, descriptor: Mapping[str, object]) -> None:
+        digest = parse_digest(str(descriptor["digest"]))
+        path = self._layout.referrers(repo, subject) / digest.algorithm / digest.encoded
+        _write_atomic(path, json.dumps(descriptor, sort_keys=True).encode())
+
+    async def referrers(self, repo: str, subject: Digest) -> list[dict[str, object]]:
+        found = []
+        for path in sorted(self._layout.referrers(repo, subject).glob("*/*")):
+            try:
+                found.append(json.loads(path.read_bytes()))
+            except (OSError, ValueError):
+                continue  # removed meanwhile, or a temp file
+        return found
+
+    async def remove_referrer(self, repo: str, subject: Digest, digest: Digest) -> None:
+        _unlink(self._layout.referrers(repo, subject) / digest.algorithm / digest.encoded)
+
+    async def repositories(self) -> list[str]:
+        def walk(directory: Path, prefix: str) -> Iterator[str]:
+            try:
+                names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+            except FileNotFoundError:
+                return
+            if "_manifests" in names or "_tags" in names or "_layers" in names:
+                yield prefix
+            for name in names:
+                if not name.startswith("_"):
+                    yield from walk(directory / name, f"{prefix}/{name}" if prefix else name)
+
+        # Sorting per directory level is not lexical order of full names ("a/b" vs "a-c").
+        return sorted(walk(self._layout.repositories, ""))
+
+    async def scan_repository(self, repo: str) -> RepositoryRecord:
+        base = self._layout.repo(repo)
+        manifests: dict[Digest, float] = {}
+        for digest, entry in _digest_entries(base / "_manifests"):
+            try:
+                manifests[digest] = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+        links = {digest for digest, _ in _digest_entries(base / "_layers")}
+        tags = {}
+        for tag in self._list_tags(repo) or []:
+            target = self._read_tag(repo, tag)
+            if target is not None:
+                tags[tag] = target
+        return RepositoryRecord(manifests, tags, links)
+
+
+def _digest_entries(directory: Path) -> Iterator[tuple[Digest, os.DirEntry[str]]]:
+    """``<alg>/<hex>`` entries under ``directory`` (temporary files skipped)."""
+    try:
+        algorithms = list(os.scandir(directory))
+    except FileNotFoundError:
+        return
+    for alg_entry in algorithms:
+        for entry in os.scandir(alg_entry.path):
+            if not entry.name.startswith("."):
+                yield Digest(alg_entry.name, entry.name), entry
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# uploads ----------------------------------------------------------------------------------------
+class FsUploadStore:
+    """Upload sessions under ``uploads/<id>/``: appended in place, published into ``blobs/``."""
+
+    def __init__(self, layout: _Layout, run_blocking: RunBlocking) -> None:
+        self._layout = layout
+        self._run_blocking = run_blocking
+        self._hashes: dict[str, _Hashes] = {}  # running sha256 per session, while this process lives
+
+    async def create(self, repo: str) -> str:
+        upload_id = str(uuid.uuid4())  # the spec: the upload location carries a UUID
+        directory = self._layout.upload(upload_id)
+        directory.mkdir()
+        (directory / "data").touch()
+        _write_atomic(directory / "repo", repo.encode())
+        return upload_id
+
+    async def repository_of(self, upload_id: str) -> str | None:
+        try:
+            return (self._layout.upload(upload_id) / "repo").read_text()
+        except (KeyError, FileNotFoundError, NotADirectoryError):
+            return None
+
+    async def size(self, upload_id: str) -> int:
+        return (self._layout.upload(upload_id) / "data").stat().st_size
+
+    def _running_hash(self, upload_id: str, algorithm: str = "sha256") -> _Hashes:
+        """The session's hash, rebuilt from its data after a restart (or for another algorithm)."""
+        path = self._layout.upload(upload_id) / "data"
+        cached = self._hashes.get(upload_id)
+        if algorithm == "sha256" and cached is not None and cached.size == path.stat().st_size:
+            return cached
+        hashes = _Hashes.of_file(path, algorithm)
+        if algorithm == "sha256":
+            self._hashes[upload_id] = hashes
+        return hashes
+
+    async def append(self, upload_id: str, source: BinaryIO) -> int:
+        size: int = await self._run_blocking(self._append, upload_id, source)
+        return size
+
+    def _append(self, upload_id: str, source: BinaryIO) -> int:
+        hashes = self._running_hash(upload_id)
+        with open(self._layout.upload(upload_id) / "data", "ab") as out:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+                hashes.update(chunk)
+        return hashes.size
+
+    async def commit(self, upload_id: str, expected: Digest) -> int:
+        size: int = await self._run_blocking(self._commit, upload_id, expected)
+        return size
+
+    def _commit(self, upload_id: str, expected: Digest) -> int:
+        hashes = self._running_hash(upload_id, expected.algorithm)
+        try:
+            hashes.verify(expected)
+            final = self._layout.blob(expected)
+            if final.exists():
+                os.utime(final)  # content-addressed: what we have is the same; just written again
+            else:
+                _publish(self._layout.upload(upload_id) / "data", final)
+        finally:
+            self._delete(upload_id)
+        return hashes.size
+
+    async def delete(self, upload_id: str) -> None:
+        self._delete(upload_id)
+
+    def _delete(self, upload_id: str) -> None:
+        self._hashes.pop(upload_id, None)
+        try:
+            shutil.rmtree(self._layout.upload(upload_id))
+        except (KeyError, FileNotFoundError):
+            pass
+
+    async def stale(self, idle_since: float) -> list[str]:
+        stale = []
+        for entry in os.scandir(self._layout.uploads):
+            try:
+                last = max(os.stat(os.path.join(entry.path, name)).st_mtime for name in ("data", "repo"))
+            except FileNotFoundError:
+                last = 0.0
+            if last < idle_since:
+                stale.append(entry.name)
+        return stale
+
+
+# access record and GC lock ----------------------------------------------------------------------
+class FsAccessRecord:
+    """Last reads as the blob files' mtimes: one ``utime`` per blob per flush."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self._layout = layout
+
+    async def record(self, accessed: Mapping[Digest, float]) -> None:
+        for digest, when in accessed.items():
+            try:
+                os.utime(self._layout.blob(digest), (when, when))
+            except FileNotFoundError:
+                pass
+
+    async def snapshot(self) -> Mapping[Digest, float]:
+        return {}  # the reads are the mtimes that BlobStore.scan reports already
+
+
+class FsGcLock:
+    """``flock`` on ``gc.lock``: per open file, so it works between processes."""
+
+    def __init__(self, layout: _Layout, run_blocking: RunBlocking) -> None:
+        self._layout = layout
+        self._run_blocking = run_blocking
+
+    def _open(self) -> int:
+        return os.open(self._layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        fd = self._open()
+        try:
+            await self._run_blocking(fcntl.flock, fd, fcntl.LOCK_EX)  # waits for pushes in progress
+            yield
+        finally:
+            os.close(fd)
+
+    async def try_shared(self) -> object | None:
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    async def release(self, handle: object) -> None:
+        assert isinstance(handle, int)
+        os.close(handle)
+
+
+# opening ----------------------------------------------------------------------------------------
+def _check_layout(layout: _Layout) -> None:
+    """Record the layout version of a new or pre-versioning store; refuse a newer one."""
+    try:
+        doc = json.loads(layout.version.read_bytes())
+        version = doc.get("layout") if isinstance(doc, dict) else None
+    except FileNotFoundError:
+        had_content = any(layout.blobs.iterdir()) or any(layout.repositories.iterdir())
+        _write_atomic(layout.version, json.dumps({"layout": LAYOUT_VERSION}).encode() + b"\n")
+        if had_content:
+            _log.info(
+                "store {root}: written by an earlier release, same layout; recorded layout version {version}",
+                root=str(layout.root),
+                version=LAYOUT_VERSION,
+            )
+        return
+    except (OSError, ValueError) as e:
+        raise StoreLayoutError(f"{layout.version}: unreadable ({e})") from None
+    if version != LAYOUT_VERSION:
+        raise StoreLayoutError(
+            f"{layout.root}: store layout version {version!r}, but this release reads version {LAYOUT_VERSION}"
+        )
+
+
+def _run_here(f: Callable[..., T], *args: object) -> Deferred[T]:
+    return maybeDeferred(f, *args)
+
+
+def open_filesystem_store(root: Path, run_blocking: RunBlocking = _run_here) -> Store:
+    """The store under directory ``root`` (created if missing).
+
+    ``run_blocking`` runs fsyncs and large copies (the service passes ``deferToThread``;
+    the default runs them at once).
+
+    Raises:
+        StoreLayoutError: the directory holds a store of another layout version.
+    """
+    layout = _Layout(Path(root))
+    for directory in (layout.blobs, layout.spool, layout.repositories, layout.uploads):
+        directory.mkdir(parents=True, exist_ok=True)
+    _check_layout(layout)
+    return Store(
+        blobs=FsBlobStore(layout, run_blocking),
+        metadata=FsMetadataStore(layout),
+        uploads=FsUploadStore(layout, run_blocking),
+        access=FsAccessRecord(layout),
+        gc_lock=FsGcLock(layout, run_blocking),
+        description=f"filesystem {layout.root}",
+    )

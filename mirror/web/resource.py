@@ -1,0 +1,458 @@
+"""The web edge: the registry HTTP API as one Twisted resource.
+
+Requests go through :data:`ROUTES` (a regular expression on the raw path per endpoint)
+to a thin handler that parses the request, asks the
+:class:`~mirror.registry.registry.Registry` for the repository it names, calls it once
+and renders the answer.  Client authentication (:mod:`mirror.web.auth`) runs first.  Every error is the spec's JSON body
+(:func:`mirror.core.errors.error_body`); anything unexpected is logged and answered 500
+``UNKNOWN`` — a client never sees a traceback.  A failure after the headers went out
+aborts the connection, so a truncated body never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, BinaryIO
+from urllib.parse import urlencode
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from mirror.core.errors import RegistryError, error_body
+from mirror.core.httpheaders import parse_accept, parse_range
+from mirror.core.oci import OCI_INDEX, Digest, parse_digest, parse_reference
+from mirror.registry.registry import Registry
+from mirror.registry.repository import BlobBody, Repository, UploadState
+from mirror.registry.uploads import upload_location
+from mirror.storage.sending import ClientGone, sendfile_transport
+from mirror.web.auth import Authenticator, Principal, requirements
+
+__all__ = ["ROUTES", "RegistryResource", "paginate"]
+
+API_VERSION = b"registry/2.0"
+
+Handler = Callable[["_Call"], Awaitable[None]]
+
+#: (path pattern, {method: handler name}); names are raw-path matches, checked later.
+ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
+    (re.compile(r"/v2/?"), {"GET": "base", "HEAD": "base"}),
+    (re.compile(r"/auth/token"), {"GET": "token", "POST": "token"}),
+    (re.compile(r"/healthz"), {"GET": "healthz"}),
+    (re.compile(r"/readyz"), {"GET": "readyz"}),
+    (re.compile(r"/v2/_catalog"), {"GET": "catalog"}),
+    (re.compile(r"/v2/(?P<name>.+)/tags/list"), {"GET": "tags"}),
+    (
+        re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)"),
+        {"GET": "manifest", "HEAD": "manifest", "PUT": "put_manifest", "DELETE": "delete_manifest"},
+    ),
+    (re.compile(r"/v2/(?P<name>.+)/blobs/uploads/?"), {"POST": "start_upload"}),
+    (
+        re.compile(r"/v2/(?P<name>.+)/blobs/uploads/(?P<upload>[^/]+)"),
+        {"GET": "upload_status", "PATCH": "upload_chunk", "PUT": "upload_finish", "DELETE": "upload_cancel"},
+    ),
+    (re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)"), {"GET": "blob", "HEAD": "blob", "DELETE": "delete_blob"}),
+    (re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)"), {"GET": "referrers"}),
+]
+
+
+def match_route(method: str, path: str) -> tuple[str, dict[str, str]]:
+    """The handler name and path parameters for a request.
+
+    Raises:
+        RegistryError: 404 for an unknown path, 405 ``UNSUPPORTED`` for a method the
+            endpoint does not take.
+    """
+    for pattern, methods in ROUTES:
+        match = pattern.fullmatch(path)
+        if match is None:
+            continue
+        handler = methods.get(method)
+        if handler is None:
+            allowed = ", ".join(methods) or "none"
+            raise RegistryError(
+                "UNSUPPORTED",
+                f"{method} is not supported on this endpoint by this registry (allowed: {allowed})",
+                headers={"Allow": ", ".join(methods)} if methods else None,
+            )
+        return handler, {k: v for k, v in match.groupdict().items() if v is not None}
+    raise RegistryError("UNSUPPORTED", f"no registry endpoint at {path[:200]!r}", status=404)
+
+
+def paginate(items: list[str], n: str | None, last: str | None) -> tuple[list[str], str | None]:
+    """Apply the spec's ``n``/``last`` pagination to a sorted list.
+
+    Returns the page and, when more remain, the ``last`` value for the next page.
+    """
+    if last:
+        items = [i for i in items if i > last]
+    if n is None:
+        return items, None
+    if not n.isdigit() or len(n) > 9:
+        raise RegistryError("PAGINATION_NUMBER_INVALID", f"invalid page size n={n[:20]!r}", status=400)
+    size = int(n)
+    page = items[:size]
+    more = len(items) > size and size > 0
+    return page, (page[-1] if more else None)
+
+
+class _Call:
+    """One request in flight: its parsed parts and the response it builds."""
+
+    def __init__(self, request: Request, params: dict[str, str]) -> None:
+        self.request = request
+        self.params = params
+        self.method = request.method.decode("latin-1")
+        self.gone = False  # the client disconnected
+        self.principal: Principal | None = None  # who is calling, when auth is on
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, _: Failure) -> None:
+        self.gone = True
+
+    def arg(self, name: str) -> str | None:
+        values = self.request.args.get(name.encode())
+        return values[0].decode("utf-8", "replace") if values else None
+
+    def header(self, name: str) -> str | None:
+        value = self.request.getHeader(name)
+        return value.decode("latin-1") if isinstance(value, bytes) else value
+
+    def set_header(self, name: str, value: str | int) -> None:
+        self.request.setHeader(name.encode(), str(value).encode("latin-1"))
+
+    def finish(self, status: int, body: bytes = b"", content_type: str | None = None) -> None:
+        if self.gone:
+            return
+        self.request.setResponseCode(status)
+        if content_type is not None:
+            self.set_header("Content-Type", content_type)
+        self.set_header("Content-Length", len(body))
+        if body and self.method != "HEAD":
+            self.request.write(body)
+        self.request.finish()
+
+    def body(self) -> tuple[BinaryIO, int]:
+        """The request body (Twisted has spooled it: a temp file when large) and its length."""
+        content = self.request.content
+        assert content is not None, "Twisted gives every request a content file"
+        content.seek(0, 2)
+        length = content.tell()
+        content.seek(0)
+        return content, length
+
+    def finish_json(self, doc: object, status: int = 200, link: str | None = None) -> None:
+        if link is not None:
+            self.set_header("Link", f'<{link}>; rel="next"')
+        self.finish(status, json.dumps(doc).encode(), "application/json")
+
+
+class RegistryResource(Resource):
+    """The whole ``/v2/`` API, dispatched by :func:`match_route`.
+
+    Args:
+        registry: the repositories.
+        auth: client authentication, or None for an open registry (replaced on a reload).
+        run_blocking: runs a blocking callable (bcrypt) in a thread; returns a Deferred.
+    """
+
+    isLeaf = True
+    _log = Logger()
+
+    def __init__(self, registry: Registry, auth: Authenticator | None, run_blocking: Callable[..., Deferred[Any]]) -> None:
+        Resource.__init__(self)
+        self._registry = registry
+        self.auth = auth
+        self._run_blocking = run_blocking
+
+    def render(self, request: Request) -> Any:
+        request.setHeader(b"Docker-Distribution-Api-Version", API_VERSION)
+        path = (request.path or b"").decode("latin-1")
+        method = (request.method or b"").decode("latin-1")
+        metrics = self._registry.metrics
+        try:
+            handler_name, params = match_route(method, path)
+        except RegistryError as e:
+            metrics.request("unknown", "other", e.status, 0)
+            _render_error(request, e)
+            return NOT_DONE_YET
+        call = _Call(request, params)
+        request.notifyFinish().addBoth(lambda _: metrics.request(handler_name, method, request.code, request.sentLength))
+        ns = call.arg("ns")
+        if ns is not None and self._registry.serves_registry(ns):
+            # Registry proxying: the ns that scoped the request is echoed back.
+            call.set_header("OCI-Namespace", ns)
+        handler: Handler = getattr(self, f"_{handler_name}")
+        d = Deferred.fromCoroutine(self._authorized(handler, call, requirements(handler_name, params, call.arg)))
+        d.addErrback(self._failed, call)
+        return NOT_DONE_YET
+
+    async def _authorized(self, handler: Handler, call: _Call, required: Sequence[tuple[str, str]]) -> None:
+        auth = self.auth
+        if auth is not None and required:
+            call.principal = await auth.authorize(call.header("Authorization"), self._realm(call), required, self._run_blocking)
+        await handler(call)
+
+    @staticmethod
+    def _realm(call: _Call) -> str:
+        host = call.header("Host") or "localhost"
+        return f"{'https' if call.request.isSecure() else 'http'}://{host}/auth/token"
+
+    def _repository(self, call: _Call) -> Repository:
+        """The repository the request names (``NAME_INVALID``/``NAME_UNKNOWN`` otherwise)."""
+        return self._registry.repository(call.params["name"], call.arg("ns"))
+
+    async def _token(self, call: _Call) -> None:
+        """The Docker token endpoint (GET with optional Basic; POST, OAuth2 password grant)."""
+        auth = self.auth
+        if auth is None or not auth.config.token:
+            raise RegistryError("UNSUPPORTED", "this registry issues no tokens", status=404)
+        user = password = None
+        if call.method == "POST":
+            form = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (call.request.args or {}).items() if v}
+            scopes = form.get("scope", "").split()
+            if form.get("grant_type") == "password":
+                user, password = form.get("username"), form.get("password")
+        else:
+            scopes = [v.decode("utf-8", "replace") for v in (call.request.args or {}).get(b"scope", [])]
+            creds = auth.basic_credentials(call.header("Authorization"))
+            if creds is not None:
+                user, password = creds
+        if user is not None:
+            if not await auth.check_password(user, password or "", self._run_blocking):
+                raise RegistryError("UNAUTHORIZED", "authentication failed")
+        call.set_header("Cache-Control", "no-store")
+        call.finish_json(auth.issue_token(user, scopes))
+
+    def _failed(self, failure: Failure, call: _Call) -> None:
+        request = call.request
+        if call.gone or failure.check(ClientGone):
+            return
+        if request.startedWriting:
+            self._log.failure("response failed after its headers were sent; aborting", failure)
+            if request.producer is not None:
+                request.unregisterProducer()
+            _abort(request)
+            return
+        if isinstance(failure.value, RegistryError):
+            _render_error(request, failure.value)
+            return
+        self._log.failure("unexpected error answering {method} {path}", failure, method=call.method, path=request.path)
+        _render_error(request, RegistryError("UNKNOWN", "internal error; see the registry's log"))
+
+    # handlers -----------------------------------------------------------------------------
+    async def _base(self, call: _Call) -> None:
+        call.finish_json({})
+
+    async def _healthz(self, call: _Call) -> None:
+        call.finish(200, b"ok\n", "text/plain")
+
+    async def _readyz(self, call: _Call) -> None:
+        problem = await self._registry.store.blobs.check_writable()
+        if problem is not None:
+            call.finish(503, f"not ready: {problem}\n".encode(), "text/plain")
+        else:
+            call.finish(200, b"ready\n", "text/plain")
+
+    async def _catalog(self, call: _Call) -> None:
+        repositories = await self._registry.catalog()
+        if self.auth is not None and call.principal is not None:
+            repositories = [r for r in repositories if self.auth.permitted(call.principal, r, "pull")]
+        page, last = paginate(repositories, call.arg("n"), call.arg("last"))
+        link = f"/v2/_catalog?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
+        call.finish_json({"repositories": page}, link=link)
+
+    async def _tags(self, call: _Call) -> None:
+        name = call.params["name"]
+        tags = await self._repository(call).tags()
+        if tags is None:  # all deleted: Distribution 2.8's answer
+            call.finish_json({"name": name, "tags": None})
+            return
+        page, last = paginate(tags, call.arg("n"), call.arg("last"))
+        link = f"/v2/{name}/tags/list?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
+        call.finish_json({"name": name, "tags": page}, link=link)
+
+    async def _manifest(self, call: _Call) -> None:
+        repo = self._repository(call)
+        ref = parse_reference(call.params["reference"])
+        accept = parse_accept(call.request.requestHeaders.getRawHeaders(b"accept"))
+        manifest = await repo.get_manifest(ref, accept)
+        etag = f'"{manifest.digest}"'
+        call.set_header("Docker-Content-Digest", str(manifest.digest))
+        call.set_header("ETag", etag)
+        if call.header("If-None-Match") == etag:
+            call.finish(304)
+            return
+        call.finish(200, manifest.data, manifest.media_type)
+
+    async def _blob(self, call: _Call) -> None:
+        repo = self._repository(call)
+        digest = parse_digest(call.params["digest"])
+        if call.method == "HEAD":
+            size = await repo.blob_size(digest)
+            self._blob_headers(call, digest)
+            call.set_header("Content-Length", size)
+            call.request.setResponseCode(200)
+            call.request.finish()
+            return
+        range_header = call.header("Range")
+        body = await repo.get_blob(digest, wait_until_stored=range_header is not None)
+        try:
+            byte_range = parse_range(range_header, body.size) if body.size is not None else None
+        except RegistryError:
+            body.responder.close()
+            raise
+        if call.gone:
+            body.responder.close()
+            return
+        self._blob_headers(call, body.digest)
+        if byte_range is not None:
+            call.request.setResponseCode(206)
+            call.set_header("Content-Range", byte_range.content_range())
+            call.set_header("Content-Length", byte_range.length)
+            await self._send(call, body, byte_range.first, byte_range.last + 1)
+        else:
+            if body.size is not None:
+                call.set_header("Content-Length", body.size)
+            await self._send(call, body, 0, None)
+
+    async def _delete_blob(self, call: _Call) -> None:
+        await self._repository(call).delete_blob(call.params["digest"])
+        call.finish(202)
+
+    async def _referrers(self, call: _Call) -> None:
+        repo = self._repository(call)
+        subject = parse_digest(call.params["digest"])
+        artifact_type = call.arg("artifactType")
+        descriptors = await repo.referrers(subject, artifact_type)
+        if artifact_type is not None:
+            descriptors = [d for d in descriptors if d.get("artifactType") == artifact_type]
+            call.set_header("OCI-Filters-Applied", "artifactType")
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+        call.finish(200, json.dumps(index).encode(), OCI_INDEX)
+
+    # pushes -------------------------------------------------------------------------------
+    async def _put_manifest(self, call: _Call) -> None:
+        name = call.params["name"]
+        repo = self._repository(call)
+        content, _ = call.body()
+        data = content.read(self._registry.config.max_manifest_size + 1)
+        extra_tags = [t.decode("utf-8", "replace") for t in (call.request.args or {}).get(b"tag", [])]
+        pushed = await repo.put_manifest(call.params["reference"], call.header("Content-Type"), data, extra_tags)
+        if pushed.tags:
+            call.request.responseHeaders.setRawHeaders(b"OCI-Tag", [t.encode() for t in pushed.tags])
+        call.set_header("Location", f"/v2/{name}/manifests/{pushed.digest}")
+        call.set_header("Docker-Content-Digest", str(pushed.digest))
+        if pushed.subject is not None:
+            call.set_header("OCI-Subject", str(pushed.subject))
+        call.finish(201)
+
+    async def _delete_manifest(self, call: _Call) -> None:
+        await self._repository(call).delete_manifest(call.params["reference"])
+        call.finish(202)
+
+    async def _start_upload(self, call: _Call) -> None:
+        name = call.params["name"]
+        repo = self._repository(call)
+        mount, digest = call.arg("mount"), call.arg("digest")
+        source_name = call.arg("from")
+        readable = (
+            self.auth is None
+            or call.principal is None
+            or (source_name is not None and self.auth.permitted(call.principal, source_name, "pull"))
+        )
+        if mount is not None and readable:
+            try:
+                source = self._registry.repository(source_name) if source_name is not None else None
+            except RegistryError:
+                pass  # a source that is no repository here: nothing to mount, upload instead
+            else:
+                mounted = await repo.mount(mount, source)
+                if mounted is not None:
+                    self._blob_created(call, name, mounted)
+                    return
+        if digest is not None:
+            content, length = call.body()
+            self._blob_created(call, name, await repo.monolithic(digest, content, length))
+            return
+        self._upload_answer(call, await repo.start_upload(), 202)
+
+    async def _upload_status(self, call: _Call) -> None:
+        self._upload_answer(call, await self._repository(call).upload_status(call.params["upload"]), 204)
+
+    async def _upload_chunk(self, call: _Call) -> None:
+        repo = self._repository(call)
+        content, length = call.body()
+        state = await repo.append(call.params["upload"], content, length, call.header("Content-Range"))
+        self._upload_answer(call, state, 202)
+
+    async def _upload_finish(self, call: _Call) -> None:
+        repo = self._repository(call)
+        content, length = call.body()
+        digest = await repo.finish(call.params["upload"], call.arg("digest"), content, length, call.header("Content-Range"))
+        self._blob_created(call, call.params["name"], digest)
+
+    async def _upload_cancel(self, call: _Call) -> None:
+        await self._repository(call).cancel(call.params["upload"])
+        call.finish(204)
+
+    def _upload_answer(self, call: _Call, state: UploadState, status: int) -> None:
+        call.set_header("Location", upload_location(call.params["name"], state.upload_id))
+        call.set_header("Range", f"0-{max(state.size - 1, 0)}")
+        call.set_header("Docker-Upload-UUID", state.upload_id)
+        call.finish(status)
+
+    def _blob_created(self, call: _Call, name: str, digest: Digest) -> None:
+        call.set_header("Location", f"/v2/{name}/blobs/{digest}")
+        call.set_header("Docker-Content-Digest", str(digest))
+        call.finish(201)
+
+    def _blob_headers(self, call: _Call, digest: Digest) -> None:
+        call.set_header("Content-Type", "application/octet-stream")
+        call.set_header("Docker-Content-Digest", str(digest))
+        call.set_header("ETag", f'"{digest}"')
+        call.set_header("Accept-Ranges", "bytes")
+        call.set_header("Cache-Control", "max-age=31536000")
+
+    async def _send(self, call: _Call, body: BlobBody, first: int, end: int | None) -> None:
+        request = call.request
+        socket = sendfile_transport(request.channel.transport) if request.channel is not None else None
+        if socket is not None and not request.chunked:
+            request.write(b"")  # the headers go first, through Twisted's buffer; then sendfile
+        else:
+            socket = None
+        sending = body.responder.send(request, first, end, socket)
+        producer = request.producer  # registered by the responder as it started
+        if producer is not None:
+            request.notifyFinish().addErrback(lambda _: producer.stopProducing())
+        try:
+            sent = await sending
+        finally:
+            request.unregisterProducer()
+        request.sentLength += sent  # Twisted counts only what passes through write()
+        if not call.gone:
+            request.finish()
+
+
+def _abort(request: Request) -> None:
+    """Drop the connection at once, so that a body cut short never looks complete (TCP and
+    TLS transports have ``abortConnection``, though ``ITransport`` does not declare it)."""
+    transport = request.transport
+    if transport is not None:
+        getattr(transport, "abortConnection", transport.loseConnection)()
+
+
+def _render_error(request: Request, error: RegistryError) -> None:
+    request.setResponseCode(error.status)
+    for key, value in error.headers.items():
+        request.setHeader(key.encode(), value.encode("latin-1"))
+    body = error_body(error)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()

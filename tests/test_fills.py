@@ -1,0 +1,250 @@
+"""Tests of BlobFill (upstream body -> verified store), the responders that follow it
+(spool -> client), and Fills (one fill per digest).
+
+The upstream transport is a StringTransport, time is a task.Clock, and the client is a
+consumer that records writes and can be paused, as a full socket would.
+"""
+
+import pytest
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
+
+from mirror.core.oci import Digest
+from mirror.registry.fills import QUEUE_HIGH, BlobFill
+from mirror.storage.fs import open_filesystem_store
+from mirror.storage.sending import ClientGone
+from tests.storeutil import Sync
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+
+
+def run_now(f, *args):
+    """Stands in for deferToThread: runs at once, failures as a failed Deferred."""
+    return maybeDeferred(f, *args)
+
+
+@implementer(IConsumer)
+class Consumer:
+    """A client socket: records bytes, can be paused like a full send buffer."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.producer = None
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data):
+        self.data += data
+
+
+@pytest.fixture
+def root(tmp_path):
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(root):
+    return Sync(open_filesystem_store(root))
+
+
+def make_fill(store, data=DATA, digest=None, size="auto", clock=None):
+    digest = digest or Digest.of(data)
+    fill = BlobFill(
+        store.blobs.writer(), digest, len(data) if size == "auto" else size, clock or Clock(), 30, run_now
+    )
+    transport = StringTransport()
+    fill.makeConnection(transport)
+    return fill, transport
+
+
+def outcome(d):
+    results = []
+    d.addBoth(results.append)
+    return results[0] if results else None
+
+
+def test_fill_commits_and_follower_gets_every_byte(store):
+    """A follower receives the bytes as they arrive, and the last one only after commit."""
+    fill, _ = make_fill(store)
+    client = Consumer()
+    sent = fill.follower().send(client)
+    fill.dataReceived(DATA[:1000])
+    assert bytes(client.data) == DATA[:1000]
+    fill.dataReceived(DATA[1000:])
+    assert len(client.data) == len(DATA) - 1  # last byte held until verified
+    assert outcome(sent) is None and not sent.called
+    fill.connectionLost(Failure(ResponseDone()))
+    assert fill.stored
+    assert bytes(client.data) == DATA
+    assert sent.called
+    assert store.blobs.stat(Digest.of(DATA)) == len(DATA)
+
+
+def test_digest_mismatch_stores_nothing_and_fails_follower(store, root):
+    """Bytes that do not hash to the digest are never stored, and the client never gets all of them."""
+    wanted = Digest.of(b"something else")
+    fill, _ = make_fill(store, digest=wanted)
+    client = Consumer()
+    sent = fill.follower().send(client)
+    fill.dataReceived(DATA)
+    fill.connectionLost(Failure(ResponseDone()))
+    assert isinstance(outcome(sent), Failure)
+    assert len(client.data) < len(DATA)
+    assert store.blobs.stat(wanted) is None and store.blobs.stat(Digest.of(DATA)) is None
+    assert list((root / "spool").iterdir()) == []
+    assert isinstance(outcome(fill.done), Failure)
+
+
+def test_body_cut_short_fails(store):
+    """An upstream connection dropped mid-body is a failure, not a short blob."""
+    fill, _ = make_fill(store)
+    fill.dataReceived(DATA[:100])
+    fill.connectionLost(Failure(PotentialDataLoss()))
+    assert isinstance(outcome(fill.done), Failure)
+    assert store.blobs.stat(Digest.of(DATA)) is None
+
+
+def test_more_than_content_length_aborts(store):
+    """An upstream sending past its Content-Length is cut off and the fill fails."""
+    fill, transport = make_fill(store, size=10)
+    fill.dataReceived(DATA[:11])
+    assert transport.producerState == "stopped"
+    fill.connectionLost(Failure(ResponseDone()))
+    assert "more than its Content-Length" in outcome(fill.done).getErrorMessage()
+
+
+def test_unknown_length_commits_on_end(store):
+    """Without Content-Length, everything is readable as it comes; commit decides at the end."""
+    fill, _ = make_fill(store, size=None)
+    fill.dataReceived(DATA)
+    assert fill.readable_end() == len(DATA)
+    fill.connectionLost(Failure(ResponseDone()))
+    assert fill.stored and store.blobs.stat(Digest.of(DATA)) == len(DATA)
+
+
+def test_idle_upstream_times_out(store):
+    """An upstream that stops sending is abandoned after the idle timeout."""
+    clock = Clock()
+    fill, transport = make_fill(store, clock=clock)
+    fill.dataReceived(DATA[:10])
+    clock.advance(29)
+    assert transport.producerState == "producing"
+    fill.dataReceived(DATA[10:20])  # activity resets the timer
+    clock.advance(29)
+    assert transport.producerState == "producing"
+    clock.advance(2)
+    assert transport.producerState == "stopped"
+    fill.connectionLost(Failure(ResponseDone()))
+    assert "sent nothing for 30 s" in outcome(fill.done).getErrorMessage()
+
+
+def test_paused_client_gets_nothing_until_resumed(store):
+    """Backpressure: a paused sender writes nothing; resuming sends the rest."""
+    fill, _ = make_fill(store)
+    client = Consumer()
+    fill.follower().send(client)
+    sender = client.producer  # the follower registered itself with the client
+    sender.pauseProducing()
+    fill.dataReceived(DATA)
+    fill.connectionLost(Failure(ResponseDone()))
+    assert len(client.data) == 0
+    sender.resumeProducing()
+    assert bytes(client.data) == DATA
+
+
+def test_client_leaving_does_not_stop_the_fill(store):
+    """A client that disconnects mid-stream leaves the fill running; the blob still lands."""
+    fill, transport = make_fill(store)
+    client = Consumer()
+    done = fill.follower().send(client)
+    sender = client.producer
+    fill.dataReceived(DATA[:500])
+    sender.stopProducing()
+    result = outcome(done)
+    assert isinstance(result, Failure) and result.check(ClientGone)
+    assert transport.producerState == "producing"
+    fill.dataReceived(DATA[500:])
+    fill.connectionLost(Failure(ResponseDone()))
+    assert store.blobs.stat(Digest.of(DATA)) == len(DATA)
+
+
+def test_cached_range(store):
+    """A cached blob's byte range is sent exactly."""
+    d = Digest.of(DATA)
+    store.blobs.put(d, DATA)
+    client = Consumer()
+    done = store.blobs.open(d).send(client, 1000, 300_000)
+    assert done.called
+    assert bytes(client.data) == DATA[1000:300_000]
+
+
+def test_slow_disk_pauses_the_upstream_and_resumes_it(store):
+    """When the writer thread falls more than QUEUE_HIGH behind, the upstream socket is
+    paused (TCP holds the rest); it resumes once the backlog drops under QUEUE_LOW."""
+    from twisted.internet.defer import Deferred
+
+    pending = []
+
+    def run_later(f, *args):
+        d = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    data = b"x" * (QUEUE_HIGH + 1024 * 1024)
+    fill = BlobFill(store.blobs.writer(), Digest.of(data), len(data), Clock(), 30, run_later)
+    transport = StringTransport()
+    fill.makeConnection(transport)
+    for i in range(0, len(data), 65536):
+        fill.dataReceived(data[i : i + 65536])
+    assert transport.producerState == "paused"
+    while pending:
+        d, f, args = pending.pop(0)
+        d.callback(f(*args))
+    assert transport.producerState == "producing"
+    fill.connectionLost(Failure(ResponseDone()))
+    while pending:
+        d, f, args = pending.pop(0)
+        d.callback(f(*args))
+    assert fill.stored and store.blobs.stat(Digest.of(data)) == len(data)
+
+
+def test_clients_finish_when_verified_before_the_commit(root):
+    """The last byte goes out once the digest verified; fsync and rename (commit) run after,
+    and only the store waits for them."""
+    from twisted.internet.defer import Deferred
+
+    pending = []
+
+    def run_later(f, *args):
+        d = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    store = Sync(open_filesystem_store(root, run_later))
+
+    fill = BlobFill(store.blobs.writer(), Digest.of(DATA), len(DATA), Clock(), 30, run_later)
+    fill.makeConnection(StringTransport())
+    client = Consumer()
+    sent = fill.follower().send(client)
+    fill.dataReceived(DATA)
+    d, f, args = pending.pop(0)  # the write
+    d.callback(f(*args))
+    fill.connectionLost(Failure(ResponseDone()))
+    assert bytes(client.data) == DATA and sent.called  # whole and verified: done
+    assert fill.verified and not fill.stored
+    assert store.blobs.stat(Digest.of(DATA)) is None  # not in the store yet
+    d, f, args = pending.pop(0)  # the commit
+    d.callback(f(*args))
+    assert fill.stored and store.blobs.stat(Digest.of(DATA)) == len(DATA)

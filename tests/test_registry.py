@@ -1,0 +1,248 @@
+"""The registry's repositories without sockets or real time.
+
+The real Registry and web resource, the in-memory store, a Clock, and a fake upstream
+(a Twisted resource) reached through treq's in-memory agent (tests/inmemory.py): tag
+freshness and revalidation, stale answers, one fill per blob, verification, hosted
+reads and writes and their policy, which kind of repository a name gets, and garbage
+collection seeing a repository as the request that filled it did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from twisted.internet.task import Clock
+from twisted.web.client import ResponseFailed
+
+from mirror.config import GcConfig, MirrorConfig, StorageConfig, UpstreamConfig
+from mirror.core.oci import DOCKER_MANIFEST, OCI_MANIFEST, Digest
+from mirror.registry.gc import collect
+from mirror.registry.hosted import HostedRepository
+from mirror.registry.mirrored import MirroredRepository
+from mirror.storage.memory import open_memory_store
+from tests.fake_upstream import FakeRegistry, digest_of
+from tests.inmemory import InMemoryMirror
+from tests.storeutil import Sync, run_now
+
+LAYER = os.urandom(300_000)
+CONFIG = b'{"architecture":"amd64","os":"linux"}'
+HUB = "http://upstream.test"
+
+
+def image(fake: FakeRegistry, name: str = "library/app", tag: str = "latest", layer: bytes = LAYER) -> tuple[str, str]:
+    """A one-layer Docker schema 2 image in the fake upstream: (manifest digest, layer digest)."""
+    layer_digest = fake.add_blob(layer)
+    config = fake.add_blob(CONFIG)
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": len(CONFIG), "digest": config},
+        "layers": [
+            {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": len(layer), "digest": layer_digest}
+        ],
+    }
+    return fake.add_manifest(name, tag, doc, DOCKER_MANIFEST), layer_digest
+
+
+def make(fake: FakeRegistry | None = None, *, hosted=(), tag_ttl=300.0, **config) -> InMemoryMirror:
+    clock = Clock()
+    clock.advance(1_000_000)
+    upstreams = (UpstreamConfig(registry="docker.io", url=HUB, tag_ttl=tag_ttl, timeout=5),) if fake is not None else ()
+    cfg = MirrorConfig(listen=(), storage=StorageConfig(root="unused"), upstreams=upstreams, hosted=tuple(hosted), **config)
+    return InMemoryMirror(cfg, open_memory_store(clock.seconds), upstream=fake, clock=clock)
+
+
+@pytest.fixture
+def fake():
+    return FakeRegistry()
+
+
+# mirrored: tags --------------------------------------------------------------------------------
+def test_a_tag_is_trusted_for_its_ttl_then_revalidated_with_one_head(fake):
+    digest, _ = image(fake)
+    m = make(fake, tag_ttl=60)
+    for _ in range(3):
+        a = m.get("/v2/library/app/manifests/latest")
+        assert a.code == 200 and a.header("Docker-Content-Digest") == digest
+    assert (fake.count("GET", "/manifests/latest"), fake.count("HEAD", "/manifests/latest")) == (1, 0)
+    m.clock.advance(61)
+    assert m.get("/v2/library/app/manifests/latest").code == 200
+    assert (fake.count("GET", "/manifests/latest"), fake.count("HEAD", "/manifests/latest")) == (1, 1)
+    moved, _ = image(fake, layer=b"another layer")  # the tag now points elsewhere
+    m.clock.advance(61)
+    a = m.get("/v2/library/app/manifests/latest")
+    assert a.header("Docker-Content-Digest") == moved and fake.count("GET", "/manifests/latest") == 2
+    assert Sync(m.registry.store).metadata.get_tag("docker.io/library/app", "latest") == Digest(*moved.split(":"))
+
+
+@pytest.mark.parametrize("fault", ["500", "429"])
+def test_a_failing_upstream_gets_the_cached_tag_served(fake, fault):
+    digest, _ = image(fake)
+    m = make(fake, tag_ttl=0)
+    assert m.get("/v2/library/app/manifests/latest").code == 200
+    fake.faults["library/app:latest"] = fault
+    a = m.get("/v2/library/app/manifests/latest")
+    assert a.code == 200 and a.header("Docker-Content-Digest") == digest
+    assert 'mirror_stale_tags_served_total{upstream="docker.io"} 1.0' in m.registry.metrics.exposition().decode()
+
+
+def test_a_tag_the_upstream_no_longer_has_is_forgotten(fake):
+    image(fake)
+    m = make(fake, tag_ttl=0)
+    assert m.get("/v2/library/app/manifests/latest").code == 200
+    del fake.manifests[("library/app", "latest")]
+    a = m.get("/v2/library/app/manifests/latest")
+    assert a.code == 404 and a.error_code == "MANIFEST_UNKNOWN"
+    assert Sync(m.registry.store).metadata.get_tag("docker.io/library/app", "latest") is None
+
+
+def test_a_manifest_whose_bytes_contradict_its_type_is_refused_and_not_stored(fake):
+    """The one parser decides for pull-through too: a declared type the document contradicts
+    is a 502 MANIFEST_INVALID, and nothing is stored."""
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"digest": digest_of(CONFIG), "size": 1}}
+    fake.add_manifest("library/odd", "1", doc, DOCKER_MANIFEST)
+    m = make(fake)
+    a = m.get("/v2/library/odd/manifests/1")
+    assert a.code == 502 and a.error_code == "MANIFEST_INVALID"
+    assert Sync(m.registry.store).metadata.list_tags("docker.io/library/odd") is None
+
+
+# mirrored: blobs -------------------------------------------------------------------------------
+def test_concurrent_requests_for_a_blob_cause_one_upstream_fetch(fake):
+    """Both clients stream the one fill; the blob lands in the store verified."""
+    _, layer = image(fake)
+    m = make(fake)
+    fake.clock, fake.chunk_delay = m.clock, 1.0  # the upstream sends a chunk per (fake) second
+    first = m._client.get(f"http://mirror.test/v2/library/app/blobs/{layer}")
+    second = m._client.get(f"http://mirror.test/v2/library/app/blobs/{layer}")
+    for _ in range(len(LAYER) // 65536 + 2):
+        m.clock.advance(1)
+        m.pump()
+    bodies = [m.wait(m.wait(d).content()) for d in (first, second)]
+    assert bodies == [LAYER, LAYER]
+    assert fake.count("GET", f"/blobs/{layer}") == 1
+    assert Sync(m.registry.store).blobs.stat(Digest(*layer.split(":"))) == len(LAYER)
+    assert m.get(f"/v2/library/app/blobs/{layer}").body == LAYER  # now a hit
+    assert fake.count("GET", f"/blobs/{layer}") == 1
+    exposition = m.registry.metrics.exposition().decode()
+    assert 'mirror_cache_requests_total{kind="blob",result="join"} 1.0' in exposition
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_corrupt_blob_is_never_stored_nor_handed_on_whole(fake, streaming):
+    """Streaming: the client has the headers and all but the last byte when the digest fails
+    to verify, and its connection is aborted.  Not yet streaming: a 503."""
+    _, layer = image(fake)
+    fake.faults[layer] = "corrupt"
+    m = make(fake)
+    if streaming:
+        fake.clock, fake.chunk_delay = m.clock, 1.0
+    d = m._client.get(f"http://mirror.test/v2/library/app/blobs/{layer}")
+    for _ in range(len(LAYER) // 65536 + 2):
+        m.clock.advance(1)
+        m.pump()
+    response = m.wait(d)
+    if streaming:
+        assert response.code == 200
+        with pytest.raises(ResponseFailed):
+            m.wait(response.content())
+    else:
+        assert response.code == 503 and json.loads(m.wait(response.content()))["errors"][0]["code"] == "UNAVAILABLE"
+    assert Sync(m.registry.store).blobs.stat(Digest(*layer.split(":"))) is None
+    assert m.registry.fills_in_flight == 0
+
+
+def test_head_of_an_uncached_blob_asks_the_upstream_without_fetching_it(fake):
+    _, layer = image(fake)
+    m = make(fake)
+    a = m.request("HEAD", f"/v2/library/app/blobs/{layer}")
+    assert a.code == 200 and a.header("Content-Length") == str(len(LAYER))
+    assert (fake.count("HEAD", f"/blobs/{layer}"), fake.count("GET", f"/blobs/{layer}")) == (1, 0)
+
+
+def test_a_mirrored_repository_refuses_writes_naming_the_rule(fake):
+    m = make(fake, hosted=("myorg/*",))
+    a = m.request("POST", "/v2/library/app/blobs/uploads/")
+    assert a.code == 403 and a.error_code == "DENIED"
+    assert b"myorg/*" in a.body and b"docker.io" in a.body
+
+
+# hosted -----------------------------------------------------------------------------------------
+def push(m: InMemoryMirror, repo: str, tag: str) -> str:
+    config = m.request("POST", f"/v2/{repo}/blobs/uploads/?digest={digest_of(b'{}')}", data=b"{}")
+    layer_data = os.urandom(2000)
+    layer = m.request("POST", f"/v2/{repo}/blobs/uploads/?digest={digest_of(layer_data)}", data=layer_data)
+    assert config.code == layer.code == 201
+    body = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(b"{}"), "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest_of(layer_data), "size": 2000}],
+    }).encode()
+    a = m.request("PUT", f"/v2/{repo}/manifests/{tag}", data=body, headers={"Content-Type": OCI_MANIFEST})
+    assert a.code == 201, a.body
+    return a.header("Docker-Content-Digest")
+
+
+def test_hosted_push_pull_and_delete():
+    m = make(hosted=("*",))
+    digest = push(m, "team/app", "1")
+    a = m.get("/v2/team/app/manifests/1")
+    assert a.code == 200 and a.header("Docker-Content-Digest") == digest
+    assert json.loads(m.get("/v2/_catalog").body) == {"repositories": ["team/app"]}
+    assert m.request("DELETE", f"/v2/team/app/manifests/{digest}").code == 202
+    assert json.loads(m.get("/v2/team/app/tags/list").body) == {"name": "team/app", "tags": None}
+
+
+def test_a_hosted_repository_serves_only_blobs_it_holds():
+    m = make(hosted=("*",))
+    push(m, "team/a", "1")
+    layer_data = b"only in b"
+    assert m.request("POST", f"/v2/team/b/blobs/uploads/?digest={digest_of(layer_data)}", data=layer_data).code == 201
+    a = m.get(f"/v2/team/a/blobs/{digest_of(layer_data)}")
+    assert a.code == 404 and a.error_code == "BLOB_UNKNOWN"
+    assert m.get(f"/v2/team/b/blobs/{digest_of(layer_data)}").body == layer_data
+
+
+@pytest.mark.parametrize(("setting", "method", "path"), [
+    ({"read_only": True}, "POST", "/v2/team/app/blobs/uploads/"),
+    ({"read_only": True}, "DELETE", "/v2/team/app/manifests/1"),
+    ({"delete": False}, "DELETE", "/v2/team/app/manifests/1"),
+])
+def test_hosted_policy_refuses_writes(setting, method, path):
+    m = make(hosted=("*",), **setting)
+    a = m.request(method, path)
+    assert a.code == 405 and a.error_code == "UNSUPPORTED"
+
+
+# the registry ------------------------------------------------------------------------------------
+def test_the_router_decides_which_kind_of_repository_a_name_gets(fake):
+    m = make(fake, hosted=("myorg/*",))
+    assert isinstance(m.registry.repository("myorg/app"), HostedRepository)
+    assert isinstance(m.registry.repository("library/app"), MirroredRepository)
+    assert isinstance(m.registry.repository("docker.io/myorg/app"), MirroredRepository)
+    r = m.registry.repository("alpine", "docker.io")
+    assert isinstance(r, MirroredRepository) and r.key == "docker.io/library/alpine"
+
+
+def test_gc_evicts_content_pulled_through_a_registry_prefix_even_when_everything_is_hosted(fake):
+    """hosted: ["*"] with an upstream: an image pulled as /v2/docker.io/library/app is mirrored,
+    so age eviction removes it; a hosted image of the same age stays."""
+    _, layer = image(fake)
+    m = make(fake, hosted=("*",))
+    assert m.get("/v2/docker.io/library/app/manifests/latest").code == 200
+    assert m.get(f"/v2/docker.io/library/app/blobs/{layer}").code == 200
+    push(m, "team/app", "1")
+    run_now(m.registry.access.flush())
+    m.clock.advance(8 * 24 * 3600)
+    config = MirrorConfig(
+        listen=(), storage=StorageConfig(root="unused"), upstreams=m.registry.config.upstreams, hosted=("*",),
+        gc=GcConfig(grace=3600, max_age=7 * 24 * 3600),
+    )
+    report = run_now(collect(m.registry.store, config, now=m.clock.seconds))
+    assert [repo for repo, _, _ in report.plan.drop_manifests] == ["docker.io/library/app"]
+    assert Digest(*layer.split(":")) in report.plan.delete_blobs
+    assert m.get("/v2/team/app/manifests/1").code == 200

@@ -1,0 +1,314 @@
+"""One contract for every store backend: the same checks against the filesystem store
+(real files under tmp_path) and the in-memory store.
+
+What every backend promises (mirror.storage.base): content is visible only once verified,
+a mismatch leaves nothing, readers follow a growing write, listings are sorted, a
+repository whose last tag was deleted answers "tags": null and stays listed, uploads
+verify on commit, GC deletes only idle blobs and only under the exclusive lock, and
+pushers hold the lock shared.  The filesystem-only tests (layout version, mtimes as the
+access record, spool clean-up) are at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+
+from twisted.internet.interfaces import IConsumer
+from zope.interface import implementer
+
+from mirror.core.oci import Digest
+from mirror.storage.base import DigestMismatch
+from mirror.storage.fs import LAYOUT_VERSION, StoreLayoutError, open_filesystem_store
+from mirror.storage.memory import open_memory_store
+from mirror.storage.sending import CachedSource
+from tests.storeutil import Sync, blob_path, run_now
+
+OCI = "application/vnd.oci.image.manifest.v1+json"
+
+
+class Clock:
+    """The memory store's time; the filesystem store stamps with the real file times."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["fs", "memory"])
+def store(request, tmp_path):
+    if request.param == "fs":
+        return Sync(open_filesystem_store(tmp_path / "store"))
+    return Sync(open_memory_store(Clock()))
+
+
+@implementer(IConsumer)
+class Collect:
+    """A consumer that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def registerProducer(self, producer, streaming):
+        pass
+
+    def unregisterProducer(self):
+        pass
+
+    def write(self, data):
+        self.data += data
+
+
+def read_all(store, digest):
+    responder = store.blobs.open(digest)
+    assert responder is not None
+    out = Collect()
+    run_now(responder.send(out))
+    return bytes(out.data)
+
+
+# blobs --------------------------------------------------------------------------------------
+def test_writer_commit_publishes_verified_blob(store):
+    """Bytes written and committed under their digest become readable; before, nothing is."""
+    w = store.blobs.writer()
+    w.write(b"hello ")
+    w.write(b"world")
+    digest = Digest.of(b"hello world")
+    assert store.blobs.stat(digest) is None
+    run_now(w.commit(digest))
+    assert store.blobs.stat(digest) == 11
+    assert read_all(store, digest) == b"hello world"
+    assert store.blobs.read(digest, 100) == b"hello world"
+    assert store.blobs.read(digest, 5) is None  # over the size asked for
+
+
+def test_writer_digest_mismatch_leaves_nothing(store):
+    """A mismatch raises and stores nothing under either digest."""
+    w = store.blobs.writer()
+    w.write(b"evil")
+    wanted = Digest.of(b"good")
+    with pytest.raises(DigestMismatch) as info:
+        run_now(w.commit(wanted))
+    assert info.value.actual == Digest.of(b"evil")
+    assert store.blobs.stat(wanted) is None
+    assert store.blobs.stat(Digest.of(b"evil")) is None
+
+
+def test_writer_abort_is_idempotent(store):
+    """Abort discards; a second abort is harmless; nothing is published."""
+    w = store.blobs.writer()
+    w.write(b"x")
+    w.abort()
+    w.abort()
+    assert store.blobs.stat(Digest.of(b"x")) is None
+
+
+def test_follower_sees_a_growing_write(store):
+    """A responder following a writer sends what is written so far, and the rest once the
+    source says it is verified."""
+
+    class Growing:
+        verified = stored = False
+        failure = None
+
+        def __init__(self, writer):
+            self.writer, self.callbacks = writer, []
+
+        def readable_end(self):
+            return self.writer.size
+
+        def subscribe(self, cb):
+            self.callbacks.append(cb)
+
+        def unsubscribe(self, cb):
+            self.callbacks.remove(cb)
+
+    w = store.blobs.writer()
+    source = Growing(w)
+    out = Collect()
+    d = w.follow(source, 6).send(out)
+    w.write(b"abc")
+    for cb in list(source.callbacks):
+        cb()
+    assert out.data == b"abc" and not d.called
+    w.write(b"def")
+    source.verified = True
+    for cb in list(source.callbacks):
+        cb()
+    assert out.data == b"abcdef" and d.called
+    run_now(w.commit(Digest.of(b"abcdef")))
+
+
+def test_sha512_writer(store):
+    """A sha512 digest verifies when the writer is told to hash with it."""
+    data = b"payload"
+    d = Digest.of(data, "sha512")
+    w = store.blobs.writer()
+    w.hash_also(d)
+    w.write(data)
+    run_now(w.commit(d))
+    assert store.blobs.stat(d) == len(data)
+
+
+def test_ranges_of_a_stored_blob(store):
+    """A stored blob's responder sends any [first, end) range."""
+    data = bytes(range(256)) * 10
+    d = Digest.of(data)
+    store.blobs.put(d, data)
+    responder = store.blobs.open(d)
+    assert responder.size == len(data) and isinstance(responder.source, CachedSource)
+    out = Collect()
+    run_now(responder.send(out, 100, 1000))
+    assert bytes(out.data) == data[100:1000]
+    assert store.blobs.open(Digest.of(b"absent")) is None
+
+
+# repositories -------------------------------------------------------------------------------
+def test_tags_links_and_listing(store):
+    """Tags and manifest links are kept per repository and listed in lexical order."""
+    d = Digest.of(b"{}")
+    store.blobs.put(d, b"{}")
+    store.metadata.link_manifest("docker.io/library/b", d, OCI)
+    store.metadata.set_tag("docker.io/library/b", "latest", d)
+    store.metadata.set_tag("docker.io/library/b", "1.0", d)
+    store.metadata.link_manifest("docker.io/library/a-c", d, "x/y")
+    store.metadata.link_manifest("docker.io/library/a/b", d, "x/y")
+    assert store.metadata.get_tag("docker.io/library/b", "latest") == d
+    assert store.metadata.get_tag("docker.io/library/b", "nope") is None
+    assert store.metadata.manifest_media_type("docker.io/library/b", d) == OCI
+    assert store.metadata.list_tags("docker.io/library/b") == ["1.0", "latest"]
+    assert store.metadata.list_tags("docker.io/library/a-c") == []
+    assert store.metadata.list_tags("docker.io/library/zzz") is None
+    assert store.metadata.repositories() == ["docker.io/library/a-c", "docker.io/library/a/b", "docker.io/library/b"]
+    store.metadata.delete_tag("docker.io/library/b", "1.0")
+    assert store.metadata.list_tags("docker.io/library/b") == ["latest"]
+
+
+def test_last_tag_deleted_leaves_a_listed_repository_that_had_tags(store):
+    """After its last tag and manifest go, a repository still lists and says it had tags."""
+    d = Digest.of(b"{}")
+    store.metadata.link_manifest("team/gone", d, OCI)
+    store.metadata.set_tag("team/gone", "1", d)
+    store.metadata.delete_tag("team/gone", "1")
+    assert store.metadata.unlink_manifest("team/gone", d)
+    assert not store.metadata.unlink_manifest("team/gone", d)
+    assert store.metadata.list_tags("team/gone") == []
+    assert store.metadata.had_tags("team/gone")
+    assert not store.metadata.had_tags("team/never")
+    assert "team/gone" in store.metadata.repositories()
+
+
+def test_blob_links_and_referrers(store):
+    """Blob links per repository; referrers per subject, removable."""
+    d, subject, ref = Digest.of(b"l"), Digest.of(b"s"), Digest.of(b"r")
+    store.metadata.link_blob("team/a", d)
+    assert store.metadata.has_blob_link("team/a", d) and not store.metadata.has_blob_link("team/b", d)
+    assert "team/a" in store.metadata.repositories()
+    descriptor = {"mediaType": OCI, "digest": str(ref), "size": 3, "artifactType": "x/sbom"}
+    store.metadata.add_referrer("team/a", subject, descriptor)
+    assert store.metadata.referrers("team/a", subject) == [descriptor]
+    store.metadata.remove_referrer("team/a", subject, ref)
+    assert store.metadata.referrers("team/a", subject) == []
+    assert store.metadata.unlink_blob("team/a", d)
+    assert not store.metadata.unlink_blob("team/a", d)
+    record = store.metadata.scan_repository("team/a")
+    assert record.blob_links == set() and record.tags == {} and record.manifests == {}
+
+
+# uploads ------------------------------------------------------------------------------------
+def test_upload_appends_and_commits_verified(store):
+    """An upload grows by appends and is published only under its own digest."""
+    upload = store.uploads.create("team/a")
+    assert store.uploads.repository_of(upload) == "team/a"
+    assert store.uploads.repository_of("00000000-0000-4000-8000-000000000000") is None
+    assert store.uploads.size(upload) == 0
+    run_now(store.uploads.append(upload, io.BytesIO(b"hello ")))
+    assert run_now(store.uploads.append(upload, io.BytesIO(b"world"))) == 11
+    assert run_now(store.uploads.commit(upload, Digest.of(b"hello world"))) == 11
+    assert store.blobs.stat(Digest.of(b"hello world")) == 11
+    assert store.uploads.repository_of(upload) is None  # the session is over
+
+
+def test_upload_mismatch_stores_nothing_and_ends_the_session(store):
+    upload = store.uploads.create("team/a")
+    run_now(store.uploads.append(upload, io.BytesIO(b"evil")))
+    with pytest.raises(DigestMismatch):
+        run_now(store.uploads.commit(upload, Digest.of(b"good")))
+    assert store.blobs.stat(Digest.of(b"evil")) is None
+    assert store.uploads.repository_of(upload) is None
+
+
+# garbage collection -------------------------------------------------------------------------
+def test_delete_if_idle_keeps_recent_blobs_and_needs_the_exclusive_lock(store):
+    """Only a blob neither written nor read since the cut-off goes; pushers are held off
+    while GC holds the lock, and GC waits for none."""
+    old, new = Digest.of(b"old"), Digest.of(b"new")
+    store.blobs.put(old, b"old")
+    store.blobs.put(new, b"new")
+    store.access.record({old: 10.0})  # an access record older than the write...
+    scan = {b.digest: b for b in store.blobs.scan()}
+    assert set(scan) == {old, new} and scan[old].size == 3
+    cutoff = max(b.modified for b in scan.values()) + 1
+    store.access.record({new: cutoff + 100})  # ...and a read after the cut-off
+    lock = store.gc_lock._target
+
+    async def sweep():
+        async with lock.exclusive():
+            assert await lock.try_shared() is None  # pushers wait while GC deletes
+            return [await store.blobs._target.delete_if_idle(d, cutoff) for d in (old, new)]
+
+    assert run_now(sweep()) == [3, None]
+    assert store.blobs.stat(old) is None and store.blobs.stat(new) == 3
+    handle = store.gc_lock.try_shared()
+    assert handle is not None
+    store.gc_lock.release(handle)
+
+
+# filesystem only ----------------------------------------------------------------------------
+def test_fs_records_the_layout_version_of_a_store_from_an_earlier_release(tmp_path):
+    """A store without layout.json (written before it existed) gets one; a newer layout is refused."""
+    root = tmp_path / "store"
+    (root / "blobs").mkdir(parents=True)
+    open_filesystem_store(root)
+    assert json.loads((root / "layout.json").read_text()) == {"layout": LAYOUT_VERSION}
+    (root / "layout.json").write_text('{"layout": 99}')
+    with pytest.raises(StoreLayoutError, match="layout version 99"):
+        open_filesystem_store(root)
+
+
+def test_fs_access_record_is_the_blob_mtime(tmp_path):
+    """The access record is the blob's mtime; recording skips blobs that are gone."""
+    root = tmp_path / "store"
+    store = Sync(open_filesystem_store(root))
+    d = Digest.of(b"x")
+    store.blobs.put(d, b"x")
+    store.access.record({d: 1_000_000.0, Digest.of(b"absent"): 5.0})
+    assert os.stat(blob_path(root, d)).st_mtime == 1_000_000.0
+    assert store.blobs.scan()[0].modified == 1_000_000.0
+
+
+def test_fs_clean_spool_removes_leftovers(tmp_path):
+    """Spool files of a crashed process are removed; an aborted write leaves none."""
+    root = tmp_path / "store"
+    store = Sync(open_filesystem_store(root))
+    w = store.blobs.writer()
+    w.write(b"half")
+    assert store.blobs.clean_spool(0) == 1
+    assert os.listdir(root / "spool") == []
+    w = store.blobs.writer()
+    w.abort()
+    assert os.listdir(root / "spool") == []
+
+
+def test_fs_readiness_fails_when_the_store_cannot_take_writes(tmp_path):
+    root = tmp_path / "store"
+    store = Sync(open_filesystem_store(root))
+    assert store.blobs.check_writable() is None
+    (root / "spool").rmdir()
+    (root / "spool").write_bytes(b"")  # not a directory: nothing can be spooled, even as root
+    assert "not writable" in store.blobs.check_writable()
