@@ -39,5 +39,5 @@ setup(
             "cryptography>=42",
         ],
     },
-    entry_points={"console_scripts": ["mirror = mirror.cli:main"]},
+    entry_points={"console_scripts": ["mirror = mirror.tools.cli:main"]},
 )

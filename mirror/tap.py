@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
+from mirror import __version__
 from mirror.config import ConfigError, MirrorConfig, load_config
 from mirror.registry.registry import Registry
 from mirror.storage import StoreLayoutError, open_store
@@ -93,7 +94,8 @@ def build_registry(
     except (OSError, StoreLayoutError) as e:
         raise ConfigError(f"{config.source}: storage.root: {getattr(e, 'strerror', None) or e}") from None
     if clean_spool:
-        Deferred.fromCoroutine(store.blobs.clean_spool(idle_for=600)).addCallback(_report_cleaned)
+        cleaning = Deferred.fromCoroutine(store.spool.clean(idle_for=600))
+        cleaning.addCallbacks(_report_cleaned, lambda f: _log.failure("could not clean the spool", f))
     if pool is None:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
@@ -215,13 +217,22 @@ def makeService(options: Options) -> IService:
     except ConfigError as e:
         raise _fail(str(e)) from None
     site = build_site(registry, auth, deferToThread)
+    _log.info(
+        "mirror {version}: store {store}; upstreams: {upstreams}; hosted: {hosted}; listening on {listen}",
+        version=__version__,
+        store=registry.store.description,
+        upstreams=", ".join(f"{u.registry} ({'offline' if u.offline or config.offline else u.url})" for u in config.upstreams)
+        or "none",
+        hosted=", ".join(config.hosted) or "none",
+        listen=", ".join(config.listen),
+    )
     top = MultiService()
     for description in config.listen:
         StreamServerEndpointService(endpoints.serverFromString(reactor, description), site).setServiceParent(top)
     TimerService(config.storage.access_flush_interval, _every(registry.access.flush)).setServiceParent(top)
     TimerService(min(600.0, config.upload_expiry / 4), _every(registry.expire_uploads)).setServiceParent(top)
     if config.metrics_listen:
-        health = Site(HealthResource(registry.metrics, registry.store.blobs.check_writable))
+        health = Site(HealthResource(registry.metrics, registry.store.spool.check_writable))
         for description in config.metrics_listen:
             StreamServerEndpointService(endpoints.serverFromString(reactor, description), health).setServiceParent(top)
     if config.gc.interval:

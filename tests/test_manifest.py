@@ -144,11 +144,27 @@ def test_schema1_is_read_but_never_pushed():
         (doc(config=CONFIG, layers={}), "layers is not a list"),
         (doc(config=CONFIG, layers=[{"size": 1}]), "layers[0]: descriptor without a digest"),
         (doc(config={"digest": "sha256:short"}), "config: invalid sha256 digest"),
-        (doc(config={**CONFIG, "size": -1}), "invalid size"),
     ],
 )
 def test_malformed_manifests_say_what_is_wrong(data, why):
     assert why in invalid(data)
+
+
+def test_a_push_says_which_descriptor_field_is_wrong():
+    assert "invalid size" in invalid(doc(config={**CONFIG, "size": -1}), OCI_MANIFEST, push=True)
+    assert "mediaType is not a string" in invalid(doc(config={**CONFIG, "mediaType": 7}), OCI_MANIFEST, push=True)
+    bad_subject = {"digest": "sha256:" + "4" * 64}
+    assert "subject" in invalid(doc(config=CONFIG, layers=[], subject=bad_subject), OCI_MANIFEST, push=True)
+
+
+def test_stored_and_upstream_manifests_keep_every_digest_despite_malformed_fields():
+    """What the previous release stored must keep its blobs alive: a string size, a
+    non-string mediaType or a broken subject are read as absent, the digests all count."""
+    odd_layer = {**LAYER, "size": "12"}
+    odd_config = {**CONFIG, "mediaType": 7}
+    m = parse_manifest(doc(config=odd_config, layers=[odd_layer], subject={"size": 1}))
+    assert [str(d) for d in m.references()] == [CONFIG["digest"], LAYER["digest"]]
+    assert m.layers[0].size is None and m.config.media_type == "" and m.subject is None
 
 
 def test_referrer_descriptor_takes_artifact_type_then_config_type():

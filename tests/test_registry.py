@@ -246,3 +246,59 @@ def test_gc_evicts_content_pulled_through_a_registry_prefix_even_when_everything
     assert [repo for repo, _, _ in report.plan.drop_manifests] == ["docker.io/library/app"]
     assert Digest(*layer.split(":")) in report.plan.delete_blobs
     assert m.get("/v2/team/app/manifests/1").code == 200
+
+
+def gc_config(m: InMemoryMirror, **gc) -> MirrorConfig:
+    return MirrorConfig(
+        listen=(), storage=StorageConfig(root="unused"), upstreams=m.registry.config.upstreams,
+        hosted=m.registry.config.hosted, gc=GcConfig(**gc),
+    )
+
+
+def test_gc_keeps_what_a_manifest_the_parser_refuses_may_reference():
+    """A stored manifest an earlier release accepted but this parser cannot read keeps every
+    digest in it alive: GC never loses pushed layers over a malformed document."""
+    m = make(hosted=("*",))
+    store = Sync(m.registry.store)
+    layer = b"a layer"
+    store.blobs.put(Digest.of(layer), layer)
+    store.metadata.link_blob("team/app", Digest.of(layer))
+    body = json.dumps({"schemaVersion": 2, "mediaType": 7, "layers": [{"digest": digest_of(layer)}]}).encode()
+    store.blobs.put(Digest.of(body), body)
+    store.metadata.link_manifest("team/app", Digest.of(body), OCI_MANIFEST)
+    store.metadata.set_tag("team/app", "1", Digest.of(body))
+    m.clock.advance(30 * 24 * 3600)
+    report = run_now(collect(m.registry.store, gc_config(m, grace=0, max_age=3600), now=m.clock.seconds))
+    assert report.plan.delete_blobs == []
+
+
+def test_gc_never_evicts_pushed_content_whose_name_now_routes_to_an_upstream(fake):
+    """A repository pushed as docker.io/team/app (hosted: ["*"], no upstream then) and an
+    upstream docker.io added later: its name now routes upstream, but its pushed blobs
+    are not evicted by age."""
+    m = make(hosted=("*",))
+    push(m, "docker.io/team/app", "1")
+    later = make(fake, hosted=("*",))
+    m.clock.advance(30 * 24 * 3600)
+    config = MirrorConfig(
+        listen=(), storage=StorageConfig(root="unused"), upstreams=later.registry.config.upstreams, hosted=("*",),
+        gc=GcConfig(grace=0, max_age=3600),
+    )
+    report = run_now(collect(m.registry.store, config, now=m.clock.seconds))
+    assert report.plan.drop_manifests == [] and report.plan.delete_blobs == []
+
+
+@pytest.mark.parametrize("source", ["Not A Name", "team/empty", "team/a"])
+def test_a_mount_happens_only_from_a_repository_that_holds_the_blob(source):
+    """mount=&from= links the blob only when `from` names a repository holding it; else (a
+    bad name, a repository without it) the client gets an upload session instead."""
+    m = make(hosted=("*",))
+    push(m, "team/a", "1")
+    config = digest_of(b"{}")
+    a = m.request("POST", f"/v2/team/b/blobs/uploads/?mount={config}&from={source}")
+    if source == "team/a":
+        assert a.code == 201 and a.header("Docker-Content-Digest") == config
+        assert m.get(f"/v2/team/b/blobs/{config}").body == b"{}"
+    else:
+        assert a.code == 202 and a.header("Docker-Upload-UUID")
+        assert m.get(f"/v2/team/b/blobs/{config}").code == 404

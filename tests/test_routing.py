@@ -9,6 +9,7 @@ from mirror.core.routing import Router
 
 HUB = UpstreamConfig(registry="docker.io", url="https://registry-1.docker.io")
 GHCR = UpstreamConfig(registry="ghcr.io", url="https://ghcr.io")
+LOCAL = UpstreamConfig(registry="localhost:5000", url="http://127.0.0.1:5000")
 UPSTREAMS = (HUB, GHCR)
 
 
@@ -79,12 +80,12 @@ def test_pure_private_registry_has_no_upstream():
 
 NAMES = ["alpine", "library/alpine", "docker.io/alpine", "docker.io/library/alpine", "ghcr.io/org/app", "org/app",
          "myorg/app", "myorg/team/app", "docker.io", "quay.io/x/y", "a/b/c"]
-NSES = [None, "docker.io", "ghcr.io", "mirror.example:5000"]
+NSES = [None, "docker.io", "ghcr.io", "mirror.example:5000", "localhost:5000"]
 HOSTED = [(), ("myorg/*",), ("*",)]
 
 
 @pytest.mark.parametrize("hosted", HOSTED)
-@pytest.mark.parametrize("upstreams", [UPSTREAMS, (GHCR,), ()])
+@pytest.mark.parametrize("upstreams", [UPSTREAMS, (GHCR,), (LOCAL, HUB), ()])
 def test_a_stored_key_routes_as_the_request_that_stored_it(upstreams, hosted):
     """For every request the router accepts, its stored key routes back to the same key, the
     same upstream and the same hosted-or-not: GC, export and import see a repository the
@@ -112,6 +113,15 @@ def test_content_pulled_through_a_prefix_is_mirrored_even_when_everything_is_hos
     stored = router.route_stored("docker.io/library/alpine")
     assert stored is not None and not stored.hosted
     assert router.route_stored("myorg/app").hosted
+
+
+def test_a_registry_with_a_port_routes_its_stored_keys_too():
+    """localhost:5000/app is no valid repository name, but it is a valid stored key: the
+    content of an upstream reached as ns=localhost:5000 (GC must see it as mirrored)."""
+    router = Router((LOCAL, HUB))
+    r = router.route("app", "localhost:5000")
+    assert r.key == "localhost:5000/app"
+    assert router.route_stored(r.key) == r
 
 
 def test_a_key_the_configuration_no_longer_routes_there_is_unrouted():

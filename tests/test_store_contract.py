@@ -250,11 +250,11 @@ def test_delete_if_idle_keeps_recent_blobs_and_needs_the_exclusive_lock(store):
     old, new = Digest.of(b"old"), Digest.of(b"new")
     store.blobs.put(old, b"old")
     store.blobs.put(new, b"new")
-    store.access.record({old: 10.0})  # an access record older than the write...
     scan = {b.digest: b for b in store.blobs.scan()}
     assert set(scan) == {old, new} and scan[old].size == 3
     cutoff = max(b.modified for b in scan.values()) + 1
-    store.access.record({new: cutoff + 100})  # ...and a read after the cut-off
+    store.access.record({new: cutoff + 100})  # a read after the cut-off...
+    store.access.record({new: 10.0})  # ...which an older record (a late flush) does not undo
     lock = store.gc_lock._target
 
     async def sweep():
@@ -270,12 +270,14 @@ def test_delete_if_idle_keeps_recent_blobs_and_needs_the_exclusive_lock(store):
 
 
 # filesystem only ----------------------------------------------------------------------------
-def test_fs_records_the_layout_version_of_a_store_from_an_earlier_release(tmp_path):
-    """A store without layout.json (written before it existed) gets one; a newer layout is refused."""
+def test_fs_layout_version(tmp_path):
+    """A store without layout.json is of layout 1 and opening it writes nothing; a store
+    of another layout (a newer release's) is refused."""
     root = tmp_path / "store"
-    (root / "blobs").mkdir(parents=True)
     open_filesystem_store(root)
-    assert json.loads((root / "layout.json").read_text()) == {"layout": LAYOUT_VERSION}
+    assert not (root / "layout.json").exists()
+    (root / "layout.json").write_text(json.dumps({"layout": LAYOUT_VERSION}))
+    open_filesystem_store(root)
     (root / "layout.json").write_text('{"layout": 99}')
     with pytest.raises(StoreLayoutError, match="layout version 99"):
         open_filesystem_store(root)
@@ -287,9 +289,10 @@ def test_fs_access_record_is_the_blob_mtime(tmp_path):
     store = Sync(open_filesystem_store(root))
     d = Digest.of(b"x")
     store.blobs.put(d, b"x")
-    store.access.record({d: 1_000_000.0, Digest.of(b"absent"): 5.0})
-    assert os.stat(blob_path(root, d)).st_mtime == 1_000_000.0
-    assert store.blobs.scan()[0].modified == 1_000_000.0
+    later = os.stat(blob_path(root, d)).st_mtime + 1000
+    store.access.record({d: later, Digest.of(b"absent"): 5.0})
+    assert os.stat(blob_path(root, d)).st_mtime == later
+    assert store.blobs.scan()[0].modified == later
 
 
 def test_fs_clean_spool_removes_leftovers(tmp_path):
@@ -298,7 +301,7 @@ def test_fs_clean_spool_removes_leftovers(tmp_path):
     store = Sync(open_filesystem_store(root))
     w = store.blobs.writer()
     w.write(b"half")
-    assert store.blobs.clean_spool(0) == 1
+    assert store.spool.clean(0) == 1
     assert os.listdir(root / "spool") == []
     w = store.blobs.writer()
     w.abort()
@@ -308,7 +311,7 @@ def test_fs_clean_spool_removes_leftovers(tmp_path):
 def test_fs_readiness_fails_when_the_store_cannot_take_writes(tmp_path):
     root = tmp_path / "store"
     store = Sync(open_filesystem_store(root))
-    assert store.blobs.check_writable() is None
+    assert store.spool.check_writable() is None
     (root / "spool").rmdir()
     (root / "spool").write_bytes(b"")  # not a directory: nothing can be spooled, even as root
-    assert "not writable" in store.blobs.check_writable()
+    assert "not writable" in store.spool.check_writable()

@@ -65,3 +65,11 @@ def test_cli_check_config(tmp_path, capsys):
     bad = write_config(tmp_path, "listen: x\n")
     assert cli.main(["check-config", "--config", str(bad)]) == 2
     assert "storage: missing value" in capsys.readouterr().err
+
+
+def test_the_mirror_command_is_installed_and_points_at_the_cli():
+    """The `mirror` console script of the installed package is mirror.tools.cli:main."""
+    from importlib.metadata import entry_points
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "mirror"]
+    assert script.load() is cli.main

@@ -17,9 +17,10 @@ declared as its OCI counterpart (``index.json`` lists Docker manifests that way,
 **Pushes** (``push=True``) are held to the image-spec: ``schemaVersion`` 2, an image
 manifest has a ``config``, every descriptor has a ``mediaType`` and a ``size``, the
 ``Content-Type`` agrees with the field exactly, and Docker schema 1 is refused.
-Manifests from upstreams and from the store are parsed leniently (a missing ``size``
-is tolerated, schema 1 is read), because the mirror serves them byte for byte and GC
-must never lose what a stored manifest references.
+Manifests from upstreams and from the store are parsed leniently (a descriptor needs
+only a digest; a missing or malformed ``size``, ``mediaType`` or ``subject`` is read as
+absent; schema 1 is read), because the mirror serves them byte for byte and GC must
+never lose what a stored manifest references.
 
 **Non-distributable layers** ("foreign" layers: an OCI ``nondistributable`` layer type
 or Docker's ``foreign`` type, with ``urls``) are fetched by clients from their URLs; a
@@ -117,8 +118,9 @@ def _invalid(message: str) -> RegistryError:
 def parse_descriptor(obj: object, where: str, *, strict: bool = True) -> Descriptor:
     """Check and convert a descriptor's JSON; ``where`` names it in errors.
 
-    ``strict`` requires ``mediaType`` and ``size`` (the image-spec's REQUIRED fields);
-    otherwise only the digest is required.
+    ``strict`` requires a string ``mediaType`` and an integer ``size`` (the image-spec's
+    REQUIRED fields); otherwise only the digest is required, and a malformed ``size`` or
+    ``mediaType`` is read as absent.
 
     Raises:
         RegistryError: ``MANIFEST_INVALID`` naming ``where``.
@@ -133,9 +135,13 @@ def parse_descriptor(obj: object, where: str, *, strict: bool = True) -> Descrip
     except RegistryError as e:
         raise _invalid(f"{where}: {e.message}") from None
     if media_type is not None and not isinstance(media_type, str):
-        raise _invalid(f"{where}: mediaType is not a string")
+        if strict:
+            raise _invalid(f"{where}: mediaType is not a string")
+        media_type = None
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-        raise _invalid(f"{where}: descriptor of {digest_text} has an invalid size")
+        if strict:
+            raise _invalid(f"{where}: descriptor of {digest_text} has an invalid size")
+        size = None
     if strict and not media_type:
         raise _invalid(f"{where}: descriptor without a mediaType")
     if strict and size is None:
@@ -238,6 +244,17 @@ def _schema1_layers(doc: Mapping[str, object]) -> tuple[Descriptor, ...]:
     return tuple(found)
 
 
+def _subject(obj: object, push: bool) -> Descriptor | None:
+    if obj is None:
+        return None
+    try:
+        return parse_descriptor(obj, "subject", strict=push)
+    except RegistryError:
+        if push:
+            raise
+        return None  # a stored or upstream manifest's broken subject: it refers to nothing
+
+
 def parse_manifest(data: bytes, declared: str | None = None, *, push: bool = False, what: str = "manifest") -> Manifest:
     """Parse a manifest (see the module docstring for the rules).
 
@@ -264,7 +281,7 @@ def parse_manifest(data: bytes, declared: str | None = None, *, push: bool = Fal
         return Manifest(media_type, layers=_schema1_layers(doc))
     if push and doc.get("schemaVersion") != 2:
         raise _invalid("schemaVersion must be 2")
-    subject = parse_descriptor(doc["subject"], "subject", strict=push) if doc.get("subject") is not None else None
+    subject = _subject(doc.get("subject"), push)
     artifact_type = doc.get("artifactType")
     annotations = doc.get("annotations")
     common: dict[str, Any] = {

@@ -20,11 +20,12 @@ On Docker Hub a one-component name means ``library/<name>``.  The store key of a
 mirrored repository is ``<registry>/<name upstream>``, of a hosted one its name;
 ``ns`` is never part of it.
 
-**Stored keys.**  Routing a key as a name (no ``ns``) gives back the same key and the
-same answer as the request that stored it: a mirrored key starts with its upstream's
-registry (rule 2), a hosted key matched a pattern and starts with no upstream's registry.
-:meth:`Router.route_stored` relies on that, and answers ``None`` for a key this
-configuration would no longer store there (its upstream or pattern was removed).
+**Stored keys.**  A stored key routes back to itself, with the same answer as the request
+that stored it: a mirrored key is its upstream's registry and the upstream's name for
+the repository (rules 1 and 2), a hosted key matched a pattern and starts with no
+upstream's registry.  :meth:`Router.route_stored` relies on that, and answers ``None``
+for a key this configuration would no longer store there (its upstream or pattern was
+removed).
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class Router:
         self.hosted_patterns = tuple(hosted)
         self._by_registry = {u.registry: u for u in self.upstreams}
 
+    def serves(self, registry: str) -> bool:
+        """Whether ``registry`` (containerd's ``ns``) is a configured upstream."""
+        return registry.lower() in self._by_registry
+
     def route(self, name: str, ns: str | None = None) -> Route:
         """Check a request's repository ``name`` (and containerd's ``ns``) and route it.
 
@@ -105,10 +110,13 @@ class Router:
         """The route of a repository already in the store, by its key.
 
         The same answer as for the request that stored it (see the module docstring);
-        ``None`` when this configuration routes the key elsewhere or nowhere.
+        ``None`` when this configuration routes the key elsewhere or nowhere.  A mirrored
+        key is routed as containerd asks (``ns`` = its registry), because a registry may
+        have a port (``localhost:5000/app``), which no repository name can.
         """
+        first, _, rest = key.partition("/")
         try:
-            r = self.route(key)
+            r = self.route(rest, first) if first in self._by_registry and rest else self.route(key)
         except RegistryError:
             return None
         return r if r.key == key else None

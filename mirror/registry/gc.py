@@ -15,8 +15,9 @@ service's event loop.  It never needs the registry to stop or go read-only:
 
 Which repositories are mirrored (evictable by age and size) is the router's answer for
 each stored key (:meth:`~mirror.core.routing.Router.route_stored`), the same answer the
-request that stored it got; a key this configuration no longer routes is kept as if
-hosted.  What each manifest references comes from the one manifest parser.
+request that stored it got; a key this configuration no longer routes, and a repository
+holding pushed blobs, are kept as hosted ones are.  What each manifest references comes
+from the one manifest parser (every digest in it, if the parser cannot read it).
 
 A crash (even ``kill -9``) at any point leaves a consistent store: tags go before the
 manifest links they point to, links before the blobs they reference, so what remains
@@ -25,9 +26,10 @@ always has its blobs, and the next run finishes the job.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import attrs
@@ -40,7 +42,7 @@ from mirror.config import MirrorConfig
 from mirror.core.errors import RegistryError
 from mirror.core.gcplan import GcPolicy, Inventory, Plan, RepoInventory, plan
 from mirror.core.manifest import parse_manifest
-from mirror.core.oci import Digest
+from mirror.core.oci import Digest, parse_digest
 from mirror.core.routing import Router
 from mirror.storage.base import GcLock, Store
 
@@ -53,7 +55,7 @@ _log = Logger()
 BATCH = 256
 
 
-async def holding_off_gc(lock: GcLock, clock: IReactorTime, work: Callable[[], Awaitable[T]]) -> T:
+async def holding_off_gc(lock: GcLock, clock: IReactorTime, work: Callable[[], Awaitable[T]], *, patience: float = 10.0) -> T:
     """Run ``work`` holding the shared side of the store's GC lock.
 
     Work that makes existing blobs referenced (a mount, a manifest push, an import)
@@ -61,9 +63,10 @@ async def holding_off_gc(lock: GcLock, clock: IReactorTime, work: Callable[[], A
     them already (and the work sees them missing) or sees them as just used and keeps them.
 
     Raises:
-        RegistryError: ``UNAVAILABLE`` when GC holds the store for more than ~10 s.
+        RegistryError: ``UNAVAILABLE`` when GC holds the store for more than ``patience``
+            seconds (a request should not hang; ``mirror import`` waits longer).
     """
-    for _ in range(1000):
+    for _ in range(max(1, int(patience / 0.01))):
         handle = await lock.try_shared()
         if handle is not None:
             try:
@@ -124,7 +127,9 @@ async def inventory(store: Store, router: Router, max_manifest_size: int) -> Inv
         record = await store.metadata.scan_repository(key)
         route = router.route_stored(key)
         inv.repos[key] = RepoInventory(
-            hosted=route is None or route.hosted,
+            # Pushed content (only hosted repositories hold blob links) is never evicted,
+            # even when the configuration now routes its name to an upstream.
+            hosted=route is None or route.hosted or bool(record.blob_links),
             manifests=record.manifests,
             tags=record.tags,
             blob_links=record.blob_links,
@@ -138,12 +143,35 @@ async def inventory(store: Store, router: Router, max_manifest_size: int) -> Inv
             try:
                 manifest = parse_manifest(data)
             except RegistryError:
-                inv.references[d] = ()  # not a manifest we can read: it keeps nothing alive
+                # Not a manifest the parser reads (a previous release may have stored it):
+                # GC must not lose what it might reference, so every digest in it counts.
+                inv.references[d] = tuple(_digests_anywhere(data))
                 continue
             inv.references[d] = tuple(manifest.references())
             if manifest.subject is not None:
                 inv.subjects[d] = manifest.subject.digest
     return inv
+
+
+def _digests_anywhere(data: bytes) -> Iterator[Digest]:
+    """Every ``digest`` or ``blobSum`` value in a JSON document that parses as a digest."""
+    try:
+        stack: list[object] = [json.loads(data)]
+    except (ValueError, UnicodeDecodeError):
+        return
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("digest", "blobSum") and isinstance(value, str):
+                    try:
+                        yield parse_digest(value)
+                    except RegistryError:
+                        pass
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 async def collect(

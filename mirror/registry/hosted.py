@@ -41,7 +41,9 @@ class HostedRepository(Repository):
     def refusal(self, *, deleting: bool = False) -> RegistryError:
         if self._ctx.config.read_only:
             return RegistryError("UNSUPPORTED", "the registry is in read-only mode: pushes and deletes are refused")
-        return RegistryError("UNSUPPORTED", "deletes are disabled in this registry's configuration")
+        if deleting:
+            return RegistryError("UNSUPPORTED", "deletes are disabled in this registry's configuration")
+        return RegistryError("UNSUPPORTED", f"this operation is not supported on {self.name}")
 
     def _writable(self, *, deleting: bool = False) -> None:
         config = self._ctx.config

@@ -79,13 +79,14 @@ class MirroredRepository(Repository):
         assert ref.tag is not None
         tag = ref.tag
         state = await self._tag_state(tag)
-        if self._state.tags.freshness(state, self._ctx.clock.seconds(), self._ttl) is Freshness.FRESH:
+        freshness = self._state.tags.freshness(state, self._ctx.clock.seconds(), self._ttl)
+        if freshness is Freshness.FRESH:
             assert state is not None
             manifest = await self._ctx.local.manifest(self.key, state.digest)
             if manifest is not None:
                 events.cache("manifest", self.route, tag, "hit")
                 return manifest
-        events.cache("manifest", self.route, tag, "revalidate" if state is not None else "miss")
+        events.cache("manifest", self.route, tag, "miss" if freshness is Freshness.UNKNOWN else "revalidate")
         return await flights.run((self.key, tag), lambda: self._refresh_tag(tag, upstream_accept))
 
     async def _tag_state(self, tag: str) -> TagState | None:

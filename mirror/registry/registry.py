@@ -107,10 +107,6 @@ class Registry:
             return HostedRepository(name, route, self._context, self.uploads)
         return MirroredRepository(name, route, self._context, self._upstreams[route.upstream.registry], self._mirror)
 
-    def serves_registry(self, ns: str) -> bool:
-        """Whether ``ns`` (containerd's ``?ns=``) names a configured upstream."""
-        return ns.lower() in self._upstreams
-
     async def catalog(self) -> list[str]:
         """Every repository the store holds, in lexical order."""
         return await self.store.metadata.repositories()

@@ -17,10 +17,14 @@ A :class:`Store` bundles five small interfaces, each with one job:
 * :class:`GcLock` — garbage collection's exclusive hold against writers that make
   existing blobs referenced again (mounts, manifest pushes, imports), which hold it shared.
 
+and the node's :class:`Spool`, the local scratch space writers use before content is
+verified.
+
 Every method is asynchronous, so a backend on the network (object storage) fits without
-blocking the reactor; the filesystem backend completes metadata operations at once and
-runs fsyncs and large copies in threads.  :func:`mirror.storage.open_store` builds a
-store from configuration; nothing else constructs one.
+blocking the reactor; the filesystem backend reads metadata and writes small files (tags,
+links, manifests) at once, and runs blob writes and commits in threads.
+:func:`mirror.storage.open_store` builds a store from configuration; nothing else
+constructs one.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "GcLock",
     "MetadataStore",
     "RepositoryRecord",
+    "Spool",
     "Store",
     "UploadStore",
 ]
@@ -131,12 +136,16 @@ class BlobStore(Protocol):
         """Delete a blob not written or read since ``idle_before``; the bytes freed, or
         ``None`` if it was kept or absent.  Call it holding :meth:`GcLock.exclusive`."""
 
-    async def clean_spool(self, idle_for: float) -> int:
+
+class Spool(Protocol):
+    """This node's scratch space, where writers put content before it is verified."""
+
+    async def clean(self, idle_for: float) -> int:
         """Remove partial writes left by a dead process, idle for ``idle_for`` seconds
         (another live process sharing the store may be writing the younger ones)."""
 
     async def check_writable(self) -> str | None:
-        """``None`` when new content can be written, else why not (readiness)."""
+        """``None`` when new content can be taken, else why not (readiness)."""
 
 
 class MetadataStore(Protocol):
@@ -223,7 +232,11 @@ class AccessRecord(Protocol):
     """When blobs were last read."""
 
     async def record(self, accessed: Mapping[Digest, float]) -> None:
-        """Record last-read times (batched by the caller; no fsync needed)."""
+        """Record last-read times; a time earlier than the one recorded changes nothing.
+
+        Visible to :meth:`BlobStore.delete_if_idle` once this returns (writers that hold
+        garbage collection off rely on that); not necessarily durable (no fsync).
+        """
 
     async def snapshot(self) -> Mapping[Digest, float]:
         """Recorded reads not already reflected in :attr:`BlobInfo.modified`."""
@@ -251,4 +264,5 @@ class Store:
     uploads: UploadStore
     access: AccessRecord
     gc_lock: GcLock
+    spool: Spool
     description: str

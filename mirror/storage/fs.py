@@ -2,7 +2,9 @@
 
 Layout under ``root``::
 
-    layout.json                                    {"layout": 1}: the layout version
+    layout.json                                    {"layout": N}: the layout version (absent: 1;
+                                                   a release that changes the layout migrates
+                                                   at start and writes it)
     blobs/<algorithm>/<first two hex>/<hex>       content (manifests too); its mtime is
                                                    the last write or read (the access record)
     spool/<random>                                 blobs being written; renamed into
@@ -22,16 +24,17 @@ Layout under ``root``::
 ``_manifests``, ``_tags``, ``_layers`` and ``_referrers`` cannot collide with a nested
 repository, since a name component cannot start with ``_``.  Every path component comes
 from a checked name, tag or digest (:mod:`mirror.core.oci`), so nothing reaches outside
-``root``.  Stores written before ``layout.json`` existed have the same layout (version 1);
-opening one records the version (see :func:`open_filesystem_store`).
+``root``.  Every release so far wrote this layout (version 1), so stores written by
+earlier releases are served as they are.
 
 Crash safety: content appears under ``blobs/`` only whole and verified, and every small
 file is written to a temporary name; both go through :func:`_publish` (fsync, then
 rename), the one place that makes anything durable and visible.  A tag or link may
 outlive its blob after a crash or eviction; readers treat a missing blob as a miss.
 
-Metadata operations are quick and run inline; fsyncs and copies of large files run in
-threads (``run_blocking``).
+Small files (tags, links, manifests) are written and fsynced inline, on the caller's
+thread, as are metadata reads; blob writes, commits and upload appends run in threads
+(``run_blocking``).
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import Logger
 
 from mirror.core.errors import RegistryError
 from mirror.core.oci import Digest, Hasher, parse_digest
@@ -67,7 +69,6 @@ RunBlocking = Callable[..., Deferred[Any]]
 LAYOUT_VERSION = 1
 
 _UPLOAD_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_log = Logger()
 
 
 class StoreLayoutError(Exception):
@@ -299,7 +300,14 @@ class FsBlobStore:
             return None
         return st.st_size
 
-    async def clean_spool(self, idle_for: float) -> int:
+
+class FsSpool:
+    """``spool/``: blobs being written, and the readiness probe."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self._layout = layout
+
+    async def clean(self, idle_for: float) -> int:
         removed = 0
         cutoff = time.time() - idle_for
         for entry in os.scandir(self._layout.spool):
@@ -551,8 +559,10 @@ class FsAccessRecord:
 
     async def record(self, accessed: Mapping[Digest, float]) -> None:
         for digest, when in accessed.items():
+            path = self._layout.blob(digest)
             try:
-                os.utime(self._layout.blob(digest), (when, when))
+                if os.stat(path).st_mtime < when:
+                    os.utime(path, (when, when))
             except FileNotFoundError:
                 pass
 
@@ -595,19 +605,13 @@ class FsGcLock:
 
 # opening ----------------------------------------------------------------------------------------
 def _check_layout(layout: _Layout) -> None:
-    """Record the layout version of a new or pre-versioning store; refuse a newer one."""
+    """Refuse a store of another layout version.  Without ``layout.json`` a store is of
+    version 1 (every release so far); opening it writes nothing, so that read-only
+    commands (``mirror gc --dry-run``, ``export``) work on a read-only store."""
     try:
         doc = json.loads(layout.version.read_bytes())
         version = doc.get("layout") if isinstance(doc, dict) else None
     except FileNotFoundError:
-        had_content = any(layout.blobs.iterdir()) or any(layout.repositories.iterdir())
-        _write_atomic(layout.version, json.dumps({"layout": LAYOUT_VERSION}).encode() + b"\n")
-        if had_content:
-            _log.info(
-                "store {root}: written by an earlier release, same layout; recorded layout version {version}",
-                root=str(layout.root),
-                version=LAYOUT_VERSION,
-            )
         return
     except (OSError, ValueError) as e:
         raise StoreLayoutError(f"{layout.version}: unreadable ({e})") from None
@@ -640,5 +644,6 @@ def open_filesystem_store(root: Path, run_blocking: RunBlocking = _run_here) -> 
         uploads=FsUploadStore(layout, run_blocking),
         access=FsAccessRecord(layout),
         gc_lock=FsGcLock(layout, run_blocking),
+        spool=FsSpool(layout),
         description=f"filesystem {layout.root}",
     )

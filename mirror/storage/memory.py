@@ -176,7 +176,9 @@ class _Blobs:
         del self._s.blobs[digest]
         return len(blob.data)
 
-    async def clean_spool(self, idle_for: float) -> int:
+
+class _Spool:
+    async def clean(self, idle_for: float) -> int:
         return 0  # nothing survives the process
 
     async def check_writable(self) -> str | None:
@@ -192,7 +194,8 @@ class _Metadata:
 
     async def link_manifest(self, repo: str, digest: Digest, media_type: str) -> None:
         r = self._s.repo(repo)
-        r.manifests[digest] = (media_type, self._s.now())
+        if r.manifests.get(digest, (None,))[0] != media_type:  # as on disk: a relink keeps its time
+            r.manifests[digest] = (media_type, self._s.now())
         r.had_manifests = True
 
     async def manifest_media_type(self, repo: str, digest: Digest) -> str | None:
@@ -310,7 +313,7 @@ class _Access:
     async def record(self, accessed: Mapping[Digest, float]) -> None:
         for digest, when in accessed.items():
             blob = self._s.blobs.get(digest)
-            if blob is not None:
+            if blob is not None and blob.modified < when:
                 blob.modified = when
 
     async def snapshot(self) -> Mapping[Digest, float]:
@@ -349,5 +352,6 @@ def open_memory_store(now: Callable[[], float] = time.time) -> Store:
         uploads=_Uploads(state),
         access=_Access(state),
         gc_lock=_GcLock(state),
+        spool=_Spool(),
         description="memory",
     )

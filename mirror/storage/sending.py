@@ -129,15 +129,20 @@ class Responder(Protocol):
     def source(self) -> Source:
         """What the content is waiting for (a fill), or a :class:`CachedSource`."""
 
+    @property
+    def sent(self) -> int:
+        """Bytes sent so far outside ``consumer.write`` (by sendfile), for the byte counts."""
+
     def send(
         self, consumer: IConsumer, first: int = 0, end: int | None = None, socket: SocketWriter | None = None
-    ) -> Deferred[int]:
-        """Stream ``[first, end)`` (``end`` None: to the end) to ``consumer``.
+    ) -> Deferred[None]:
+        """Stream ``[first, end)`` (``end`` None: to the end) to ``consumer``, as a push
+        producer registered with it.
 
-        Fires with the bytes sent outside ``consumer.write`` (by sendfile to ``socket``)
-        when the last byte has gone; fails with :class:`ClientGone` when the consumer
-        stops the producer, :class:`ReadFailed` when the content never becomes whole.
-        Closes the responder either way.
+        Fires when the last byte has gone.  Fails with :class:`ClientGone` when the consumer
+        stops the producer, with the source's failure when a fill fails (its digest did not
+        verify, its upstream went away), or with :class:`ReadFailed` when a file is shorter
+        than it should be.  Closes the responder either way.
         """
 
     def close(self) -> None:
@@ -149,14 +154,19 @@ class FileResponder:
 
     def __init__(self, file: BinaryIO, source: Source, size: int | None) -> None:
         self._file = file
+        self._sender: FileSender | None = None
         self.source = source
         self.size = size
 
+    @property
+    def sent(self) -> int:
+        return self._sender.sent if self._sender is not None else 0
+
     def send(
         self, consumer: IConsumer, first: int = 0, end: int | None = None, socket: SocketWriter | None = None
-    ) -> Deferred[int]:
-        sender = FileSender(self._file, self.source, consumer, first, end, socket)
-        return sender.start().addCallback(lambda _: sender.sent)
+    ) -> Deferred[None]:
+        self._sender = FileSender(self._file, self.source, consumer, first, end, socket)
+        return self._sender.start()
 
     def close(self) -> None:
         self._file.close()

@@ -53,6 +53,7 @@ from mirror.core.ocilayout import (
 from mirror.core.routing import Route, Router
 from mirror.registry.gc import holding_off_gc
 from mirror.storage.base import DigestMismatch, Store
+from mirror.storage.sending import ReadFailed
 from mirror.tools.progress import format_bytes
 
 __all__ = ["ArchiveError", "ExportEntry", "export_archive", "import_archive", "plan_export"]
@@ -236,12 +237,18 @@ async def export_archive(
 
 async def _add_blob(out: BinaryIO, store: Store, digest: Digest) -> int:
     responder = await store.blobs.open(digest)
-    if responder is None or responder.size is None:
+    if responder is None:
         raise ArchiveError(f"blob {digest} left the store during the export (garbage collection?); run it again")
     size = responder.size
+    if size is None:
+        responder.close()
+        raise ArchiveError(f"blob {digest} is not whole in the store yet; run the export again")
     out.write(_header(blob_member(digest), size))
     copy = _VerifyingCopy(out, digest)
-    await responder.send(copy)
+    try:
+        await responder.send(copy)
+    except ReadFailed as e:
+        raise ArchiveError(f"blob {digest} could not be read whole from the store ({e}); export stopped") from None
     if copy.size != size or copy.hexdigest() != digest.encoded:
         raise ArchiveError(f"blob {digest} in the store does not match its digest (disk corruption?); export stopped")
     out.write(_padding(size))
@@ -487,6 +494,6 @@ async def _commit(store: Store, images: Sequence[_Image], reactor: IReactorTime)
                 await store.metadata.set_tag(image.route.key, image.tag, image.closure.top.digest)
 
     try:
-        await holding_off_gc(store.gc_lock, reactor, link)
+        await holding_off_gc(store.gc_lock, reactor, link, patience=60.0)
     except RegistryError:
         raise ArchiveError("garbage collection is holding the store; nothing was linked or tagged, try again") from None

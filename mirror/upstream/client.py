@@ -2,7 +2,7 @@
 
 :class:`Upstream` knows the upstream's URL and credentials and speaks the registry API:
 manifest GET/HEAD, blob GET (unbuffered: the body streams into a
-:class:`~mirror.storage.sending.BlobFill`) and blob HEAD.  Authentication follows the upstream's
+:class:`~mirror.registry.fills.BlobFill`) and blob HEAD.  Authentication follows the upstream's
 ``WWW-Authenticate`` challenge: anonymous first, then the Docker token flow (token from
 the realm, with credentials when configured, cached per scope until it expires) or
 Basic; after a 401 it retries once.  Statuses become :class:`~mirror.core.errors.RegistryError`

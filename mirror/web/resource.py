@@ -183,7 +183,7 @@ class RegistryResource(Resource):
         call = _Call(request, params)
         request.notifyFinish().addBoth(lambda _: metrics.request(handler_name, method, request.code, request.sentLength))
         ns = call.arg("ns")
-        if ns is not None and self._registry.serves_registry(ns):
+        if ns is not None and self._registry.router.serves(ns):
             # Registry proxying: the ns that scoped the request is echoed back.
             call.set_header("OCI-Namespace", ns)
         handler: Handler = getattr(self, f"_{handler_name}")
@@ -252,7 +252,7 @@ class RegistryResource(Resource):
         call.finish(200, b"ok\n", "text/plain")
 
     async def _readyz(self, call: _Call) -> None:
-        problem = await self._registry.store.blobs.check_writable()
+        problem = await self._registry.store.spool.check_writable()
         if problem is not None:
             call.finish(503, f"not ready: {problem}\n".encode(), "text/plain")
         else:
@@ -430,10 +430,10 @@ class RegistryResource(Resource):
         if producer is not None:
             request.notifyFinish().addErrback(lambda _: producer.stopProducing())
         try:
-            sent = await sending
+            await sending
         finally:
             request.unregisterProducer()
-        request.sentLength += sent  # Twisted counts only what passes through write()
+            request.sentLength += body.responder.sent  # Twisted counts only what passes through write()
         if not call.gone:
             request.finish()
 

@@ -471,7 +471,7 @@ async def test_access_record_batches_reads_and_flushes(fake_upstream, make_mirro
     await (await m.get(f"/v2/library/app/blobs/{layer}")).content()
     await sleep(0.1)
     await m.registry.access.flush()
-    Sync(m.store).access.record({digest: 1_000_000.0})  # pretend it was last read long ago
+    os.utime(blob_path(m.root, digest), (1_000_000.0, 1_000_000.0))  # pretend it was last read long ago
     before = time.time()
     await (await m.get(f"/v2/library/app/blobs/{layer}")).content()
     assert os.stat(blob_path(m.root, digest)).st_mtime == 1_000_000.0  # nothing written yet

@@ -29,3 +29,12 @@ def test_twistd_with_bad_config_exits_without_traceback(tmp_path):
     assert result.returncode != 0
     assert f"mirror: {path}: listen: expected an endpoint string or a list of them" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_the_installed_mirror_command_runs(tmp_path):
+    """`mirror check-config` as users run it: the console script next to the interpreter."""
+    mirror = Path(sys.executable).with_name("mirror")
+    config = write_config(tmp_path, f"listen: tcp:0\nstorage: {{root: '{tmp_path}/store'}}\n")
+    result = subprocess.run([mirror, "check-config", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{config}: ok\n"
