@@ -17,6 +17,8 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -54,6 +56,20 @@ class FakeRegistry(Resource):
         self.manifests[(name, tag)] = (data, media_type)
         self.manifests[(name, d)] = (data, media_type)
         return d
+
+    def add_image(self, name: str, tag: str, layer: bytes, config: bytes) -> tuple[str, str]:
+        """A one-layer Docker schema 2 image; returns (manifest digest, layer digest)."""
+        layer_digest = self.add_blob(layer)
+        config_digest = self.add_blob(config)
+        config_type = "application/vnd.docker.container.image.v1+json"
+        layer_type = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST,
+            "config": {"mediaType": config_type, "size": len(config), "digest": config_digest},
+            "layers": [{"mediaType": layer_type, "size": len(layer), "digest": layer_digest}],
+        }
+        return self.add_manifest(name, tag, doc, DOCKER_MANIFEST), layer_digest
 
     def count(self, method: str, fragment: str) -> int:
         return sum(n for (m, p), n in self.requests.items() if m == method and fragment in p)

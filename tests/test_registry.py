@@ -34,17 +34,7 @@ HUB = "http://upstream.test"
 
 def image(fake: FakeRegistry, name: str = "library/app", tag: str = "latest", layer: bytes = LAYER) -> tuple[str, str]:
     """A one-layer Docker schema 2 image in the fake upstream: (manifest digest, layer digest)."""
-    layer_digest = fake.add_blob(layer)
-    config = fake.add_blob(CONFIG)
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": DOCKER_MANIFEST,
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": len(CONFIG), "digest": config},
-        "layers": [
-            {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": len(layer), "digest": layer_digest}
-        ],
-    }
-    return fake.add_manifest(name, tag, doc, DOCKER_MANIFEST), layer_digest
+    return fake.add_image(name, tag, layer, CONFIG)
 
 
 def make(fake: FakeRegistry | None = None, *, hosted=(), tag_ttl=300.0, **config) -> InMemoryMirror:

@@ -28,15 +28,7 @@ CONFIG = b'{"architecture":"amd64","os":"linux"}'
 
 def image(fake, name="library/app", tag="latest"):
     """Put a one-layer Docker schema2 image in the fake upstream; returns (manifest digest, layer digest)."""
-    layer = fake.add_blob(LAYER)
-    config = fake.add_blob(CONFIG)
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": DOCKER_MANIFEST,
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": len(CONFIG), "digest": config},
-        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": len(LAYER), "digest": layer}],
-    }
-    return fake.add_manifest(name, tag, doc, DOCKER_MANIFEST), layer
+    return fake.add_image(name, tag, LAYER, CONFIG)
 
 
 async def assert_client_fails(m, path):
