@@ -84,7 +84,8 @@ class PushedManifest:
 
 
 class LocalContent:
-    """Reads of stored content, noting each read in the access record."""
+    """Reads of stored content.  A blob read is noted in the access record at once; a
+    manifest when it is served (:meth:`Repository.get_manifest`, after the Accept check)."""
 
     def __init__(self, store: Store, access: AccessBatch, max_manifest_size: int) -> None:
         self._store = store
