@@ -73,3 +73,21 @@ def test_the_mirror_command_is_installed_and_points_at_the_cli():
 
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "mirror"]
     assert script.load() is cli.main
+
+
+def test_a_store_of_another_layout_stops_start_up_and_commands_with_one_line(tmp_path, capsys):
+    """A store written by a newer release (another layout.json) is refused, naming the key,
+    by the service and by `mirror gc`, with no traceback."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "layout.json").write_text('{"layout": 99}')
+    path = write_config(tmp_path, f"listen: tcp:0\nstorage: {{root: '{tmp_path}/store'}}\nhosted: ['*']\n")
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    with pytest.raises(SystemExit) as info:
+        makeService(options)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mirror: {path}: storage.root: ") and "layout version 99" in err and err.count("\n") == 1
+    assert cli.main(["gc", "--config", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "storage.root: " in err and "layout version 99" in err and err.count("\n") == 1
