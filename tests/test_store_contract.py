@@ -315,3 +315,28 @@ def test_fs_readiness_fails_when_the_store_cannot_take_writes(tmp_path):
     (root / "spool").rmdir()
     (root / "spool").write_bytes(b"")  # not a directory: nothing can be spooled, even as root
     assert "not writable" in store.spool.check_writable()
+
+
+def test_fetched_links_are_kept_apart_from_pushed_ones(store):
+    """A mirrored repository's links (fetched) are asked for, listed and kept apart from
+    pushed ones (only those make GC treat a repository as hosted); unlink_blob drops both."""
+    d, e = Digest.of(b"fetched"), Digest.of(b"pushed")
+    store.metadata.link_blob("docker.io/library/a", d, fetched=True)
+    store.metadata.link_blob("docker.io/library/a", e)
+    assert store.metadata.has_blob_link("docker.io/library/a", d, fetched=True)
+    assert not store.metadata.has_blob_link("docker.io/library/a", d)
+    assert store.metadata.has_blob_link("docker.io/library/a", e)
+    assert not store.metadata.has_blob_link("docker.io/library/a", e, fetched=True)
+    assert not store.metadata.has_blob_link("docker.io/library/b", d, fetched=True)
+    record = store.metadata.scan_repository("docker.io/library/a")
+    assert record.fetched_links == {d} and record.blob_links == {e}
+    assert store.metadata.unlink_blob("docker.io/library/a", d)
+    assert not store.metadata.has_blob_link("docker.io/library/a", d, fetched=True)
+    assert store.metadata.scan_repository("docker.io/library/a").fetched_links == set()
+
+
+def test_list_manifests(store):
+    d = Digest.of(b"m")
+    assert store.metadata.list_manifests("team/a") == []
+    store.metadata.link_manifest("team/a", d, OCI)
+    assert store.metadata.list_manifests("team/a") == [d]

@@ -78,7 +78,8 @@ class RepositoryRecord:
 
     manifests: dict[Digest, float]  # digest -> when linked
     tags: dict[str, Digest]
-    blob_links: set[Digest]
+    blob_links: set[Digest]  # pushed or mounted (hosted)
+    fetched_links: set[Digest] = attrs.field(factory=set)  # fetched or confirmed upstream (mirrored)
 
 
 class BlobWriter(Protocol):
@@ -157,6 +158,9 @@ class MetadataStore(Protocol):
     async def manifest_media_type(self, repo: str, digest: Digest) -> str | None:
         """The media type of a manifest ``repo`` holds, or ``None``."""
 
+    async def list_manifests(self, repo: str) -> list[Digest]:
+        """The manifests ``repo`` holds."""
+
     async def unlink_manifest(self, repo: str, digest: Digest) -> bool:
         """Drop ``repo``'s link to a manifest; False if it had none."""
 
@@ -175,14 +179,16 @@ class MetadataStore(Protocol):
     async def had_tags(self, repo: str) -> bool:
         """Whether ``repo`` ever held a tag (its tags may all be deleted since)."""
 
-    async def link_blob(self, repo: str, digest: Digest) -> None:
-        """Record (durably) that hosted ``repo`` holds blob ``digest``."""
+    async def link_blob(self, repo: str, digest: Digest, *, fetched: bool = False) -> None:
+        """Record (durably) that ``repo`` holds blob ``digest``: pushed or mounted into a
+        hosted repository, or (``fetched``) fetched from or confirmed by the upstream of a
+        mirrored one.  The two kinds are kept apart: only pushed content is never evicted."""
 
-    async def has_blob_link(self, repo: str, digest: Digest) -> bool:
-        """Whether ``repo`` holds blob ``digest``."""
+    async def has_blob_link(self, repo: str, digest: Digest, *, fetched: bool = False) -> bool:
+        """Whether ``repo`` holds blob ``digest`` by a link of that kind."""
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
-        """Drop ``repo``'s link to a blob (the bytes stay until GC); False if none."""
+        """Drop ``repo``'s links to a blob (the bytes stay until GC); False if none."""
 
     async def add_referrer(self, repo: str, subject: Digest, descriptor: Mapping[str, object]) -> None:
         """Record that the manifest ``descriptor`` describes refers to ``subject``."""

@@ -13,6 +13,8 @@ Layout under ``root``::
                                                    file holds its media type
     repositories/<name...>/_tags/<tag>             the digest the tag points at
     repositories/<name...>/_layers/<alg>/<hex>     a blob a hosted repository holds (empty)
+    repositories/<name...>/_fetched/<alg>/<hex>    a blob a mirrored repository holds: its
+                                                   upstream served or confirmed it (empty)
     repositories/<name...>/_referrers/<alg>/<subject hex>/<alg>/<hex>
                                                    descriptor (JSON) of a manifest whose
                                                    subject is that digest
@@ -21,11 +23,12 @@ Layout under ``root``::
     gc.lock                                        flock: GC deletes (exclusive) vs pushes
                                                    referencing existing blobs (shared)
 
-``_manifests``, ``_tags``, ``_layers`` and ``_referrers`` cannot collide with a nested
+``_manifests``, ``_tags``, ``_layers``, ``_fetched`` and ``_referrers`` cannot collide with a nested
 repository, since a name component cannot start with ``_``.  Every path component comes
 from a checked name, tag or digest (:mod:`mirror.core.oci`), so nothing reaches outside
 ``root``.  Every release so far wrote this layout (version 1), so stores written by
-earlier releases are served as they are.
+earlier releases are served as they are (``_fetched`` came later; a store without it
+is read the same way, and a release that ignores it ignores it).
 
 Crash safety: content appears under ``blobs/`` only whole and verified, and every small
 file is written to a temporary name; both go through :func:`_publish` (fsync, then
@@ -169,8 +172,8 @@ class _Layout:
     def tags(self, repo: str) -> Path:
         return self.repo(repo) / "_tags"
 
-    def blob_link(self, repo: str, digest: Digest) -> Path:
-        return self.repo(repo) / "_layers" / digest.algorithm / digest.encoded
+    def blob_link(self, repo: str, digest: Digest, *, fetched: bool = False) -> Path:
+        return self.repo(repo) / ("_fetched" if fetched else "_layers") / digest.algorithm / digest.encoded
 
     def referrers(self, repo: str, subject: Digest) -> Path:
         return self.repo(repo) / "_referrers" / subject.algorithm / subject.encoded
@@ -346,6 +349,9 @@ class FsMetadataStore:
         except FileNotFoundError:
             return None
 
+    async def list_manifests(self, repo: str) -> list[Digest]:
+        return [digest for digest, _ in _digest_entries(self._layout.repo(repo) / "_manifests")]
+
     async def unlink_manifest(self, repo: str, digest: Digest) -> bool:
         return _unlink(self._layout.manifest_link(repo, digest))
 
@@ -382,16 +388,19 @@ class FsMetadataStore:
     async def had_tags(self, repo: str) -> bool:
         return self._layout.tags(repo).is_dir()
 
-    async def link_blob(self, repo: str, digest: Digest) -> None:
-        path = self._layout.blob_link(repo, digest)
+    async def link_blob(self, repo: str, digest: Digest, *, fetched: bool = False) -> None:
+        path = self._layout.blob_link(repo, digest, fetched=fetched)
         if not path.exists():
             _write_atomic(path, b"")
 
-    async def has_blob_link(self, repo: str, digest: Digest) -> bool:
-        return self._layout.blob_link(repo, digest).exists()
+    async def has_blob_link(self, repo: str, digest: Digest, *, fetched: bool = False) -> bool:
+        # A string, not a Path: this is on every blob read's path.
+        kind = "_fetched" if fetched else "_layers"
+        return os.path.exists(f"{self._layout.repositories}/{repo}/{kind}/{digest.algorithm}/{digest.encoded}")
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
-        return _unlink(self._layout.blob_link(repo, digest))
+        pushed = _unlink(self._layout.blob_link(repo, digest))
+        return _unlink(self._layout.blob_link(repo, digest, fetched=True)) or pushed
 
     async def add_referrer(self, repo: str, subject: Digest, descriptor: Mapping[str, object]) -> None:
         digest = parse_digest(str(descriptor["digest"]))
@@ -434,12 +443,13 @@ class FsMetadataStore:
             except FileNotFoundError:
                 continue
         links = {digest for digest, _ in _digest_entries(base / "_layers")}
+        fetched = {digest for digest, _ in _digest_entries(base / "_fetched")}
         tags = {}
         for tag in self._list_tags(repo) or []:
             target = self._read_tag(repo, tag)
             if target is not None:
                 tags[tag] = target
-        return RepositoryRecord(manifests, tags, links)
+        return RepositoryRecord(manifests, tags, links, fetched)
 
 
 def _digest_entries(directory: Path) -> Iterator[tuple[Digest, os.DirEntry[str]]]:

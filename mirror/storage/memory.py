@@ -64,6 +64,7 @@ class _Repo:
     manifests: dict[Digest, tuple[str, float]] = attrs.Factory(dict)
     tags: dict[str, Digest] = attrs.Factory(dict)
     blob_links: set[Digest] = attrs.Factory(set)
+    fetched_links: set[Digest] = attrs.Factory(set)
     # Like the filesystem's directories, these stay once set: a repository whose last tag
     # was deleted answers "tags": null, and stays listed.
     had_tags: bool = False
@@ -203,6 +204,10 @@ class _Metadata:
         entry = r.manifests.get(digest) if r is not None else None
         return entry[0] if entry is not None else None
 
+    async def list_manifests(self, repo: str) -> list[Digest]:
+        r = self._get(repo)
+        return list(r.manifests) if r is not None else []
+
     async def unlink_manifest(self, repo: str, digest: Digest) -> bool:
         r = self._get(repo)
         return r is not None and r.manifests.pop(digest, None) is not None
@@ -231,20 +236,24 @@ class _Metadata:
         r = self._get(repo)
         return r is not None and r.had_tags
 
-    async def link_blob(self, repo: str, digest: Digest) -> None:
+    async def link_blob(self, repo: str, digest: Digest, *, fetched: bool = False) -> None:
         r = self._s.repo(repo)
-        r.blob_links.add(digest)
-        r.had_blobs = True
+        if fetched:
+            r.fetched_links.add(digest)
+        else:
+            r.blob_links.add(digest)
+            r.had_blobs = True
 
-    async def has_blob_link(self, repo: str, digest: Digest) -> bool:
+    async def has_blob_link(self, repo: str, digest: Digest, *, fetched: bool = False) -> bool:
         r = self._get(repo)
-        return r is not None and digest in r.blob_links
+        return r is not None and digest in (r.fetched_links if fetched else r.blob_links)
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
         r = self._get(repo)
-        if r is None or digest not in r.blob_links:
+        if r is None or not (digest in r.blob_links or digest in r.fetched_links):
             return False
         r.blob_links.discard(digest)
+        r.fetched_links.discard(digest)
         return True
 
     async def add_referrer(self, repo: str, subject: Digest, descriptor: Mapping[str, object]) -> None:
@@ -266,7 +275,8 @@ class _Metadata:
 
     async def scan_repository(self, repo: str) -> RepositoryRecord:
         r = self._get(repo) or _Repo()
-        return RepositoryRecord({d: when for d, (_, when) in r.manifests.items()}, dict(r.tags), set(r.blob_links))
+        manifests = {d: when for d, (_, when) in r.manifests.items()}
+        return RepositoryRecord(manifests, dict(r.tags), set(r.blob_links), set(r.fetched_links))
 
 
 class _Uploads:
