@@ -33,7 +33,7 @@ class FakeRegistry(Resource):
         super().__init__()
         self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}  # (name, ref) -> (data, type)
         self.blobs: dict[str, bytes] = {}
-        self.faults: dict[str, str] = {}  # digest or "name:ref" -> fault
+        self.faults: dict[str, str] = {}  # digest, "name@digest" or "name:ref" -> fault
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, path) -> count
         self.token_required = False
         self.tokens_issued = 0
@@ -43,11 +43,17 @@ class FakeRegistry(Resource):
         self.lie_digest = False  # send a wrong Docker-Content-Digest on manifests
         self.stalled = []  # requests held open forever (closed at teardown)
         self.referrers: dict[str, list[dict]] | None = None  # subject -> descriptors; None: no API
+        # As a real registry: a blob is served only through a repository holding it (set
+        # False for tests that fetch blobs by any name).
+        self.strict_repositories = True
+        self.held: dict[str, set[str]] = {}  # repository -> digests of the images added to it
 
     # content --------------------------------------------------------------------------
-    def add_blob(self, data: bytes) -> str:
+    def add_blob(self, data: bytes, name: str | None = None) -> str:
+        """A blob, held by repository ``name`` (``None``: by every repository)."""
         d = digest_of(data)
         self.blobs[d] = data
+        self.held.setdefault(name or "*", set()).add(d)
         return d
 
     def add_manifest(self, name: str, tag: str, doc: dict, media_type: str) -> str:
@@ -59,8 +65,8 @@ class FakeRegistry(Resource):
 
     def add_image(self, name: str, tag: str, layer: bytes, config: bytes) -> tuple[str, str]:
         """A one-layer Docker schema 2 image; returns (manifest digest, layer digest)."""
-        layer_digest = self.add_blob(layer)
-        config_digest = self.add_blob(config)
+        layer_digest = self.add_blob(layer, name)
+        config_digest = self.add_blob(config, name)
         config_type = "application/vnd.docker.container.image.v1+json"
         layer_type = "application/vnd.docker.image.rootfs.diff.tar.gzip"
         doc = {
@@ -107,7 +113,7 @@ class FakeRegistry(Resource):
             return self._manifest(request, "/".join(parts[2:i]), parts[i + 1], method)
         if "blobs" in parts:
             i = parts.index("blobs")
-            return self._blob(request, parts[i + 1], method)
+            return self._blob(request, "/".join(parts[2:i]), parts[i + 1], method)
         request.setResponseCode(404)
         return b"{}"
 
@@ -122,6 +128,15 @@ class FakeRegistry(Resource):
             return b"oops"
         if fault == "stall":
             self.stalled.append(request)
+            return NOT_DONE_YET
+        if fault == "late404":  # not found, after a (clock) second
+
+            def answer() -> None:
+                request.setResponseCode(404)
+                request.write(b'{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}')
+                request.finish()
+
+            self.clock.callLater(1.0, answer)
             return NOT_DONE_YET
         return None
 
@@ -141,12 +156,13 @@ class FakeRegistry(Resource):
         request.setHeader(b"content-length", str(len(data)).encode())
         return b"" if method == "HEAD" else data
 
-    def _blob(self, request, digest: str, method: str):
-        answer = self._fault(request, digest)
+    def _blob(self, request, name: str, digest: str, method: str):
+        answer = self._fault(request, f"{name}@{digest}") or self._fault(request, digest)
         if answer is not None:
             return answer
         data = self.blobs.get(digest)
-        if data is None:
+        held = digest in self.held.get(name, ()) or digest in self.held.get("*", ())
+        if data is None or (self.strict_repositories and not held):
             request.setResponseCode(404)
             return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}'
         fault = self.faults.get(digest)

@@ -126,6 +126,20 @@ def test_every_manifest_and_blob_is_served_byte_for_byte(mirror):
     assert served_blobs >= 8
 
 
+def test_a_blob_no_repository_holds_is_no_longer_served_through_a_mirrored_name(mirror):
+    """The previous release served the orphan blob (unlinked from myorg/other) through any
+    mirrored name; now the answer is the one for a digest stored nowhere (the upstream is
+    unreachable here: 503), while the blobs the repository's manifests name are served."""
+    orphan = EXPECTED["orphan_blobs"][0]["digest"]
+    nowhere = "sha256:" + "0" * 64
+    for method in ("GET", "HEAD"):
+        a = mirror.request(method, f"/v2/docker.io/library/alpine/blobs/{orphan}")
+        b = mirror.request(method, f"/v2/docker.io/library/alpine/blobs/{nowhere}")
+        assert a.code == b.code == 503
+        assert a.error_code == b.error_code
+    assert mirror.get(f"/v2/myorg/other/blobs/{orphan}").code == 404
+
+
 def test_an_abandoned_upload_continues(mirror):
     """The old session is still there: it reports its size, and completes (its running hash
     rebuilt from the bytes on disk) as the blob its bytes so far make."""

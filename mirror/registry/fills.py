@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -234,6 +234,7 @@ class Fills:
 
     def __init__(self) -> None:
         self._fills: dict[Digest, Shared[BlobFill | None]] = {}
+        self._owners: dict[Digest, str] = {}  # the repository whose request started each fill
 
     def __len__(self) -> int:
         """Fills under way (their clients may be done already)."""
@@ -246,18 +247,27 @@ class Fills:
         return fill.expected_size if fill is not None else None
 
     async def join_or_start(
-        self, digest: Digest, start: Callable[[], Awaitable[BlobFill | None]]
+        self, digest: Digest, start: Callable[[], Awaitable[BlobFill | None]], owner: str
     ) -> tuple[BlobFill | None, bool]:
         """The fill of ``digest``: the one under way, or a new one from ``start()``.
 
         Returns the fill (``None`` when ``start`` found the blob already stored) and
         whether this call started it.  ``start`` runs shielded from the caller: a caller
-        that goes away does not cancel it for the others.
+        that goes away does not cancel it for the others.  A start that fails fails for
+        the requests of its ``owner`` (the repository asking); a request for another
+        repository starts again, for its own (the failure was about that repository).
         """
-        shared = self._fills.get(digest)
-        if shared is not None:
-            return await shared.wait(), False
+        while (shared := self._fills.get(digest)) is not None:
+            if self._owners.get(digest) == owner:
+                return await shared.wait(), False
+            try:
+                return await shared.wait(), False
+            except CancelledError:
+                raise
+            except Exception:
+                self._drop(digest, shared)  # (if no one did yet) and start afresh
         shared = self._fills[digest] = Shared(start)
+        self._owners[digest] = owner
         shared.wait().addBoth(self._started, digest, shared)
         return await shared.wait(), True
 
@@ -270,3 +280,4 @@ class Fills:
     def _drop(self, digest: Digest, shared: Shared[BlobFill | None]) -> None:
         if self._fills.get(digest) is shared:
             del self._fills[digest]
+            self._owners.pop(digest, None)

@@ -127,12 +127,12 @@ async def inventory(store: Store, router: Router, max_manifest_size: int) -> Inv
         record = await store.metadata.scan_repository(key)
         route = router.route_stored(key)
         inv.repos[key] = RepoInventory(
-            # Pushed content (only hosted repositories hold blob links) is never evicted,
-            # even when the configuration now routes its name to an upstream.
+            # Pushed content (pushed links: only hosted repositories write them) is never
+            # evicted, even when the configuration now routes its name to an upstream.
             hosted=route is None or route.hosted or bool(record.blob_links),
             manifests=record.manifests,
             tags=record.tags,
-            blob_links=record.blob_links,
+            blob_links=record.blob_links | record.fetched_links,
         )
         for d in record.manifests:
             if d in inv.references or d not in inv.blobs:

@@ -99,7 +99,10 @@ class HostedRepository(Repository):
             digest = parse_digest(digest_text)
         except RegistryError:
             return None
-        if source is not None and not await source.holds_blob(digest):
+        # Only from a repository the caller may read (checked by the web layer) that holds
+        # the digest: a digest alone grants nothing.  No ``from``: no mount (the spec's
+        # fallback, an upload session).
+        if source is None or not await source.holds_blob(digest):
             return None
         store = self._ctx.store
 

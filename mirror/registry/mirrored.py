@@ -4,7 +4,11 @@
 * **Tags** are trusted for the upstream's ``tag_ttl``; then one ``HEAD`` revalidates
   them (:mod:`mirror.core.tagcache`).  An upstream that is down, slow or answering
   5xx/429 gets the cached digest served (and a warning logged).
-* **Blobs** are served from the store; a miss starts one
+* **Blobs** are served from the store if this repository holds them: a link written when
+  the blob was fetched for it, or the upstream's ``HEAD`` for it (when the upstream cannot
+  be asked: a manifest it holds naming the digest as a layer or config).  A digest it
+  does not hold is the upstream's to answer for this repository, even when another
+  repository's copy is stored — a digest is not a key.  A miss starts one
   :class:`~mirror.registry.fills.BlobFill` per digest, and every request for that digest
   follows its spool until it commits (:class:`~mirror.registry.fills.Fills`).
 * Concurrent misses for one manifest share one upstream request.
@@ -19,6 +23,7 @@ from typing import Any
 import attrs
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mirror.core.errors import RegistryError
@@ -34,6 +39,10 @@ from mirror.upstream.client import Upstream, UpstreamRefused, UpstreamUnavailabl
 
 __all__ = ["MirrorState", "MirroredRepository"]
 
+#: Repositories whose manifests' references are remembered (then the memo starts over).
+_NAMED_CACHE = 1024
+_log = Logger()
+
 
 @attrs.frozen
 class MirrorState:
@@ -43,6 +52,8 @@ class MirrorState:
     tags: TagCache = attrs.Factory(TagCache)
     fills: Fills = attrs.Factory(Fills)
     manifest_flights: SingleFlight[StoredManifest] = attrs.Factory(SingleFlight)
+    # repository -> (its manifests, the configs and layers they name), for _confirm offline
+    named: dict[str, tuple[frozenset[Digest], frozenset[Digest]]] = attrs.Factory(dict)
 
 
 class MirroredRepository(Repository):
@@ -182,12 +193,26 @@ class MirroredRepository(Repository):
             self._ctx.events.fetched("manifest", self.route, reference, size, started, outcome)
 
     # blobs --------------------------------------------------------------------------------
+    # A digest is not a key: a stored blob is served through this repository only if the
+    # repository holds it — a link written when it was fetched for the repository, or the
+    # upstream's confirmation (:meth:`_confirm`).  A digest it does not hold gets the
+    # upstream's answer for this repository, whether or not another repository's copy is
+    # stored here.
     async def get_blob(self, digest: Digest, *, wait_until_stored: bool = False) -> BlobBody:
-        local = await self._ctx.local.blob(digest)
-        if local is not None:
-            self._ctx.events.cache("blob", self.route, str(digest), "hit")
-            return local
-        fill, started = await self._state.fills.join_or_start(digest, lambda: self._start_fill(digest))
+        held = await self._linked(digest)
+        if not held and await self._ctx.store.blobs.stat(digest) is not None:
+            await self._confirm(digest)
+            held = True
+        if held:
+            local = await self._ctx.local.blob(digest)
+            if local is not None:
+                self._ctx.events.cache("blob", self.route, str(digest), "hit")
+                return local
+        fill, started = await self._state.fills.join_or_start(digest, lambda: self._start_fill(digest), self.key)
+        if not held and not (started and fill is not None) and not await self._linked(digest):
+            # Another repository's fill, or a copy stored since: this repository's upstream
+            # has not been asked yet (a fill for this repository linked it as it started).
+            await self._confirm(digest)
         cache = "miss" if started else "join"
         self._ctx.events.cache("blob", self.route, str(digest), cache)
         if fill is not None and wait_until_stored:
@@ -205,6 +230,69 @@ class MirroredRepository(Repository):
             return await self.get_blob(digest, wait_until_stored=wait_until_stored)
         return BlobBody(responder, fill.expected_size, digest, cache)
 
+    async def _linked(self, digest: Digest) -> bool:
+        """Whether the blob was fetched for (or confirmed to) this repository before."""
+        return await self._ctx.store.metadata.has_blob_link(self.key, digest, fetched=True)
+
+    async def _link(self, digest: Digest) -> None:
+        """Remember that this repository holds ``digest``.  Best effort: a store that takes
+        no writes (full, read-only) still serves what it has; the upstream is asked again."""
+        try:
+            await self._ctx.store.metadata.link_blob(self.key, digest, fetched=True)
+        except OSError as e:
+            _log.warn(
+                "could not record that {repository} holds {digest}: {error}",
+                repository=self.key,
+                digest=str(digest),
+                error=str(e),
+            )
+
+    async def _confirm(self, digest: Digest) -> int | None:
+        """Make sure this repository holds ``digest``, and link it: the upstream's ``HEAD``
+        for this repository says so, or — when the upstream cannot be asked (offline, down,
+        rate limiting) — a manifest this repository holds names it as a layer or config
+        (:meth:`_named_by_a_manifest`), as a store an earlier release wrote needs offline.
+
+        Returns the size the upstream gave, if any.
+
+        Raises:
+            RegistryError: the upstream's answer otherwise (``BLOB_UNKNOWN`` for a 404),
+                the same as for a digest stored nowhere here.
+        """
+        try:
+            size = await self._upstream.head_blob(self.route.remote_name, str(digest))
+        except UpstreamUnavailable:
+            if not await self._named_by_a_manifest(digest):
+                raise
+            size = None
+        await self._link(digest)
+        return size
+
+    async def _named_by_a_manifest(self, digest: Digest) -> bool:
+        """Whether a manifest this repository holds names ``digest`` as its config or a
+        layer — one its upstream must have checked the repository holds before taking the
+        manifest: not a layer with ``urls`` (a registry takes those unchecked) and not a
+        child manifest (a blob read is no way to read a manifest)."""
+        store = self._ctx.store
+        manifests = frozenset(await store.metadata.list_manifests(self.key))
+        known = self._state.named.get(self.key)
+        if known is not None and known[0] == manifests:  # parsed already: no work per probe
+            return digest in known[1]
+        named: set[Digest] = set()
+        for manifest_digest in manifests:
+            data = await store.blobs.read(manifest_digest, self._ctx.config.max_manifest_size)
+            if data is None:
+                continue
+            try:
+                manifest = parse_manifest(data)
+            except RegistryError:
+                continue
+            named.update(d.digest for d in (manifest.config, *manifest.layers) if d is not None and "urls" not in d.extra)
+        if len(self._state.named) >= _NAMED_CACHE:
+            self._state.named.clear()
+        self._state.named[self.key] = (manifests, frozenset(named))
+        return digest in named
+
     async def _start_fill(self, digest: Digest) -> BlobFill | None:
         """Start fetching ``digest``; ``None`` if it was stored meanwhile (a fill that
         committed between this request's store lookup and its turn here)."""
@@ -216,6 +304,7 @@ class MirroredRepository(Repository):
         except RegistryError as e:
             self._ctx.events.fetched("blob", self.route, str(digest), 0, started, e.code)
             raise
+        await self._link(digest)  # the upstream's 200 says its repository has the digest
         writer = self._ctx.store.blobs.writer()
         if digest.algorithm != "sha256":
             writer.hash_also(digest)
@@ -240,14 +329,18 @@ class MirroredRepository(Repository):
         return fill
 
     async def blob_size(self, digest: Digest) -> int:
-        size = await self._ctx.store.blobs.stat(digest)
-        if size is not None:
-            self._ctx.events.cache("blob", self.route, str(digest), "hit")
-            return size
-        size = self._state.fills.expected_size(digest)
-        if size is not None:
-            return size
-        size = await self._upstream.head_blob(self.route.remote_name, str(digest))
+        if await self._linked(digest):
+            size = await self._ctx.store.blobs.stat(digest)
+            if size is not None:
+                self._ctx.events.cache("blob", self.route, str(digest), "hit")
+                return size
+            size = self._state.fills.expected_size(digest)
+            if size is not None:
+                return size
+        size = await self._confirm(digest)  # the upstream's word (for an unlinked digest, first)
+        stored = await self._ctx.store.blobs.stat(digest)
+        if stored is not None:
+            return stored
         if size is None:
             body = await self.get_blob(digest, wait_until_stored=True)
             body.responder.close()
@@ -256,6 +349,13 @@ class MirroredRepository(Repository):
         return size
 
     async def holds_blob(self, digest: Digest) -> bool:
+        # The upstream is asked whether or not the blob is stored here, so that a mount
+        # takes as long either way and tells nothing about what other repositories hold.
+        if not await self._linked(digest):
+            try:
+                await self._confirm(digest)
+            except RegistryError:
+                return False
         return await self._ctx.store.blobs.stat(digest) is not None
 
     async def referrers(self, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:

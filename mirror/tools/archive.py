@@ -486,9 +486,8 @@ async def _commit(store: Store, images: Sequence[_Image], reactor: IReactorTime)
             repo = image.route.key
             for m in reversed(image.closure.manifests):
                 await store.metadata.link_manifest(repo, m.digest, m.media_type)
-            if image.route.hosted:
-                for b in image.closure.blobs:
-                    await store.metadata.link_blob(repo, b.digest)
+            for b in image.closure.blobs:  # mirrored: as if fetched for the repository
+                await store.metadata.link_blob(repo, b.digest, fetched=not image.route.hosted)
         for image in images:
             if image.tag is not None:
                 await store.metadata.set_tag(image.route.key, image.tag, image.closure.top.digest)

@@ -182,7 +182,7 @@ async def test_jobs_bounds_images_in_flight(fake_upstream, warm_service):
     active, peak = [0], [0]
     serve = fake_upstream._blob
 
-    def counting(request, digest, method):
+    def counting(request, name, digest, method):
         # a download lasts from the request to its last byte (the fake finishes the
         # response a chunk_delay later, when the client may have moved on already)
         size, written, write = len(fake_upstream.blobs[digest]), [0], request.write
@@ -196,7 +196,7 @@ async def test_jobs_bounds_images_in_flight(fake_upstream, warm_service):
                 active[0] -= 1
 
         request.write = tracking
-        return serve(request, digest, method)
+        return serve(request, name, digest, method)
 
     fake_upstream._blob = counting
     report = await warm(warm_service(fake_upstream.url), [f"library/img{n}" for n in range(4)], jobs=2)
