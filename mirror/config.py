@@ -66,6 +66,7 @@ class AuthConfig:
     token_lifetime: float = 300.0
     key_file: Path | None = None  # HMAC key shared by several nodes; random per process if absent
     rules: tuple[AccessRule, ...] = (AccessRule("*"),)
+    realm: str | None = None  # the token endpoint's URL in challenges; None: from the request's Host
 
 
 @attrs.frozen
@@ -300,6 +301,14 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         if rules_value is not None and not isinstance(rules_value, list):
             raise r.error(f"{key_path}.access", "expected a list of rules")
         key_file = r.optional("key_file", r.string)
+        realm = r.optional("realm", r.string)
+        if realm is not None and (
+            not realm.startswith(("http://", "https://"))
+            or any(c in realm for c in '"\\')
+            or not realm.isprintable()
+            or " " in realm
+        ):
+            raise r.error(f"{key_path}.realm", f"expected an http:// or https:// URL, got {realm[:100]!r}")
         cfg = AuthConfig(
             htpasswd=Path(htpasswd or ""),
             token=bool(token),
@@ -307,6 +316,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             service=r.take("service", r.string, "mirror"),
             token_lifetime=r.take("token_lifetime", r.positive, 300.0),
             key_file=Path(key_file) if key_file else None,
+            realm=realm,
             rules=tuple(rule(f"{key_path}.access[{i}]", v) for i, v in enumerate(rules_value))
             if rules_value is not None
             else (AccessRule("*"),),

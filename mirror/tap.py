@@ -108,12 +108,13 @@ def _report_cleaned(removed: int) -> None:
         _log.info("removed {count} unfinished spool files from a previous run", count=removed)
 
 
-def build_auth(config: MirrorConfig) -> Authenticator | None:
-    """The client authenticator for ``config`` (reads the htpasswd file), or None."""
+def build_auth(config: MirrorConfig, previous: Authenticator | None = None) -> Authenticator | None:
+    """The client authenticator for ``config`` (reads the htpasswd file), or None; on a
+    reload, ``previous``'s random token key is kept (no ``key_file``: tokens stay valid)."""
     if config.auth is None:
         return None
     try:
-        return Authenticator(config.auth)
+        return Authenticator(config.auth, process_key=previous.process_key if previous is not None else None)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{config.source}: auth.htpasswd: {getattr(e, 'strerror', None) or e}") from None
 
@@ -122,7 +123,7 @@ def reload_config(registry: Registry, path: str, resource: RegistryResource | No
     """Re-read the config file and apply it; a bad file is refused and the old config kept."""
     try:
         new = load_config(path)
-        auth = build_auth(new)
+        auth = build_auth(new, resource.auth if resource is not None else None)
     except ConfigError as e:
         _log.error("config reload refused, keeping the running config: {error}", error=str(e))
         return False

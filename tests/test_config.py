@@ -82,6 +82,11 @@ def test_other_shipped_configs_are_valid(name):
             "listen: x\nstorage: {root: x, access_flush_interval: 0}",
             "m.yaml: storage.access_flush_interval: expected a number > 0",
         ),
+        (
+            "listen: x\nstorage: {root: x}\nauth: {htpasswd: h, realm: 'http://x/\"y'}",
+            "m.yaml: auth.realm: expected an http:// or https:// URL",
+        ),
+        ("listen: x\nstorage: {root: x}\nauth: {htpasswd: h, realm: '/auth/token'}", "m.yaml: auth.realm: expected an http"),
         ("listen: [", "m.yaml: line 1: invalid YAML"),
         ("- a\n- b", "m.yaml: (top level): expected a mapping"),
     ],

@@ -106,6 +106,33 @@ class Router:
             name = f"library/{name}"
         return Route(upstream=upstream, remote_name=name, key=f"{upstream.registry}/{name}")
 
+    def rule_names(self, route: Route) -> tuple[str, ...]:
+        """The names access rules match for a repository, whatever name a request used: its
+        key (what ``_catalog`` lists), and its upstream name when a request for that name
+        alone reaches it (``library/alpine`` for ``docker.io/library/alpine`` when Docker
+        Hub is the first upstream and no hosted pattern takes the name).  So a rule written
+        for a hosted namespace never covers a mirrored repository of the same name."""
+        if route.hosted:
+            return (route.key,)
+        try:
+            bare = self.route(route.remote_name)
+        except RegistryError:
+            return (route.key,)
+        return (route.key, route.remote_name) if bare.key == route.key else (route.key,)
+
+    def candidates(self, name: str) -> list[Route]:
+        """Every route a request naming ``name`` may get, with or without an ``ns``
+        (a token's scope names a repository without one)."""
+        routes = []
+        for ns in (None, *self._by_registry):
+            try:
+                route = self.route(name, ns)
+            except RegistryError:
+                continue
+            if route not in routes:
+                routes.append(route)
+        return routes
+
     def route_stored(self, key: str) -> Route | None:
         """The route of a repository already in the store, by its key.
 

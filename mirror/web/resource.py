@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, BinaryIO
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -30,7 +31,7 @@ from mirror.registry.registry import Registry
 from mirror.registry.repository import BlobBody, Repository, UploadState
 from mirror.registry.uploads import upload_location
 from mirror.storage.sending import ClientGone, sendfile_transport
-from mirror.web.auth import Authenticator, Principal, requirements
+from mirror.web.auth import Authenticator, Need, Principal, carries_secret, requirements, valid_host
 
 __all__ = ["ROUTES", "RegistryResource", "paginate"]
 
@@ -194,12 +195,26 @@ class RegistryResource(Resource):
     async def _authorized(self, handler: Handler, call: _Call, required: Sequence[tuple[str, str]]) -> None:
         auth = self.auth
         if auth is not None and required:
-            call.principal = await auth.authorize(call.header("Authorization"), self._realm(call), required, self._run_blocking)
+            needs = [self._need(call, name, action) for name, action in required]
+            call.principal = await auth.authorize(
+                call.header("Authorization"), lambda: self._realm(call), needs, self._run_blocking
+            )
         await handler(call)
+
+    def _need(self, call: _Call, name: str, action: str) -> Need:
+        """What the request needs, on the repository it reaches (the names rules match)."""
+        if action == "login":
+            return Need(action)
+        router = self._registry.router
+        return Need(action, name, router.rule_names(router.route(name, call.arg("ns"))))
 
     @staticmethod
     def _realm(call: _Call) -> str:
+        """The token endpoint's URL, on the host the client asked for (when ``auth.realm``
+        does not say); a ``Host`` that is not a plain host and port is refused."""
         host = call.header("Host") or "localhost"
+        if not valid_host(host):
+            raise RegistryError("UNSUPPORTED", "the request's Host header is not a valid host", status=400)
         return f"{'https' if call.request.isSecure() else 'http'}://{host}/auth/token"
 
     def _repository(self, call: _Call) -> Repository:
@@ -207,26 +222,38 @@ class RegistryResource(Resource):
         return self._registry.repository(call.params["name"], call.arg("ns"))
 
     async def _token(self, call: _Call) -> None:
-        """The Docker token endpoint (GET with optional Basic; POST, OAuth2 password grant)."""
+        """The Docker token endpoint: GET (optional Basic) or POST (OAuth2 password grant in
+        the form body, or Basic).  Credentials are taken only from the ``Authorization``
+        header and the form body, never from the URL (it is logged, and kept by proxies)."""
         auth = self.auth
         if auth is None or not auth.config.token:
             raise RegistryError("UNSUPPORTED", "this registry issues no tokens", status=404)
-        user = password = None
+        raw_query = urlsplit(call.request.uri or b"").query
+        if carries_secret(raw_query):
+            raise RegistryError(
+                "UNSUPPORTED",
+                "credentials in the URL are refused: send them in the Authorization header or a form body",
+                status=400,
+            )
+        query = parse_qs(raw_query.decode("latin-1"))
+        scopes = [s for v in query.get("scope", []) for s in v.split()]
+        realm = partial(self._realm, call)
+        creds = auth.basic_credentials(call.header("Authorization"), realm)
         if call.method == "POST":
-            form = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (call.request.args or {}).items() if v}
-            scopes = form.get("scope", "").split()
-            if form.get("grant_type") == "password":
-                user, password = form.get("username"), form.get("password")
-        else:
-            scopes = [v.decode("utf-8", "replace") for v in (call.request.args or {}).get(b"scope", [])]
-            creds = auth.basic_credentials(call.header("Authorization"))
-            if creds is not None:
-                user, password = creds
-        if user is not None:
-            if not await auth.check_password(user, password or "", self._run_blocking):
-                raise RegistryError("UNAUTHORIZED", "authentication failed")
+            form = _form_body(call, auth, realm)
+            scopes += [s for v in form.get("scope", []) for s in v.split()]
+            if creds is None and form.get("grant_type") == ["password"]:
+                user, password = (form.get("username") or [""])[0], (form.get("password") or [""])[0]
+                auth.check_shape(user, password, realm)
+                creds = user, password
+        if creds is not None and not await auth.check_password(*creds, self._run_blocking):
+            raise auth.refused("authentication failed", realm)
+        router = self._registry.router
+        token = auth.issue_token(
+            creds[0] if creds else None, scopes, lambda n: [router.rule_names(r) for r in router.candidates(n)]
+        )
         call.set_header("Cache-Control", "no-store")
-        call.finish_json(auth.issue_token(user, scopes))
+        call.finish_json(token)
 
     def _failed(self, failure: Failure, call: _Call) -> None:
         request = call.request
@@ -261,7 +288,14 @@ class RegistryResource(Resource):
     async def _catalog(self, call: _Call) -> None:
         repositories = await self._registry.catalog()
         if self.auth is not None and call.principal is not None:
-            repositories = [r for r in repositories if self.auth.permitted(call.principal, r, "pull")]
+            # The rules' answer for the repository each key is, as a pull of it gets.
+            user, router = call.principal.user, self._registry.router
+            repositories = [
+                key
+                for key in repositories
+                if "pull"
+                in self.auth.rule_actions(user, router.rule_names(route) if (route := router.route_stored(key)) else (key,))
+            ]
         page, last = paginate(repositories, call.arg("n"), call.arg("last"))
         link = f"/v2/_catalog?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
         call.finish_json({"repositories": page}, link=link)
@@ -360,17 +394,14 @@ class RegistryResource(Resource):
         repo = self._repository(call)
         mount, digest = call.arg("mount"), call.arg("digest")
         source_name = call.arg("from")
-        readable = (
-            self.auth is None
-            or call.principal is None
-            or (source_name is not None and self.auth.permitted(call.principal, source_name, "pull"))
-        )
-        if mount is not None and readable:
+        # A mount needs a source the caller may pull (and that holds the blob: the
+        # repository checks); otherwise the client gets an upload session (the spec's fallback).
+        if mount is not None and source_name is not None:
             try:
-                source = self._registry.repository(source_name) if source_name is not None else None
+                source: Repository | None = self._registry.repository(source_name)
             except RegistryError:
-                pass  # a source that is no repository here: nothing to mount, upload instead
-            else:
+                source = None  # a source that is no repository here: nothing to mount
+            if source is not None and self._may_pull(call, source):
                 mounted = await repo.mount(mount, source)
                 if mounted is not None:
                     self._blob_created(call, name, mounted)
@@ -380,6 +411,11 @@ class RegistryResource(Resource):
             self._blob_created(call, name, await repo.monolithic(digest, content, length))
             return
         self._upload_answer(call, await repo.start_upload(), 202)
+
+    def _may_pull(self, call: _Call, source: Repository) -> bool:
+        if self.auth is None or call.principal is None:
+            return True
+        return self.auth.permitted(call.principal, Need("pull", source.name, self._registry.router.rule_names(source.route)))
 
     async def _upload_status(self, call: _Call) -> None:
         self._upload_answer(call, await self._repository(call).upload_status(call.params["upload"]), 204)
@@ -436,6 +472,26 @@ class RegistryResource(Resource):
             request.sentLength += body.responder.sent  # Twisted counts only what passes through write()
         if not call.gone:
             request.finish()
+
+
+#: Largest token request body read (a form with a user, password and scopes).
+_MAX_FORM = 64 * 1024
+
+
+def _form_body(call: _Call, auth: Authenticator, realm: Callable[[], str]) -> dict[str, list[str]]:
+    """The token request's ``application/x-www-form-urlencoded`` body (the URL's query apart).
+
+    Raises:
+        RegistryError: 413 for a body over :data:`_MAX_FORM`; ``UNAUTHORIZED`` for one that
+            is not UTF-8 (it carries credentials that cannot be right).
+    """
+    content, length = call.body()
+    if length > _MAX_FORM:
+        raise RegistryError("UNSUPPORTED", f"token request body over {_MAX_FORM} bytes", status=413)
+    try:
+        return parse_qs(content.read().decode("utf-8"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise auth.refused("malformed credentials in the form body", realm) from None
 
 
 def _abort(request: Request) -> None:
