@@ -197,7 +197,7 @@ class RegistryResource(Resource):
         if auth is not None and required:
             needs = [self._need(call, name, action) for name, action in required]
             call.principal = await auth.authorize(
-                call.header("Authorization"), lambda: self._realm(call), needs, self._run_blocking
+                call.header("Authorization"), partial(self._realm, call), needs, self._run_blocking
             )
         await handler(call)
 
@@ -287,15 +287,15 @@ class RegistryResource(Resource):
 
     async def _catalog(self, call: _Call) -> None:
         repositories = await self._registry.catalog()
-        if self.auth is not None and call.principal is not None:
-            # The rules' answer for the repository each key is, as a pull of it gets.
+        auth = self.auth
+        if auth is not None and call.principal is not None:
             user, router = call.principal.user, self._registry.router
-            repositories = [
-                key
-                for key in repositories
-                if "pull"
-                in self.auth.rule_actions(user, router.rule_names(route) if (route := router.route_stored(key)) else (key,))
-            ]
+
+            def pullable(key: str) -> bool:  # the rules' answer for that repository, as a pull gets
+                route = router.route_stored(key)
+                return "pull" in auth.rule_actions(user, router.rule_names(route) if route is not None else (key,))
+
+            repositories = [key for key in repositories if pullable(key)]
         page, last = paginate(repositories, call.arg("n"), call.arg("last"))
         link = f"/v2/_catalog?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
         call.finish_json({"repositories": page}, link=link)

@@ -77,7 +77,8 @@ class _RedactedRequest:
 
 def access_log_line(timestamp: str, request: Request) -> str:
     """Twisted's combined log line for ``request``, secrets in its query redacted."""
-    line: str = combinedLogFormatter(timestamp, _RedactedRequest(request))
+    redacting = b"?" in (request.uri or b"")  # most requests have no query: no wrapper for them
+    line: str = combinedLogFormatter(timestamp, _RedactedRequest(request) if redacting else request)
     return line
 
 
