@@ -222,3 +222,34 @@ def test_metrics_endpoint_of_the_real_service(seeded_upstream, workdir):
         assert http(f"http://127.0.0.1:{port}/healthz")[0] == 200
         assert http(f"http://127.0.0.1:{port}/readyz")[0] == 200
         assert http(f"{m.url}/healthz")[0] == 200
+
+
+def test_a_stored_blob_is_served_only_through_repositories_the_upstream_says_hold_it(mirror_for):
+    """A digest is not a key, against a real Distribution: a layer pulled through
+    library/hello is refused through library/nothing (Distribution has no such blob there;
+    GET and HEAD both 404 BLOB_UNKNOWN, although the mirror stores it) and served through
+    library/twin, which holds it upstream, after one upstream HEAD and no second GET;
+    skopeo then pulls library/twin through the mirror."""
+    with WorkDir("mirror-isolation-upstream.") as w:
+        upstream = DistributionRegistry(w / "registry")
+        upstream.start()
+        try:
+            hello = images.seed_images(upstream, big_layer_sizes=None, only=["latest"])["latest"]
+            twin = images.seed_images(upstream, big_layer_sizes=None, only=["latest"], hello_repo="library/twin")["latest"]
+            assert twin.layers == hello.layers and twin.repo == "library/twin"
+            m = mirror_for([{"registry": "docker.io", "url": upstream.url}])
+            assert skopeo_copy(f"{m.host_port}/{hello.repo}:{hello.tag}") == hello.digest
+            layer = hello.layers[0]
+            before = len(upstream.access_log())
+            for method in ("GET", "HEAD"):
+                status, _, body = http(f"{m.url}/v2/library/nothing/blobs/{layer}", method=method)
+                assert status == 404, (method, body)
+            assert json.loads(http(f"{m.url}/v2/library/nothing/blobs/{layer}")[2])["errors"][0]["code"] == "BLOB_UNKNOWN"
+            status, _, body = http(f"{m.url}/v2/library/twin/blobs/{layer}")
+            assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == layer
+            asked = [(e.method, e.path) for e in upstream.access_log(since=before) if layer in e.path]
+            assert ("HEAD", f"/v2/library/twin/blobs/{layer}") in asked
+            assert not [p for method, p in asked if method == "GET" and "/library/twin/" in p]
+            assert skopeo_copy(f"{m.host_port}/library/twin:{twin.tag}") == twin.digest
+        finally:
+            upstream.close()
