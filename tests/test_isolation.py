@@ -102,20 +102,26 @@ def test_a_mirrored_blob_is_served_through_another_name_only_if_its_upstream_has
     assert a.code == 404
 
 
+def two_at_once(m: InMemoryMirror, first: str, second: str):
+    """GET ``first``, then ``second`` while the (slow: a chunk per clock second) upstream
+    answers the first; both responses once the clock has run the whole layer through."""
+    d1 = m._client.get(f"http://mirror.test{first}")
+    m.pump()
+    d2 = m._client.get(f"http://mirror.test{second}")
+    for _ in range(len(LAYER) // 65536 + 2):
+        m.clock.advance(1)
+        m.pump()
+    return m.wait(d1), m.wait(d2)
+
+
 def test_a_fill_for_one_repository_is_not_joined_through_a_name_that_does_not_hold_it(fake):
     """While library/app's fill streams, a request through library/empty is asked of the
     upstream for its own repository (404) instead of following the fill."""
     _, layer = image(fake)
     m = make(fake)
     fake.clock, fake.chunk_delay = m.clock, 1.0
-    first = m._client.get(f"http://mirror.test/v2/library/app/blobs/{layer}")
-    m.pump()
-    second = m._client.get(f"http://mirror.test/v2/library/empty/blobs/{layer}")
-    for _ in range(len(LAYER) // 65536 + 2):
-        m.clock.advance(1)
-        m.pump()
-    assert m.wait(m.wait(first).content()) == LAYER
-    other = m.wait(second)
+    first, other = two_at_once(m, f"/v2/library/app/blobs/{layer}", f"/v2/library/empty/blobs/{layer}")
+    assert m.wait(first.content()) == LAYER
     assert other.code == 404
     m.wait(other.content())
     assert fake.count("GET", f"/blobs/{layer}") == 1
@@ -200,16 +206,9 @@ def test_a_failed_fill_for_one_repository_does_not_fail_another_that_joined_it(f
     m = make(fake)
     fake.clock, fake.chunk_delay = m.clock, 1.0
     fake.faults[f"library/empty@{layer}"] = "late404"
-    first = m._client.get(f"http://mirror.test/v2/library/empty/blobs/{layer}")
-    m.pump()
-    second = m._client.get(f"http://mirror.test/v2/library/app/blobs/{layer}")
-    for _ in range(len(LAYER) // 65536 + 2):
-        m.clock.advance(1)
-        m.pump()
-    refused = m.wait(first)
+    refused, served = two_at_once(m, f"/v2/library/empty/blobs/{layer}", f"/v2/library/app/blobs/{layer}")
     assert refused.code == 404
     m.wait(refused.content())
-    served = m.wait(second)
     assert served.code == 200 and m.wait(served.content()) == LAYER
     assert b"library/empty" not in m.get(f"/v2/library/app/blobs/{layer}").body
 
