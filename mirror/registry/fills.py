@@ -233,8 +233,8 @@ class Fills:
     """Blob fills by digest, from the moment one starts until it is stored or fails."""
 
     def __init__(self) -> None:
-        self._fills: dict[Digest, Shared[BlobFill | None]] = {}
-        self._owners: dict[Digest, str] = {}  # the repository whose request started each fill
+        # digest -> (the repository whose request started the fill, the fill's start)
+        self._fills: dict[Digest, tuple[str, Shared[BlobFill | None]]] = {}
 
     def __len__(self) -> int:
         """Fills under way (their clients may be done already)."""
@@ -242,8 +242,8 @@ class Fills:
 
     def expected_size(self, digest: Digest) -> int | None:
         """The upstream's ``Content-Length`` of a fill of ``digest`` under way, if known."""
-        shared = self._fills.get(digest)
-        fill = shared.peek() if shared is not None else None
+        entry = self._fills.get(digest)
+        fill = entry[1].peek() if entry is not None else None
         return fill.expected_size if fill is not None else None
 
     async def join_or_start(
@@ -257,8 +257,9 @@ class Fills:
         the requests of its ``owner`` (the repository asking); a request for another
         repository starts again, for its own (the failure was about that repository).
         """
-        while (shared := self._fills.get(digest)) is not None:
-            if self._owners.get(digest) == owner:
+        while (entry := self._fills.get(digest)) is not None:
+            started_by, shared = entry
+            if started_by == owner:
                 return await shared.wait(), False
             try:
                 return await shared.wait(), False
@@ -266,8 +267,8 @@ class Fills:
                 raise
             except Exception:
                 self._drop(digest, shared)  # (if no one did yet) and start afresh
-        shared = self._fills[digest] = Shared(start)
-        self._owners[digest] = owner
+        shared = Shared(start)
+        self._fills[digest] = (owner, shared)
         shared.wait().addBoth(self._started, digest, shared)
         return await shared.wait(), True
 
@@ -278,6 +279,6 @@ class Fills:
             self._drop(digest, shared)
 
     def _drop(self, digest: Digest, shared: Shared[BlobFill | None]) -> None:
-        if self._fills.get(digest) is shared:
+        entry = self._fills.get(digest)
+        if entry is not None and entry[1] is shared:
             del self._fills[digest]
-            self._owners.pop(digest, None)

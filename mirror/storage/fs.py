@@ -172,8 +172,9 @@ class _Layout:
     def tags(self, repo: str) -> Path:
         return self.repo(repo) / "_tags"
 
-    def blob_link(self, repo: str, digest: Digest, *, fetched: bool = False) -> Path:
-        return self.repo(repo) / ("_fetched" if fetched else "_layers") / digest.algorithm / digest.encoded
+    def blob_link(self, repo: str, digest: Digest, *, fetched: bool = False) -> str:
+        # A string, not a Path: it is looked up on every blob read.
+        return f"{self.repositories}/{repo}/{'_fetched' if fetched else '_layers'}/{digest.algorithm}/{digest.encoded}"
 
     def referrers(self, repo: str, subject: Digest) -> Path:
         return self.repo(repo) / "_referrers" / subject.algorithm / subject.encoded
@@ -389,18 +390,16 @@ class FsMetadataStore:
         return self._layout.tags(repo).is_dir()
 
     async def link_blob(self, repo: str, digest: Digest, *, fetched: bool = False) -> None:
-        path = self._layout.blob_link(repo, digest, fetched=fetched)
+        path = Path(self._layout.blob_link(repo, digest, fetched=fetched))
         if not path.exists():
             _write_atomic(path, b"")
 
     async def has_blob_link(self, repo: str, digest: Digest, *, fetched: bool = False) -> bool:
-        # A string, not a Path: this is on every blob read's path.
-        kind = "_fetched" if fetched else "_layers"
-        return os.path.exists(f"{self._layout.repositories}/{repo}/{kind}/{digest.algorithm}/{digest.encoded}")
+        return os.path.exists(self._layout.blob_link(repo, digest, fetched=fetched))
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
-        pushed = _unlink(self._layout.blob_link(repo, digest))
-        return _unlink(self._layout.blob_link(repo, digest, fetched=True)) or pushed
+        pushed = _unlink(Path(self._layout.blob_link(repo, digest)))
+        return _unlink(Path(self._layout.blob_link(repo, digest, fetched=True))) or pushed
 
     async def add_referrer(self, repo: str, subject: Digest, descriptor: Mapping[str, object]) -> None:
         digest = parse_digest(str(descriptor["digest"]))
