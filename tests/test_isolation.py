@@ -272,3 +272,25 @@ def test_a_store_that_takes_no_writes_still_serves_what_it_holds(fake, monkeypat
     for _ in range(2):
         assert m.get(f"/v2/library/twin/blobs/{layer}").body == LAYER
     assert fake.count("HEAD", f"/v2/library/twin/blobs/{layer}") == 2
+
+
+def test_the_fetched_link_of_a_blob_no_manifest_names_goes_with_it(fake):
+    """A blob fetched by itself (no manifest of the repository names it) is garbage once past
+    the grace period; its fetched link goes too, while the repository's image stays."""
+    _, layer = image(fake)
+    loose = fake.add_blob(b"fetched on its own", "library/app")
+    m = make(fake)
+    assert m.get("/v2/library/app/manifests/latest").code == 200
+    assert m.get(f"/v2/library/app/blobs/{layer}").code == 200
+    assert m.get(f"/v2/library/app/blobs/{loose}").code == 200
+    store = Sync(m.registry.store)
+    key, digest = "docker.io/library/app", Digest(*loose.split(":"))
+    run_now(m.registry.access.flush())
+    m.clock.advance(3600)
+    config = MirrorConfig(
+        listen=(), storage=StorageConfig(root="unused"), upstreams=m.registry.config.upstreams, gc=GcConfig(grace=60)
+    )
+    report = run_now(collect(m.registry.store, config, now=m.clock.seconds))
+    assert report.plan.delete_blobs == [digest]
+    assert not store.metadata.has_blob_link(key, digest, fetched=True)
+    assert store.metadata.has_blob_link(key, Digest(*layer.split(":")), fetched=True)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -224,12 +227,9 @@ def test_metrics_endpoint_of_the_real_service(seeded_upstream, workdir):
         assert http(f"{m.url}/healthz")[0] == 200
 
 
-def test_a_stored_blob_is_served_only_through_repositories_the_upstream_says_hold_it(mirror_for):
-    """A digest is not a key, against a real Distribution: a layer pulled through
-    library/hello is refused through library/nothing (Distribution has no such blob there;
-    GET and HEAD both 404 BLOB_UNKNOWN, although the mirror stores it) and served through
-    library/twin, which holds it upstream, after one upstream HEAD and no second GET;
-    skopeo then pulls library/twin through the mirror."""
+@pytest.fixture
+def twin_upstream():
+    """A Distribution holding the same image as library/hello and library/twin."""
     with WorkDir("mirror-isolation-upstream.") as w:
         upstream = DistributionRegistry(w / "registry")
         upstream.start()
@@ -237,19 +237,56 @@ def test_a_stored_blob_is_served_only_through_repositories_the_upstream_says_hol
             hello = images.seed_images(upstream, big_layer_sizes=None, only=["latest"])["latest"]
             twin = images.seed_images(upstream, big_layer_sizes=None, only=["latest"], hello_repo="library/twin")["latest"]
             assert twin.layers == hello.layers and twin.repo == "library/twin"
-            m = mirror_for([{"registry": "docker.io", "url": upstream.url}])
-            assert skopeo_copy(f"{m.host_port}/{hello.repo}:{hello.tag}") == hello.digest
-            layer = hello.layers[0]
-            before = len(upstream.access_log())
-            for method in ("GET", "HEAD"):
-                status, _, body = http(f"{m.url}/v2/library/nothing/blobs/{layer}", method=method)
-                assert status == 404, (method, body)
-            assert json.loads(http(f"{m.url}/v2/library/nothing/blobs/{layer}")[2])["errors"][0]["code"] == "BLOB_UNKNOWN"
-            status, _, body = http(f"{m.url}/v2/library/twin/blobs/{layer}")
-            assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == layer
-            asked = [(e.method, e.path) for e in upstream.access_log(since=before) if layer in e.path]
-            assert ("HEAD", f"/v2/library/twin/blobs/{layer}") in asked
-            assert not [p for method, p in asked if method == "GET" and "/library/twin/" in p]
-            assert skopeo_copy(f"{m.host_port}/library/twin:{twin.tag}") == twin.digest
+            yield upstream, hello, twin
         finally:
             upstream.close()
+
+
+def test_a_stored_blob_is_served_only_through_repositories_the_upstream_says_hold_it(twin_upstream, mirror_for):
+    """A digest is not a key, against a real Distribution: a layer pulled through
+    library/hello is refused through library/nothing (Distribution has no such blob there;
+    GET and HEAD both 404 BLOB_UNKNOWN, although the mirror stores it) and served through
+    library/twin, which holds it upstream, after one upstream HEAD and no second GET;
+    skopeo then pulls library/twin through the mirror."""
+    upstream, hello, twin = twin_upstream
+    m = mirror_for([{"registry": "docker.io", "url": upstream.url}])
+    assert skopeo_copy(f"{m.host_port}/{hello.repo}:{hello.tag}") == hello.digest
+    layer = hello.layers[0]
+    before = len(upstream.access_log())
+    for method in ("GET", "HEAD"):
+        status, _, body = http(f"{m.url}/v2/library/nothing/blobs/{layer}", method=method)
+        assert status == 404, (method, body)
+    assert json.loads(http(f"{m.url}/v2/library/nothing/blobs/{layer}")[2])["errors"][0]["code"] == "BLOB_UNKNOWN"
+    status, _, body = http(f"{m.url}/v2/library/twin/blobs/{layer}")
+    assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == layer
+    asked = [(e.method, e.path) for e in upstream.access_log(since=before) if layer in e.path]
+    assert ("HEAD", f"/v2/library/twin/blobs/{layer}") in asked
+    assert not [p for method, p in asked if method == "GET" and "/library/twin/" in p]
+    assert skopeo_copy(f"{m.host_port}/library/twin:{twin.tag}") == twin.digest
+
+
+def test_links_written_by_the_service_go_with_blobs_a_gc_process_evicts(twin_upstream, mirror_for):
+    """The real sharing: twistd writes a repository's fetched links as it pulls; `mirror gc`,
+    another process on the same store, evicts the content by age and removes the links of
+    what it deleted; the service then fetches afresh for that repository (a new upstream GET)
+    and links again."""
+    upstream, hello, _twin = twin_upstream
+    m = mirror_for([{"registry": "docker.io", "url": upstream.url}])
+    assert skopeo_copy(f"{m.host_port}/{hello.repo}:{hello.tag}") == hello.digest
+    links = m.root / "repositories" / "docker.io" / "library" / "hello" / "_fetched" / "sha256"
+    layer = hello.layers[0]
+    assert (links / layer[7:]).is_file()
+    time.sleep(2.5)  # the service flushes its access record every second; then all is over max_age
+    conf = m.workdir / "gc.yaml"
+    conf.write_text(json.dumps({"listen": "tcp:0", "storage": {"root": str(m.root)},
+                                "upstreams": [{"registry": "docker.io", "url": upstream.url}],
+                                "gc": {"grace": 0, "max_age": 1}}))
+    out = subprocess.run([sys.executable, "-m", "mirror.tools.cli", "gc", "--config", str(conf)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not list((m.root / "blobs").rglob(layer[7:]))
+    assert not (links / layer[7:]).exists()
+    before = len(upstream.access_log())
+    assert skopeo_copy(f"{m.host_port}/{hello.repo}:{hello.tag}") == hello.digest
+    assert [e for e in upstream.access_log(since=before) if e.method == "GET" and e.path.endswith(layer)]
+    assert (links / layer[7:]).is_file()
