@@ -272,16 +272,7 @@ async def push_image(
         "config": descriptor(config_media_type, config),
         "layers": layer_descs,
     }
-    if artifact_type is not None:
-        doc["artifactType"] = artifact_type
-    if subject is not None:
-        doc["subject"] = subject.descriptor()
-    if annotations is not None:
-        doc["annotations"] = annotations
-    data = dumps(doc)
-    r = await push_manifest(reg, repo, ref, data, OCI_MANIFEST)
-    assert r.code == 201, r
-    return Pushed(sha256(data), data, OCI_MANIFEST, r)
+    return await push_document(reg, repo, ref, doc, OCI_MANIFEST, subject, artifact_type, annotations)
 
 
 async def push_index(
@@ -296,6 +287,14 @@ async def push_index(
 ) -> Pushed:
     """Push an OCI image index over manifests already pushed; 201 expected."""
     doc: dict = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [c.descriptor() for c in children]}
+    return await push_document(reg, repo, ref, doc, OCI_INDEX, subject, artifact_type, annotations)
+
+
+async def push_document(
+    reg, repo: str, ref: str | None, doc: dict, media_type: str,
+    subject: Pushed | None, artifact_type: str | None, annotations: dict | None,
+) -> Pushed:
+    """Push manifest ``doc`` with its optional OCI 1.1 fields; 201 expected."""
     if artifact_type is not None:
         doc["artifactType"] = artifact_type
     if subject is not None:
@@ -303,9 +302,9 @@ async def push_index(
     if annotations is not None:
         doc["annotations"] = annotations
     data = dumps(doc)
-    r = await push_manifest(reg, repo, ref, data, OCI_INDEX)
+    r = await push_manifest(reg, repo, ref, data, media_type)
     assert r.code == 201, r
-    return Pushed(sha256(data), data, OCI_INDEX, r)
+    return Pushed(sha256(data), data, media_type, r)
 
 
 async def patch_chunk(reg, location: str, chunk: bytes, start: int) -> Reply:
