@@ -29,9 +29,9 @@ from twisted.web.client import ResponseDone
 
 from mirror.core.oci import Digest
 from mirror.registry.singleflight import Shared
+from mirror.responses import stop_body
 from mirror.storage.base import BlobWriter, DigestMismatch
 from mirror.storage.sending import Responder
-from mirror.upstream.client import stop_body
 
 __all__ = ["BlobFill", "FillFailed", "Fills"]
 

@@ -43,13 +43,11 @@ thread, as are metadata reads; blob writes, commits and upload appends run in th
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -59,9 +57,10 @@ from typing import Any, BinaryIO, TypeVar
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from mirror.core.errors import RegistryError
-from mirror.core.oci import Digest, Hasher, parse_digest
-from mirror.storage.base import BlobInfo, DigestMismatch, RepositoryRecord, Store
+from mirror.core.oci import Digest, parse_digest
+from mirror.storage.base import BlobInfo, RepositoryRecord, Store
 from mirror.storage.sending import CachedSource, FileResponder, Responder, Source
+from mirror.storage.spool import Hashes, LocalSpool
 
 __all__ = ["LAYOUT_VERSION", "StoreLayoutError", "open_filesystem_store"]
 
@@ -109,45 +108,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _publish(tmp, path, fd)
 
 
-class _Hashes:
-    """The running sha256 of written bytes, plus one other algorithm when asked."""
-
-    def __init__(self) -> None:
-        self.sha256: Hasher = hashlib.sha256()
-        self.other: Hasher | None = None
-        self.size = 0
-
-    def also(self, algorithm: str) -> None:
-        if algorithm != "sha256" and self.other is None:
-            self.other = hashlib.new(algorithm)
-
-    def update(self, data: bytes) -> None:
-        self.sha256.update(data)
-        if self.other is not None:
-            self.other.update(data)
-        self.size += len(data)
-
-    def digest(self, algorithm: str = "sha256") -> Digest:
-        if algorithm != "sha256" and self.other is not None and self.other.name == algorithm:
-            return Digest(algorithm, self.other.hexdigest())
-        return Digest("sha256", self.sha256.hexdigest())
-
-    def verify(self, expected: Digest) -> None:
-        """Raise :class:`DigestMismatch` unless the bytes hash to ``expected``."""
-        actual = self.digest(expected.algorithm)
-        if actual != expected:
-            raise DigestMismatch(expected, actual, self.size)
-
-    @classmethod
-    def of_file(cls, path: Path, algorithm: str) -> _Hashes:
-        hashes = cls()
-        hashes.also(algorithm)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                hashes.update(chunk)
-        return hashes
-
-
 class _Layout:
     """Paths under the store's root (see the module docstring)."""
 
@@ -187,63 +147,47 @@ class _Layout:
 
 # blobs ------------------------------------------------------------------------------------------
 class FsBlobWriter:
-    """Spools a blob to ``spool/``, hashing as it goes; commit verifies and publishes."""
+    """A spool file that commit publishes into ``blobs/`` (rename) once verified."""
 
-    def __init__(self, layout: _Layout, run_blocking: RunBlocking) -> None:
+    def __init__(self, layout: _Layout, spool: LocalSpool, run_blocking: RunBlocking) -> None:
         self._layout = layout
         self._run_blocking = run_blocking
-        self.path = layout.spool / secrets.token_hex(16)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._hashes = _Hashes()
+        self._file = spool.new_file()
+        self.path = self._file.path
 
     @property
     def size(self) -> int:
-        return self._hashes.size
+        return self._file.size
 
     def hash_also(self, digest: Digest) -> None:
-        self._hashes.also(digest.algorithm)
+        self._file.hashes.also(digest.algorithm)
 
     def write(self, data: bytes) -> None:
-        assert self._fd is not None, "write after commit or abort"
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        self._hashes.update(data)
+        self._file.write(data)
 
     def actual_digest(self, algorithm: str = "sha256") -> Digest:
-        return self._hashes.digest(algorithm)
+        return self._file.hashes.digest(algorithm)
 
     def follow(self, source: Source, size: int | None) -> Responder:
-        return FileResponder(open(self.path, "rb", buffering=0), source, size)
+        return self._file.follow(source, size)
 
     async def commit(self, expected: Digest) -> None:
         await self._run_blocking(self._commit, expected)
 
     def _commit(self, expected: Digest) -> None:
-        assert self._fd is not None, "commit after commit or abort"
-        try:
-            self._hashes.verify(expected)
-        except DigestMismatch:
-            self.abort()
-            raise
-        fd, self._fd = self._fd, None
-        _publish(self.path, self._layout.blob(expected), fd)
+        self._file.verify(expected)
+        _publish(self.path, self._layout.blob(expected), self._file.take_fd())
 
     def abort(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._file.abort()
 
 
 class FsBlobStore:
     """Content by digest under ``blobs/``."""
 
-    def __init__(self, layout: _Layout, run_blocking: RunBlocking) -> None:
+    def __init__(self, layout: _Layout, spool: LocalSpool, run_blocking: RunBlocking) -> None:
         self._layout = layout
+        self._spool = spool
         self._run_blocking = run_blocking
 
     async def stat(self, digest: Digest) -> int | None:
@@ -276,7 +220,7 @@ class FsBlobStore:
             _write_atomic(path, data)
 
     def writer(self) -> FsBlobWriter:
-        return FsBlobWriter(self._layout, self._run_blocking)
+        return FsBlobWriter(self._layout, self._spool, self._run_blocking)
 
     async def scan(self) -> list[BlobInfo]:
         return list(self._scan())
@@ -303,34 +247,6 @@ class FsBlobStore:
         except FileNotFoundError:
             return None
         return st.st_size
-
-
-class FsSpool:
-    """``spool/``: blobs being written, and the readiness probe."""
-
-    def __init__(self, layout: _Layout) -> None:
-        self._layout = layout
-
-    async def clean(self, idle_for: float) -> int:
-        removed = 0
-        cutoff = time.time() - idle_for
-        for entry in os.scandir(self._layout.spool):
-            try:
-                if not idle_for or entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-            except FileNotFoundError:
-                pass  # committed or aborted meanwhile
-        return removed
-
-    async def check_writable(self) -> str | None:
-        probe = self._layout.spool / f".ready-{secrets.token_hex(4)}"
-        try:
-            probe.write_bytes(b"ok")
-            os.unlink(probe)
-        except OSError as e:
-            return f"store not writable: {e.strerror}"
-        return None
 
 
 # repositories -----------------------------------------------------------------------------------
@@ -478,7 +394,7 @@ class FsUploadStore:
     def __init__(self, layout: _Layout, run_blocking: RunBlocking) -> None:
         self._layout = layout
         self._run_blocking = run_blocking
-        self._hashes: dict[str, _Hashes] = {}  # running sha256 per session, while this process lives
+        self._hashes: dict[str, Hashes] = {}  # running sha256 per session, while this process lives
 
     async def create(self, repo: str) -> str:
         upload_id = str(uuid.uuid4())  # the spec: the upload location carries a UUID
@@ -497,13 +413,13 @@ class FsUploadStore:
     async def size(self, upload_id: str) -> int:
         return (self._layout.upload(upload_id) / "data").stat().st_size
 
-    def _running_hash(self, upload_id: str, algorithm: str = "sha256") -> _Hashes:
+    def _running_hash(self, upload_id: str, algorithm: str = "sha256") -> Hashes:
         """The session's hash, rebuilt from its data after a restart (or for another algorithm)."""
         path = self._layout.upload(upload_id) / "data"
         cached = self._hashes.get(upload_id)
         if algorithm == "sha256" and cached is not None and cached.size == path.stat().st_size:
             return cached
-        hashes = _Hashes.of_file(path, algorithm)
+        hashes = Hashes.of_file(path, algorithm)
         if algorithm == "sha256":
             self._hashes[upload_id] = hashes
         return hashes
@@ -647,12 +563,13 @@ def open_filesystem_store(root: Path, run_blocking: RunBlocking = _run_here) -> 
     for directory in (layout.blobs, layout.spool, layout.repositories, layout.uploads):
         directory.mkdir(parents=True, exist_ok=True)
     _check_layout(layout)
+    spool = LocalSpool(layout.spool)
     return Store(
-        blobs=FsBlobStore(layout, run_blocking),
+        blobs=FsBlobStore(layout, spool, run_blocking),
         metadata=FsMetadataStore(layout),
         uploads=FsUploadStore(layout, run_blocking),
         access=FsAccessRecord(layout),
         gc_lock=FsGcLock(layout, run_blocking),
-        spool=FsSpool(layout),
+        spool=spool,
         description=f"filesystem {layout.root}",
     )

@@ -20,21 +20,19 @@ from urllib.parse import urlencode
 import attrs
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from mirror.config import UpstreamConfig
 from mirror.core.errors import RegistryError
 from mirror.core.oci import OCI_INDEX
+from mirror.responses import Discard, read_capped
 from mirror.upstream.challenge import Challenge, TokenCache, parse_challenge, token_from_response
 
-__all__ = ["ManifestResponse", "Upstream", "UpstreamRefused", "UpstreamUnavailable", "read_capped", "stop_body"]
+__all__ = ["ManifestResponse", "Upstream", "UpstreamRefused", "UpstreamUnavailable"]
 
 #: Largest error or token body we read from an upstream.
 SMALL_BODY = 64 * 1024
@@ -55,76 +53,6 @@ class ManifestResponse:
     data: bytes
     content_type: str | None
     digest_header: str | None
-
-
-def stop_body(protocol: Protocol) -> None:
-    """Stop the response body ``protocol`` is receiving (its transport is the body's producer)."""
-    if protocol.transport is not None:
-        IPushProducer(protocol.transport).stopProducing()
-
-
-class _CappedBody(Protocol):
-    def __init__(self, limit: int, clock: IReactorTime, idle: float) -> None:
-        self.limit = limit
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.done: Deferred[bytes] = Deferred()
-        self._problem: Exception | None = None
-        self._timer = clock.callLater(idle, self._stop, TimeoutError(f"no body byte for {idle:g} s"))
-        self._idle = idle
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._problem is not None:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self._stop(ValueError(f"body larger than {self.limit} bytes"))
-            return
-        self.chunks.append(data)
-        if self._timer.active():
-            self._timer.reset(self._idle)
-
-    def _stop(self, problem: Exception) -> None:
-        self._problem = problem
-        stop_body(self)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._timer.active():
-            self._timer.cancel()
-        if self._problem is not None:
-            self.done.errback(self._problem)
-        elif reason.check(ResponseDone):
-            self.done.callback(b"".join(self.chunks))
-        else:
-            self.done.errback(reason)
-
-
-def read_capped(response: IResponse, limit: int, clock: IReactorTime, idle: float) -> Deferred[bytes]:
-    """Read a whole body of at most ``limit`` bytes, failing after ``idle`` quiet seconds.
-
-    An over-long ``Content-Length`` fails before reading (Synapse's early reject).
-    """
-    if response.length is not None and isinstance(response.length, int) and response.length > limit:
-        response.deliverBody(_Discard())
-        return Deferred.fromCoroutine(_raise(ValueError(f"body of {response.length} bytes is over {limit}")))
-    protocol = _CappedBody(limit, clock, idle)
-    response.deliverBody(protocol)
-    return protocol.done
-
-
-async def _raise(error: Exception) -> bytes:
-    raise error
-
-
-class _Discard(Protocol):
-    """Reads nothing: stops the body at once (the connection is not reused)."""
-
-    def makeConnection(self, transport: IPushProducer) -> None:
-        Protocol.makeConnection(self, transport)
-        transport.stopProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        pass
 
 
 def _header(response: IResponse, name: str) -> str | None:
@@ -208,7 +136,7 @@ class Upstream:
         tail = f"referrers/{digest}" + (f"?{urlencode({'artifactType': artifact_type})}" if artifact_type else "")
         response = await self._request(b"GET", name, tail, {"Accept": OCI_INDEX})
         if response.code == 404:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             raise UpstreamRefused("UNSUPPORTED", f"upstream {self.name} does not serve referrers of {name}@{digest}", status=404)
         self._check(response, name, "MANIFEST_UNKNOWN", digest)
         try:
@@ -231,7 +159,7 @@ class Upstream:
         code = response.code
         if 200 <= code < 300:
             return
-        response.deliverBody(_Discard())
+        response.deliverBody(Discard())
         what = f"{name}:{ref}" if ":" not in ref else f"{name}@{ref}"
         retry_after = _header(response, "Retry-After")
         headers = {"Retry-After": retry_after} if retry_after else {}
@@ -287,7 +215,7 @@ class Upstream:
             self._basic = True
         else:
             return response  # nothing more we can do: _check reports the 401
-        response.deliverBody(_Discard())
+        response.deliverBody(Discard())
         return await self._send(method, url, {**headers, **await self._auth(scope)})
 
     def _basic_header(self) -> str:
@@ -313,7 +241,7 @@ class Upstream:
         headers = {"Authorization": self._basic_header()} if self.config.username is not None else {}
         response = await self._send(b"GET", url, headers)
         if response.code != 200:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             if response.code in (401, 403):
                 raise UpstreamRefused("DENIED", f"upstream {self.name} token service refused {scope} ({response.code})")
             raise UpstreamUnavailable("UNAVAILABLE", f"upstream {self.name} token service answered {response.code}")

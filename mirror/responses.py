@@ -1,0 +1,86 @@
+"""Reading HTTP response bodies from treq: whole but capped, or not at all.
+
+Shared by the clients of other servers: the upstream registry (:mod:`mirror.upstream`)
+and object storage (:mod:`mirror.storage.s3`).
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
+
+__all__ = ["Discard", "read_capped", "stop_body"]
+
+
+def stop_body(protocol: Protocol) -> None:
+    """Stop the response body ``protocol`` is receiving (its transport is the body's producer)."""
+    if protocol.transport is not None:
+        IPushProducer(protocol.transport).stopProducing()
+
+
+class _CappedBody(Protocol):
+    def __init__(self, limit: int, clock: IReactorTime, idle: float) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done: Deferred[bytes] = Deferred()
+        self._problem: Exception | None = None
+        self._timer = clock.callLater(idle, self._stop, TimeoutError(f"no body byte for {idle:g} s"))
+        self._idle = idle
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._problem is not None:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self._stop(ValueError(f"body larger than {self.limit} bytes"))
+            return
+        self.chunks.append(data)
+        if self._timer.active():
+            self._timer.reset(self._idle)
+
+    def _stop(self, problem: Exception) -> None:
+        self._problem = problem
+        stop_body(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        if self._problem is not None:
+            self.done.errback(self._problem)
+        elif reason.check(ResponseDone):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+
+def read_capped(response: IResponse, limit: int, clock: IReactorTime, idle: float) -> Deferred[bytes]:
+    """Read a whole body of at most ``limit`` bytes, failing after ``idle`` quiet seconds.
+
+    An over-long ``Content-Length`` fails before reading (Synapse's early reject).
+    """
+    if response.length is not None and isinstance(response.length, int) and response.length > limit:
+        response.deliverBody(Discard())
+        return Deferred.fromCoroutine(_raise(ValueError(f"body of {response.length} bytes is over {limit}")))
+    protocol = _CappedBody(limit, clock, idle)
+    response.deliverBody(protocol)
+    return protocol.done
+
+
+async def _raise(error: Exception) -> bytes:
+    raise error
+
+
+class Discard(Protocol):
+    """Reads nothing: stops the body at once (the connection is not reused)."""
+
+    def makeConnection(self, transport: IPushProducer) -> None:
+        Protocol.makeConnection(self, transport)
+        transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        pass
