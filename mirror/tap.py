@@ -87,12 +87,12 @@ def build_registry(
     passes False.
 
     Raises:
-        ConfigError: the store cannot be opened (naming ``storage.root``).
+        ConfigError: the store cannot be opened (naming ``storage.root`` or ``storage.s3``).
     """
     try:
-        store = open_store(config.storage, deferToThread)
+        store = open_store(config.storage, deferToThread, reactor)
     except (OSError, StoreLayoutError) as e:
-        raise ConfigError(f"{config.source}: storage.root: {getattr(e, 'strerror', None) or e}") from None
+        raise ConfigError(f"{config.source}: {config.storage.where}: {getattr(e, 'strerror', None) or e}") from None
     if clean_spool:
         cleaning = Deferred.fromCoroutine(store.spool.clean(idle_for=600))
         cleaning.addCallbacks(_report_cleaned, lambda f: _log.failure("could not clean the spool", f))

@@ -6,6 +6,8 @@ import pytest
 
 from mirror.config import ConfigError, load_config, parse_config
 
+S3 = "{endpoint: 'http://127.0.0.1:9006', bucket: mirror, access_key: KEY, secret_key: SECRET}"
+
 GOOD = """
 listen: "tcp:5000:interface=127.0.0.1"
 storage: {root: var/store}
@@ -34,6 +36,26 @@ def test_credentials_never_in_repr():
     assert "'p'" not in repr(cfg) and "password" not in repr(cfg)
 
 
+def test_s3_storage(tmp_path, monkeypatch):
+    """An s3 store: keys with defaults, credentials from the file, a secret file or the
+    environment, and never in a repr."""
+    cfg = parse_config(f"listen: x\nstorage: {{s3: {S3}, spool: /var/spool/m}}")
+    assert cfg.storage.root is None and cfg.storage.spool == Path("/var/spool/m")
+    s3 = cfg.storage.s3
+    assert (s3.endpoint, s3.bucket, s3.region, s3.prefix) == ("http://127.0.0.1:9006", "mirror", "us-east-1", "")
+    assert "SECRET" not in repr(cfg) and "KEY" not in repr(cfg)
+    assert cfg.storage.where == "storage.s3" and cfg.storage.location == "http://127.0.0.1:9006/mirror/"
+    (tmp_path / "secret").write_text("from-file\n")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")
+    secret = tmp_path / "secret"
+    text = f"listen: x\nstorage: {{s3: {{endpoint: 'https://s3.x', bucket: b.c-d, prefix: a/b/, secret_key_file: {secret}}}}}"
+    s3 = parse_config(text).storage.s3
+    assert (s3.access_key, s3.secret_key, s3.prefix) == ("from-env", "from-file", "a/b/")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    with pytest.raises(ConfigError, match=r"storage.s3.access_key: missing value"):
+        parse_config(text)
+
+
 def test_sample_config_is_valid():
     """The shipped conf/mirror.yaml loads."""
     cfg = load_config(Path(__file__).parent.parent / "conf" / "mirror.yaml")
@@ -55,7 +77,29 @@ def test_other_shipped_configs_are_valid(name):
         ("listen: x\nstorage: {root: x}\nbogus: 1", "m.yaml: bogus: unknown key"),
         ("listen: x\nstorage: {root: x, rot: 1}", "m.yaml: storage.rot: unknown key"),
         ("listen: 5", "m.yaml: listen: expected an endpoint string or a list of them"),
-        ("listen: x\nstorage: {}", "m.yaml: storage.root: missing value"),
+        ("listen: x\nstorage: {}", "m.yaml: storage: expected either root (a directory) or s3 (a bucket)"),
+        (f"listen: x\nstorage: {{root: x, s3: {S3}}}", "m.yaml: storage: expected either root (a directory) or s3"),
+        ("listen: x\nstorage: {root: x, spool: y}", "m.yaml: storage.spool: applies to an s3 store"),
+        (
+            "listen: x\nstorage: {s3: {endpoint: 'http://h:1/path', bucket: mirror, access_key: a, secret_key: s}}",
+            "m.yaml: storage.s3.endpoint: expected an http:// or https:// URL without a path",
+        ),
+        (
+            "listen: x\nstorage: {s3: {endpoint: 'http://h:1', bucket: My_Bucket, access_key: a, secret_key: s}}",
+            "m.yaml: storage.s3.bucket: 'My_Bucket' is not a bucket name",
+        ),
+        (
+            "listen: x\nstorage: {s3: {endpoint: 'http://h:1', bucket: mirror, access_key: a, secret_key: s, prefix: 'a/../'}}",
+            "m.yaml: storage.s3.prefix: 'a/../'",
+        ),
+        (
+            "listen: x\nstorage: {s3: {endpoint: 'http://h:1', bucket: mirror, access_key: a}}",
+            "m.yaml: storage.s3.secret_key: missing value (or secret_key_file, or $AWS_SECRET_ACCESS_KEY)",
+        ),
+        (
+            "listen: x\nstorage: {s3: {endpoint: 'http://h:1', bucket: b12, access_key: a, secret_key: s, secret_key_file: f}}",
+            "m.yaml: storage.s3.secret_key_file: give secret_key or secret_key_file, not both",
+        ),
         ("listen: x\nstorage: {root: x}\nupstreams: {}", "m.yaml: upstreams: expected a list"),
         (
             "listen: x\nstorage: {root: x}\nupstreams: [{registry: a.io, url: 'ftp://x'}]",

@@ -16,6 +16,7 @@ import json
 import os
 
 import pytest
+import pytest_twisted
 
 from twisted.internet.interfaces import IConsumer
 from zope.interface import implementer
@@ -25,7 +26,7 @@ from mirror.storage.base import DigestMismatch
 from mirror.storage.fs import LAYOUT_VERSION, StoreLayoutError, open_filesystem_store
 from mirror.storage.memory import open_memory_store
 from mirror.storage.sending import CachedSource
-from tests.storeutil import Sync, blob_path, run_now
+from tests.storeutil import Sync, blob_path
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 
@@ -43,8 +44,8 @@ class Clock:
 @pytest.fixture(params=["fs", "memory"])
 def store(request, tmp_path):
     if request.param == "fs":
-        return Sync(open_filesystem_store(tmp_path / "store"))
-    return Sync(open_memory_store(Clock()))
+        return open_filesystem_store(tmp_path / "store")
+    return open_memory_store(Clock())
 
 
 @implementer(IConsumer)
@@ -64,51 +65,55 @@ class Collect:
         self.data += data
 
 
-def read_all(store, digest):
-    responder = store.blobs.open(digest)
+async def read_all(store, digest):
+    responder = await store.blobs.open(digest)
     assert responder is not None
     out = Collect()
-    run_now(responder.send(out))
+    await responder.send(out)
     return bytes(out.data)
 
 
 # blobs --------------------------------------------------------------------------------------
-def test_writer_commit_publishes_verified_blob(store):
+@pytest_twisted.ensureDeferred
+async def test_writer_commit_publishes_verified_blob(store):
     """Bytes written and committed under their digest become readable; before, nothing is."""
     w = store.blobs.writer()
     w.write(b"hello ")
     w.write(b"world")
     digest = Digest.of(b"hello world")
-    assert store.blobs.stat(digest) is None
-    run_now(w.commit(digest))
-    assert store.blobs.stat(digest) == 11
-    assert read_all(store, digest) == b"hello world"
-    assert store.blobs.read(digest, 100) == b"hello world"
-    assert store.blobs.read(digest, 5) is None  # over the size asked for
+    assert await store.blobs.stat(digest) is None
+    await w.commit(digest)
+    assert await store.blobs.stat(digest) == 11
+    assert await read_all(store, digest) == b"hello world"
+    assert await store.blobs.read(digest, 100) == b"hello world"
+    assert await store.blobs.read(digest, 5) is None  # over the size asked for
 
 
-def test_writer_digest_mismatch_leaves_nothing(store):
+@pytest_twisted.ensureDeferred
+async def test_writer_digest_mismatch_leaves_nothing(store):
     """A mismatch raises and stores nothing under either digest."""
     w = store.blobs.writer()
     w.write(b"evil")
     wanted = Digest.of(b"good")
     with pytest.raises(DigestMismatch) as info:
-        run_now(w.commit(wanted))
+        await w.commit(wanted)
     assert info.value.actual == Digest.of(b"evil")
-    assert store.blobs.stat(wanted) is None
-    assert store.blobs.stat(Digest.of(b"evil")) is None
+    assert await store.blobs.stat(wanted) is None
+    assert await store.blobs.stat(Digest.of(b"evil")) is None
 
 
-def test_writer_abort_is_idempotent(store):
+@pytest_twisted.ensureDeferred
+async def test_writer_abort_is_idempotent(store):
     """Abort discards; a second abort is harmless; nothing is published."""
     w = store.blobs.writer()
     w.write(b"x")
     w.abort()
     w.abort()
-    assert store.blobs.stat(Digest.of(b"x")) is None
+    assert await store.blobs.stat(Digest.of(b"x")) is None
 
 
-def test_follower_sees_a_growing_write(store):
+@pytest_twisted.ensureDeferred
+async def test_follower_sees_a_growing_write(store):
     """A responder following a writer sends what is written so far, and the rest once the
     source says it is verified."""
 
@@ -141,132 +146,140 @@ def test_follower_sees_a_growing_write(store):
     for cb in list(source.callbacks):
         cb()
     assert out.data == b"abcdef" and d.called
-    run_now(w.commit(Digest.of(b"abcdef")))
+    await w.commit(Digest.of(b"abcdef"))
 
 
-def test_sha512_writer(store):
+@pytest_twisted.ensureDeferred
+async def test_sha512_writer(store):
     """A sha512 digest verifies when the writer is told to hash with it."""
     data = b"payload"
     d = Digest.of(data, "sha512")
     w = store.blobs.writer()
     w.hash_also(d)
     w.write(data)
-    run_now(w.commit(d))
-    assert store.blobs.stat(d) == len(data)
+    await w.commit(d)
+    assert await store.blobs.stat(d) == len(data)
 
 
-def test_ranges_of_a_stored_blob(store):
+@pytest_twisted.ensureDeferred
+async def test_ranges_of_a_stored_blob(store):
     """A stored blob's responder sends any [first, end) range."""
     data = bytes(range(256)) * 10
     d = Digest.of(data)
-    store.blobs.put(d, data)
-    responder = store.blobs.open(d)
+    await store.blobs.put(d, data)
+    responder = await store.blobs.open(d)
     assert responder.size == len(data) and isinstance(responder.source, CachedSource)
     out = Collect()
-    run_now(responder.send(out, 100, 1000))
+    await responder.send(out, 100, 1000)
     assert bytes(out.data) == data[100:1000]
-    assert store.blobs.open(Digest.of(b"absent")) is None
+    assert await store.blobs.open(Digest.of(b"absent")) is None
 
 
 # repositories -------------------------------------------------------------------------------
-def test_tags_links_and_listing(store):
+@pytest_twisted.ensureDeferred
+async def test_tags_links_and_listing(store):
     """Tags and manifest links are kept per repository and listed in lexical order."""
     d = Digest.of(b"{}")
-    store.blobs.put(d, b"{}")
-    store.metadata.link_manifest("docker.io/library/b", d, OCI)
-    store.metadata.set_tag("docker.io/library/b", "latest", d)
-    store.metadata.set_tag("docker.io/library/b", "1.0", d)
-    store.metadata.link_manifest("docker.io/library/a-c", d, "x/y")
-    store.metadata.link_manifest("docker.io/library/a/b", d, "x/y")
-    assert store.metadata.get_tag("docker.io/library/b", "latest") == d
-    assert store.metadata.get_tag("docker.io/library/b", "nope") is None
-    assert store.metadata.manifest_media_type("docker.io/library/b", d) == OCI
-    assert store.metadata.list_tags("docker.io/library/b") == ["1.0", "latest"]
-    assert store.metadata.list_tags("docker.io/library/a-c") == []
-    assert store.metadata.list_tags("docker.io/library/zzz") is None
-    assert store.metadata.repositories() == ["docker.io/library/a-c", "docker.io/library/a/b", "docker.io/library/b"]
-    store.metadata.delete_tag("docker.io/library/b", "1.0")
-    assert store.metadata.list_tags("docker.io/library/b") == ["latest"]
+    await store.blobs.put(d, b"{}")
+    await store.metadata.link_manifest("docker.io/library/b", d, OCI)
+    await store.metadata.set_tag("docker.io/library/b", "latest", d)
+    await store.metadata.set_tag("docker.io/library/b", "1.0", d)
+    await store.metadata.link_manifest("docker.io/library/a-c", d, "x/y")
+    await store.metadata.link_manifest("docker.io/library/a/b", d, "x/y")
+    assert await store.metadata.get_tag("docker.io/library/b", "latest") == d
+    assert await store.metadata.get_tag("docker.io/library/b", "nope") is None
+    assert await store.metadata.manifest_media_type("docker.io/library/b", d) == OCI
+    assert await store.metadata.list_tags("docker.io/library/b") == ["1.0", "latest"]
+    assert await store.metadata.list_tags("docker.io/library/a-c") == []
+    assert await store.metadata.list_tags("docker.io/library/zzz") is None
+    assert await store.metadata.repositories() == ["docker.io/library/a-c", "docker.io/library/a/b", "docker.io/library/b"]
+    await store.metadata.delete_tag("docker.io/library/b", "1.0")
+    assert await store.metadata.list_tags("docker.io/library/b") == ["latest"]
 
 
-def test_last_tag_deleted_leaves_a_listed_repository_that_had_tags(store):
+@pytest_twisted.ensureDeferred
+async def test_last_tag_deleted_leaves_a_listed_repository_that_had_tags(store):
     """After its last tag and manifest go, a repository still lists and says it had tags."""
     d = Digest.of(b"{}")
-    store.metadata.link_manifest("team/gone", d, OCI)
-    store.metadata.set_tag("team/gone", "1", d)
-    store.metadata.delete_tag("team/gone", "1")
-    assert store.metadata.unlink_manifest("team/gone", d)
-    assert not store.metadata.unlink_manifest("team/gone", d)
-    assert store.metadata.list_tags("team/gone") == []
-    assert store.metadata.had_tags("team/gone")
-    assert not store.metadata.had_tags("team/never")
-    assert "team/gone" in store.metadata.repositories()
+    await store.metadata.link_manifest("team/gone", d, OCI)
+    await store.metadata.set_tag("team/gone", "1", d)
+    await store.metadata.delete_tag("team/gone", "1")
+    assert await store.metadata.unlink_manifest("team/gone", d)
+    assert not await store.metadata.unlink_manifest("team/gone", d)
+    assert await store.metadata.list_tags("team/gone") == []
+    assert await store.metadata.had_tags("team/gone")
+    assert not await store.metadata.had_tags("team/never")
+    assert "team/gone" in await store.metadata.repositories()
 
 
-def test_blob_links_and_referrers(store):
+@pytest_twisted.ensureDeferred
+async def test_blob_links_and_referrers(store):
     """Blob links per repository; referrers per subject, removable."""
     d, subject, ref = Digest.of(b"l"), Digest.of(b"s"), Digest.of(b"r")
-    store.metadata.link_blob("team/a", d)
-    assert store.metadata.has_blob_link("team/a", d) and not store.metadata.has_blob_link("team/b", d)
-    assert "team/a" in store.metadata.repositories()
+    await store.metadata.link_blob("team/a", d)
+    assert await store.metadata.has_blob_link("team/a", d) and not await store.metadata.has_blob_link("team/b", d)
+    assert "team/a" in await store.metadata.repositories()
     descriptor = {"mediaType": OCI, "digest": str(ref), "size": 3, "artifactType": "x/sbom"}
-    store.metadata.add_referrer("team/a", subject, descriptor)
-    assert store.metadata.referrers("team/a", subject) == [descriptor]
-    store.metadata.remove_referrer("team/a", subject, ref)
-    assert store.metadata.referrers("team/a", subject) == []
-    assert store.metadata.unlink_blob("team/a", d)
-    assert not store.metadata.unlink_blob("team/a", d)
-    record = store.metadata.scan_repository("team/a")
+    await store.metadata.add_referrer("team/a", subject, descriptor)
+    assert await store.metadata.referrers("team/a", subject) == [descriptor]
+    await store.metadata.remove_referrer("team/a", subject, ref)
+    assert await store.metadata.referrers("team/a", subject) == []
+    assert await store.metadata.unlink_blob("team/a", d)
+    assert not await store.metadata.unlink_blob("team/a", d)
+    record = await store.metadata.scan_repository("team/a")
     assert record.blob_links == set() and record.tags == {} and record.manifests == {}
 
 
 # uploads ------------------------------------------------------------------------------------
-def test_upload_appends_and_commits_verified(store):
+@pytest_twisted.ensureDeferred
+async def test_upload_appends_and_commits_verified(store):
     """An upload grows by appends and is published only under its own digest."""
-    upload = store.uploads.create("team/a")
-    assert store.uploads.repository_of(upload) == "team/a"
-    assert store.uploads.repository_of("00000000-0000-4000-8000-000000000000") is None
-    assert store.uploads.size(upload) == 0
-    run_now(store.uploads.append(upload, io.BytesIO(b"hello ")))
-    assert run_now(store.uploads.append(upload, io.BytesIO(b"world"))) == 11
-    assert run_now(store.uploads.commit(upload, Digest.of(b"hello world"))) == 11
-    assert store.blobs.stat(Digest.of(b"hello world")) == 11
-    assert store.uploads.repository_of(upload) is None  # the session is over
+    upload = await store.uploads.create("team/a")
+    assert await store.uploads.repository_of(upload) == "team/a"
+    assert await store.uploads.repository_of("00000000-0000-4000-8000-000000000000") is None
+    assert await store.uploads.size(upload) == 0
+    await store.uploads.append(upload, io.BytesIO(b"hello "))
+    assert (await store.uploads.append(upload, io.BytesIO(b"world"))) == 11
+    assert (await store.uploads.commit(upload, Digest.of(b"hello world"))) == 11
+    assert await store.blobs.stat(Digest.of(b"hello world")) == 11
+    assert await store.uploads.repository_of(upload) is None  # the session is over
 
 
-def test_upload_mismatch_stores_nothing_and_ends_the_session(store):
-    upload = store.uploads.create("team/a")
-    run_now(store.uploads.append(upload, io.BytesIO(b"evil")))
+@pytest_twisted.ensureDeferred
+async def test_upload_mismatch_stores_nothing_and_ends_the_session(store):
+    upload = await store.uploads.create("team/a")
+    await store.uploads.append(upload, io.BytesIO(b"evil"))
     with pytest.raises(DigestMismatch):
-        run_now(store.uploads.commit(upload, Digest.of(b"good")))
-    assert store.blobs.stat(Digest.of(b"evil")) is None
-    assert store.uploads.repository_of(upload) is None
+        await store.uploads.commit(upload, Digest.of(b"good"))
+    assert await store.blobs.stat(Digest.of(b"evil")) is None
+    assert await store.uploads.repository_of(upload) is None
 
 
 # garbage collection -------------------------------------------------------------------------
-def test_delete_if_idle_keeps_recent_blobs_and_needs_the_exclusive_lock(store):
+@pytest_twisted.ensureDeferred
+async def test_delete_if_idle_keeps_recent_blobs_and_needs_the_exclusive_lock(store):
     """Only a blob neither written nor read since the cut-off goes; pushers are held off
     while GC holds the lock, and GC waits for none."""
     old, new = Digest.of(b"old"), Digest.of(b"new")
-    store.blobs.put(old, b"old")
-    store.blobs.put(new, b"new")
-    scan = {b.digest: b for b in store.blobs.scan()}
+    await store.blobs.put(old, b"old")
+    await store.blobs.put(new, b"new")
+    scan = {b.digest: b for b in await store.blobs.scan()}
     assert set(scan) == {old, new} and scan[old].size == 3
     cutoff = max(b.modified for b in scan.values()) + 1
-    store.access.record({new: cutoff + 100})  # a read after the cut-off...
-    store.access.record({new: 10.0})  # ...which an older record (a late flush) does not undo
-    lock = store.gc_lock._target
+    await store.access.record({new: cutoff + 100})  # a read after the cut-off...
+    await store.access.record({new: 10.0})  # ...which an older record (a late flush) does not undo
+    lock = store.gc_lock
 
     async def sweep():
         async with lock.exclusive():
             assert await lock.try_shared() is None  # pushers wait while GC deletes
-            return [await store.blobs._target.delete_if_idle(d, cutoff) for d in (old, new)]
+            return [await store.blobs.delete_if_idle(d, cutoff) for d in (old, new)]
 
-    assert run_now(sweep()) == [3, None]
-    assert store.blobs.stat(old) is None and store.blobs.stat(new) == 3
-    handle = store.gc_lock.try_shared()
+    assert (await sweep()) == [3, None]
+    assert await store.blobs.stat(old) is None and await store.blobs.stat(new) == 3
+    handle = await store.gc_lock.try_shared()
     assert handle is not None
-    store.gc_lock.release(handle)
+    await store.gc_lock.release(handle)
 
 
 # filesystem only ----------------------------------------------------------------------------
@@ -317,26 +330,28 @@ def test_fs_readiness_fails_when_the_store_cannot_take_writes(tmp_path):
     assert "not writable" in store.spool.check_writable()
 
 
-def test_fetched_links_are_kept_apart_from_pushed_ones(store):
+@pytest_twisted.ensureDeferred
+async def test_fetched_links_are_kept_apart_from_pushed_ones(store):
     """A mirrored repository's links (fetched) are asked for, listed and kept apart from
     pushed ones (only those make GC treat a repository as hosted); unlink_blob drops both."""
     d, e = Digest.of(b"fetched"), Digest.of(b"pushed")
-    store.metadata.link_blob("docker.io/library/a", d, fetched=True)
-    store.metadata.link_blob("docker.io/library/a", e)
-    assert store.metadata.has_blob_link("docker.io/library/a", d, fetched=True)
-    assert not store.metadata.has_blob_link("docker.io/library/a", d)
-    assert store.metadata.has_blob_link("docker.io/library/a", e)
-    assert not store.metadata.has_blob_link("docker.io/library/a", e, fetched=True)
-    assert not store.metadata.has_blob_link("docker.io/library/b", d, fetched=True)
-    record = store.metadata.scan_repository("docker.io/library/a")
+    await store.metadata.link_blob("docker.io/library/a", d, fetched=True)
+    await store.metadata.link_blob("docker.io/library/a", e)
+    assert await store.metadata.has_blob_link("docker.io/library/a", d, fetched=True)
+    assert not await store.metadata.has_blob_link("docker.io/library/a", d)
+    assert await store.metadata.has_blob_link("docker.io/library/a", e)
+    assert not await store.metadata.has_blob_link("docker.io/library/a", e, fetched=True)
+    assert not await store.metadata.has_blob_link("docker.io/library/b", d, fetched=True)
+    record = await store.metadata.scan_repository("docker.io/library/a")
     assert record.fetched_links == {d} and record.blob_links == {e}
-    assert store.metadata.unlink_blob("docker.io/library/a", d)
-    assert not store.metadata.has_blob_link("docker.io/library/a", d, fetched=True)
-    assert store.metadata.scan_repository("docker.io/library/a").fetched_links == set()
+    assert await store.metadata.unlink_blob("docker.io/library/a", d)
+    assert not await store.metadata.has_blob_link("docker.io/library/a", d, fetched=True)
+    assert (await store.metadata.scan_repository("docker.io/library/a")).fetched_links == set()
 
 
-def test_list_manifests(store):
+@pytest_twisted.ensureDeferred
+async def test_list_manifests(store):
     d = Digest.of(b"m")
-    assert store.metadata.list_manifests("team/a") == []
-    store.metadata.link_manifest("team/a", d, OCI)
-    assert store.metadata.list_manifests("team/a") == [d]
+    assert await store.metadata.list_manifests("team/a") == []
+    await store.metadata.link_manifest("team/a", d, OCI)
+    assert await store.metadata.list_manifests("team/a") == [d]

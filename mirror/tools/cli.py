@@ -118,7 +118,7 @@ def _open_store(config: MirrorConfig, command: str) -> Store | None:
     try:
         return open_store(config.storage, deferToThread)
     except (OSError, StoreLayoutError) as e:
-        print(f"mirror {command}: {config.source}: storage.root: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        print(f"mirror {command}: {config.source}: {config.storage.where}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return None
 
 

@@ -376,7 +376,7 @@ def run_warm(
 
     unique = len(dict.fromkeys(images))
     print(
-        f"warming {unique} image{'s' if unique != 1 else ''} into {config.storage.root} "
+        f"warming {unique} image{'s' if unique != 1 else ''} into {config.storage.location} "
         f"(platforms: {platforms}), {min(jobs, unique)} at a time",
         file=out,
     )

@@ -3,6 +3,7 @@
 * A real upstream (CNCF Distribution), seeded with skopeo, and the real ``twistd mirror``
   in front of it; everything listens on 127.0.0.1 and is stopped by PID at teardown,
   also when a test fails.
+* A real S3 server (SeaweedFS, ``seaweed``) for the object-storage backend.
 * The mirror in-process on the real reactor (``make_mirror``), in front of a fake
   upstream (``fake_upstream``) that misbehaves on purpose, both on 127.0.0.1.
 """
@@ -31,6 +32,8 @@ from tests.fake_upstream import FakeRegistry
 from tests.integration import images
 from tests.integration.mirror_proc import MirrorProcess
 from tests.integration.proc_util import WorkDir
+from tests.integration.seaweed import SeaweedS3
+from tests.integration.seaweed import skip_reason as seaweed_skip_reason
 from tests.integration.upstream_registry import DistributionRegistry, skip_reason
 
 pytestmark = pytest.mark.integration
@@ -53,6 +56,21 @@ def seeded_upstream():
             yield registry, images.seed_images(registry)
         finally:
             registry.close()
+
+
+@pytest.fixture(scope="session")
+def seaweed():
+    """A real S3 server (SeaweedFS) for the session; tests use fresh key prefixes in it."""
+    reason = seaweed_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with WorkDir("mirror-s3.") as w:
+        server = SeaweedS3(Path(w))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture

@@ -48,10 +48,12 @@ class MirrorProcess:
     """``twistd -n mirror`` in front of the given upstreams, with its store in ``workdir``."""
 
     def __init__(self, workdir: Path, upstreams: list[dict[str, object]], *,
-                 listen: list[str] | None = None, **extra: object) -> None:
+                 listen: list[str] | None = None, storage: dict[str, object] | None = None,
+                 **extra: object) -> None:
         """``listen``: endpoint strings replacing the default single ``tcp:PORT`` one; one must
         be a plain ``tcp:`` endpoint (it is :attr:`port`, used for readiness and :attr:`url`).
-        :attr:`ports` lists every endpoint's port, in order."""
+        :attr:`ports` lists every endpoint's port, in order.  ``storage``: the storage section
+        (default: a directory in ``workdir``)."""
         self.workdir = workdir
         if listen is None:
             self.port = free_port()
@@ -69,7 +71,7 @@ class MirrorProcess:
         self.config_path = workdir / "mirror.yaml"
         config = {
             "listen": listen_value,
-            "storage": {"root": str(self.root), "access_flush_interval": 1},
+            "storage": storage or {"root": str(self.root), "access_flush_interval": 1},
             "upstreams": upstreams,
             **extra,
         }
