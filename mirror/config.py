@@ -21,6 +21,7 @@ __all__ = [
     "ACTIONS",
     "AccessRule",
     "AuthConfig",
+    "ClusterConfig",
     "ConfigError",
     "GcConfig",
     "MirrorConfig",
@@ -122,6 +123,15 @@ class StorageConfig:
 
 
 @attrs.frozen
+class ClusterConfig:
+    """The ``cluster`` section: this node among several on one shared (s3) store."""
+
+    advertise: str  # the URL other nodes reach this one at (its registry listener)
+    secret: str = attrs.field(repr=False)  # the same on every node: signs node-to-node requests
+    fill_lease: float = 30.0  # seconds a blob fill's lease lasts unless its node renews it
+
+
+@attrs.frozen
 class GcConfig:
     """Garbage collection and eviction of mirrored content."""
 
@@ -149,6 +159,7 @@ class MirrorConfig:
     gc: GcConfig = GcConfig()
     metrics_listen: tuple[str, ...] = ()  # endpoints serving /metrics, /healthz, /readyz
     auth: AuthConfig | None = None  # client authentication; None: open registry
+    cluster: ClusterConfig | None = None  # several nodes on one s3 store
     max_manifest_size: int = 4 * 1024 * 1024
     source: str = "<config>"
 
@@ -407,6 +418,22 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         r.finish()
         return cfg
 
+    def cluster(key_path: str, value: object) -> ClusterConfig:
+        r = _Reader(source, key_path, value)
+        advertise = (r.need("advertise", r.string) or "").rstrip("/")
+        parts = urlsplit(advertise)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise r.error(f"{key_path}.advertise", "expected the http:// or https:// URL other nodes reach this one at")
+        cfg = ClusterConfig(
+            advertise=advertise,
+            secret=secret(r, "secret", "MIRROR_CLUSTER_SECRET"),
+            fill_lease=r.take("fill_lease", r.positive, 30.0),
+        )
+        r.finish()
+        if len(cfg.secret) < 16:
+            raise r.error(f"{key_path}.secret", "expected at least 16 characters (it signs node-to-node requests)")
+        return cfg
+
     def gc(key_path: str, value: object) -> GcConfig:
         r = _Reader(source, key_path, value)
         d = GcConfig()
@@ -447,10 +474,13 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         gc=top.take("gc", gc, GcConfig()),
         metrics_listen=top.take("metrics", metrics, ()),
         auth=top.optional("auth", auth),
+        cluster=top.optional("cluster", cluster),
         max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024),
         source=source,
     )
     top.finish()
+    if cfg.cluster is not None and cfg.storage.s3 is None:
+        raise top.error("cluster", "needs a store the nodes share (storage.s3)")
     return cfg
 
 

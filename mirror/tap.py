@@ -32,6 +32,7 @@ from twisted.web.server import Site
 
 from mirror import __version__
 from mirror.config import ConfigError, MirrorConfig, load_config
+from mirror.registry.cluster import Cluster
 from mirror.registry.registry import Registry
 from mirror.storage import StoreLayoutError, open_store
 from mirror.upstream.client import Upstream
@@ -100,7 +101,8 @@ def build_registry(
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
     http = HTTPClient(Agent(reactor, pool=pool))
-    return Registry(config, store, lambda u: Upstream(u, http, reactor), reactor, deferToThread)
+    cluster = Cluster(config.cluster, store.leases, http, reactor)
+    return Registry(config, store, lambda u: Upstream(u, http, reactor), reactor, deferToThread, cluster)
 
 
 def _report_cleaned(removed: int) -> None:

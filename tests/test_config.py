@@ -56,6 +56,24 @@ def test_s3_storage(tmp_path, monkeypatch):
         parse_config(text)
 
 
+def test_cluster_section():
+    """A cluster node: advertise URL and a secret of 16 characters or more, on an s3 store only."""
+    base = f"listen: x\nstorage: {{s3: {S3}}}\n"
+    cfg = parse_config(base + "cluster: {advertise: 'http://10.0.0.5:5000/', secret: 0123456789abcdef}")
+    assert cfg.cluster.advertise == "http://10.0.0.5:5000" and cfg.cluster.fill_lease == 30
+    assert "0123456789abcdef" not in repr(cfg)
+    for text, expected in (
+        ("cluster: {advertise: 'http://h:1', secret: short}", "m.yaml: cluster.secret: expected at least 16 characters"),
+        ("cluster: {advertise: 'h:1', secret: 0123456789abcdef}", "m.yaml: cluster.advertise: expected the http://"),
+        ("cluster: {advertise: 'http://h:1'}", "m.yaml: cluster.secret: missing value (or secret_file, or $MIRROR_CLUSTER"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            parse_config(base + text, "m.yaml")
+        assert str(info.value).startswith(expected)
+    with pytest.raises(ConfigError, match=r"m.yaml: cluster: needs a store the nodes share \(storage.s3\)"):
+        parse_config("listen: x\nstorage: {root: x}\ncluster: {advertise: 'http://h:1', secret: 0123456789abcdef}", "m.yaml")
+
+
 def test_sample_config_is_valid():
     """The shipped conf/mirror.yaml loads."""
     cfg = load_config(Path(__file__).parent.parent / "conf" / "mirror.yaml")

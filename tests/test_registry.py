@@ -68,6 +68,29 @@ def test_a_tag_is_trusted_for_its_ttl_then_revalidated_with_one_head(fake):
     assert Sync(m.registry.store).metadata.get_tag("docker.io/library/app", "latest") == Digest(*moved.split(":"))
 
 
+def test_a_tag_confirmed_by_another_node_sharing_the_store_is_fresh_on_this_one(fake):
+    """Two registries on one store (two nodes): a tag one fetched is fresh on the other for
+    the rest of its TTL, with no upstream request; once it expires, one node revalidates it
+    with a HEAD and the other, whose own memory of the tag has expired too, takes that
+    confirmation from the store instead of asking the upstream again."""
+    digest, _ = image(fake)
+    a = make(fake, tag_ttl=60)
+    b = InMemoryMirror(a.registry.config, a.registry.store, upstream=fake, clock=a.clock)
+    assert a.get("/v2/library/app/manifests/latest").header("Docker-Content-Digest") == digest
+    a.clock.advance(30)
+    assert b.get("/v2/library/app/manifests/latest").header("Docker-Content-Digest") == digest
+    assert (fake.count("GET", "/manifests/latest"), fake.count("HEAD", "/manifests/latest")) == (1, 0)
+    a.clock.advance(31)  # past the TTL for both
+    assert a.get("/v2/library/app/manifests/latest").code == 200
+    assert fake.count("HEAD", "/manifests/latest") == 1
+    a.clock.advance(10)
+    assert b.get("/v2/library/app/manifests/latest").header("Docker-Content-Digest") == digest
+    assert (fake.count("GET", "/manifests/latest"), fake.count("HEAD", "/manifests/latest")) == (1, 1)
+    a.clock.advance(60)  # now stale everywhere: b asks the upstream itself
+    assert b.get("/v2/library/app/manifests/latest").code == 200
+    assert fake.count("HEAD", "/manifests/latest") == 2
+
+
 @pytest.mark.parametrize("fault", ["500", "429"])
 def test_a_failing_upstream_gets_the_cached_tag_served(fake, fault):
     digest, _ = image(fake)

@@ -355,3 +355,15 @@ async def test_list_manifests(store):
     assert await store.metadata.list_manifests("team/a") == []
     await store.metadata.link_manifest("team/a", d, OCI)
     assert await store.metadata.list_manifests("team/a") == [d]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tag_record_says_when_a_tag_was_last_set(store):
+    """A tag's record is its digest and when it was last set, by any process: setting it
+    again, unchanged, moves the time (that is how nodes share a tag's confirmation)."""
+    d = Digest.of(b"m")
+    assert await store.metadata.tag_record("team/a", "v1") is None
+    await store.metadata.set_tag("team/a", "v1", d)
+    record = await store.metadata.tag_record("team/a", "v1")
+    assert record is not None and record[0] == d and record[1] > 0
+    assert await store.metadata.get_tag("team/a", "v1") == d

@@ -1,10 +1,12 @@
 """Tag freshness for mirrored repositories: when a cached tag may be served unchecked.
 
 A tag of a mirrored repository is trusted for its upstream's ``tag_ttl`` after the
-upstream last confirmed it; after that one ``HEAD`` revalidates it.  A tag loaded from the
-store (a previous process learned it) has never been checked by this process, so it is
-revalidated on first use.  When the upstream cannot answer, the cached digest is served
-and trusted for another TTL, so that every request does not wait on a dead upstream.
+upstream last confirmed it; after that one ``HEAD`` revalidates it.  The store keeps when
+each tag was last confirmed (by this process, an earlier one, or another node sharing the
+store), so a tag loaded from the store is trusted for the rest of that TTL; a time in the
+future (clocks that disagree) is not trusted.  When the upstream cannot answer, the
+cached digest is served and trusted for another TTL, so that every request does not wait
+on a dead upstream.
 
 Pure: the caller passes the time.
 """
@@ -33,7 +35,7 @@ class TagState:
     """What this process knows of one tag."""
 
     digest: Digest
-    checked_at: float | None  # None: loaded from the store, never checked by this process
+    checked_at: float | None  # when the upstream last confirmed it (None: unknown)
 
 
 class TagCache:
@@ -50,13 +52,13 @@ class TagCache:
         """Whether ``state`` may be served at ``now`` under ``ttl``."""
         if state is None:
             return Freshness.UNKNOWN
-        if state.checked_at is None or now - state.checked_at >= ttl:
+        if state.checked_at is None or not 0 <= now - state.checked_at < ttl:
             return Freshness.REVALIDATE
         return Freshness.FRESH
 
-    def loaded(self, key: str, tag: str, digest: Digest) -> TagState:
-        """Remember a tag read from the store (unchecked)."""
-        state = self._states[(key, tag)] = TagState(digest, None)
+    def loaded(self, key: str, tag: str, digest: Digest, checked_at: float | None) -> TagState:
+        """Remember a tag read from the store, confirmed at ``checked_at`` (by any process)."""
+        state = self._states[(key, tag)] = TagState(digest, checked_at)
         return state
 
     def confirmed(self, key: str, tag: str, digest: Digest, now: float) -> bool:

@@ -33,7 +33,7 @@ from mirror.responses import stop_body
 from mirror.storage.base import BlobWriter, DigestMismatch
 from mirror.storage.sending import Responder
 
-__all__ = ["BlobFill", "FillFailed", "Fills"]
+__all__ = ["BlobFill", "FillFailed", "Fills", "UntilStored"]
 
 #: A fill holding more than this in memory, waiting for the disk, pauses the upstream...
 QUEUE_HIGH = 8 * 1024 * 1024
@@ -229,6 +229,36 @@ class BlobFill(Protocol):
             )
 
 
+class UntilStored:
+    """A fill as a :class:`~mirror.storage.sending.Source` that is complete only once the
+    blob is stored (not merely verified): what another node following the fill reads, so
+    that when its copy ends the blob is in the shared store already."""
+
+    def __init__(self, fill: BlobFill) -> None:
+        self._fill = fill
+
+    def readable_end(self) -> int:
+        return self._fill.readable_end()
+
+    @property
+    def verified(self) -> bool:
+        return self._fill.stored
+
+    @property
+    def stored(self) -> bool:
+        return self._fill.stored
+
+    @property
+    def failure(self) -> Failure | None:
+        return self._fill.failure
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._fill.subscribe(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        self._fill.unsubscribe(callback)
+
+
 class Fills:
     """Blob fills by digest, from the moment one starts until it is stored or fails."""
 
@@ -239,6 +269,12 @@ class Fills:
     def __len__(self) -> int:
         """Fills under way (their clients may be done already)."""
         return len(self._fills)
+
+    def running(self, digest: Digest) -> BlobFill | None:
+        """The fill of ``digest`` under way (started, not failed), if any."""
+        entry = self._fills.get(digest)
+        fill = entry[1].peek() if entry is not None else None
+        return fill if fill is not None and fill.failure is None else None
 
     def expected_size(self, digest: Digest) -> int | None:
         """The upstream's ``Content-Length`` of a fill of ``digest`` under way, if known."""

@@ -31,6 +31,7 @@ from mirror.core.manifest import parse_manifest
 from mirror.core.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, parse_digest
 from mirror.core.routing import Route
 from mirror.core.tagcache import Freshness, TagCache, TagState
+from mirror.registry.cluster import Cluster
 from mirror.registry.fills import BlobFill, Fills
 from mirror.registry.repository import BlobBody, Context, Repository, StoredManifest
 from mirror.registry.singleflight import SingleFlight
@@ -49,6 +50,7 @@ class MirrorState:
     """What the mirrored repositories of one registry share."""
 
     run_blocking: Callable[..., Deferred[Any]]  # runs batches of fill writes in a thread
+    cluster: Cluster  # the other nodes on the store, if any: who fills what
     tags: TagCache = attrs.Factory(TagCache)
     fills: Fills = attrs.Factory(Fills)
     manifest_flights: SingleFlight[StoredManifest] = attrs.Factory(SingleFlight)
@@ -100,16 +102,20 @@ class MirroredRepository(Repository):
         events.cache("manifest", self.route, tag, "miss" if freshness is Freshness.UNKNOWN else "revalidate")
         return await flights.run((self.key, tag), lambda: self._refresh_tag(tag, upstream_accept))
 
-    async def _tag_state(self, tag: str) -> TagState | None:
-        state = self._state.tags.get(self.key, tag)
+    async def _tag_state(self, tag: str, *, from_store: bool = False) -> TagState | None:
+        """What is known of ``tag``: in memory, else (or with ``from_store``: first) in the
+        store, where every process sharing it records each confirmation."""
+        state = None if from_store else self._state.tags.get(self.key, tag)
         if state is None:
-            digest = await self._ctx.store.metadata.get_tag(self.key, tag)
-            if digest is not None:
-                state = self._state.tags.loaded(self.key, tag, digest)
+            record = await self._ctx.store.metadata.tag_record(self.key, tag)
+            if record is not None:
+                state = self._state.tags.loaded(self.key, tag, *record)
         return state
 
     async def _trust_tag(self, tag: str, digest: Digest) -> None:
-        if self._state.tags.confirmed(self.key, tag, digest, self._ctx.clock.seconds()):
+        """The upstream confirmed ``tag`` as ``digest``: record it, also when unchanged, so
+        that other nodes sharing the store see it fresh (not with a TTL of 0: never fresh)."""
+        if self._state.tags.confirmed(self.key, tag, digest, self._ctx.clock.seconds()) or self._ttl > 0:
             await self._ctx.store.metadata.set_tag(self.key, tag, digest)
 
     async def _forget_tag(self, tag: str) -> None:
@@ -117,8 +123,10 @@ class MirroredRepository(Repository):
         await self._ctx.store.metadata.delete_tag(self.key, tag)
 
     async def _refresh_tag(self, tag: str, accept: list[str]) -> StoredManifest:
-        state = await self._tag_state(tag)
+        state = await self._tag_state(tag, from_store=True)  # another node may have confirmed it since
         cached = await self._ctx.local.manifest(self.key, state.digest) if state is not None else None
+        if cached is not None and self._state.tags.freshness(state, self._ctx.clock.seconds(), self._ttl) is Freshness.FRESH:
+            return cached
         if cached is not None:
             try:
                 remote = await self._upstream.head_manifest(self.route.remote_name, tag, accept)
@@ -295,21 +303,33 @@ class MirroredRepository(Repository):
 
     async def _start_fill(self, digest: Digest) -> BlobFill | None:
         """Start fetching ``digest``; ``None`` if it was stored meanwhile (a fill that
-        committed between this request's store lookup and its turn here)."""
+        committed between this request's store lookup and its turn here).  With other
+        nodes on the store, the node holding the blob's fill lease fetches it and the
+        others follow its fill (:mod:`mirror.registry.cluster`)."""
         if await self._ctx.store.blobs.stat(digest) is not None:
             return None
         started = self._ctx.clock.seconds()
+        cluster = self._state.cluster
+        assert self.route.upstream is not None
+        peer = await cluster.claim(digest)
         try:
-            response = await self._upstream.get_blob(self.route.remote_name, str(digest))
+            response = None
+            if peer is not None:
+                await self._confirm(digest)  # this repository holds it upstream (the peer's fill may be for another)
+                response = await cluster.follow(peer, digest, self.route.upstream.timeout)
+            if response is None:
+                response = await self._upstream.get_blob(self.route.remote_name, str(digest))
+                await self._link(digest)  # the upstream's 200 says its repository has the digest
         except RegistryError as e:
             self._ctx.events.fetched("blob", self.route, str(digest), 0, started, e.code)
             raise
-        await self._link(digest)  # the upstream's 200 says its repository has the digest
+        finally:
+            if peer is None and response is None:
+                await cluster.release(digest)
         writer = self._ctx.store.blobs.writer()
         if digest.algorithm != "sha256":
             writer.hash_also(digest)
         length = response.length if isinstance(response.length, int) else None
-        assert self.route.upstream is not None
         fill = BlobFill(writer, digest, length, self._ctx.clock, self.route.upstream.timeout, self._state.run_blocking)
 
         def finished(result: Failure | None) -> None:
@@ -325,6 +345,8 @@ class MirroredRepository(Repository):
             self._ctx.events.fetched("blob", self.route, str(digest), writer.size, started, outcome)
 
         fill.done.addBoth(finished)
+        if peer is None:
+            cluster.keep(digest, fill.done)
         response.deliverBody(fill)
         return fill
 

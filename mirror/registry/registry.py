@@ -21,13 +21,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from mirror.config import MirrorConfig, UpstreamConfig
+from mirror.core.oci import Digest
 from mirror.core.routing import Router
 from mirror.metrics import Metrics
 from mirror.registry.access import AccessBatch
+from mirror.registry.cluster import Cluster
 from mirror.registry.events import Events
+from mirror.registry.fills import UntilStored
 from mirror.registry.hosted import HostedRepository
 from mirror.registry.mirrored import MirroredRepository, MirrorState
-from mirror.registry.repository import Context, LocalContent, Repository
+from mirror.registry.repository import BlobBody, Context, LocalContent, Repository
 from mirror.registry.uploads import UploadSessions
 from mirror.storage.base import Store
 from mirror.upstream.client import Upstream
@@ -49,6 +52,7 @@ class Registry:
         make_upstream: builds the client of one configured upstream.
         clock: the reactor's time.
         run_blocking: runs a blocking callable in a thread; returns a Deferred.
+        cluster: the other nodes on a shared store (default: none).
     """
 
     def __init__(
@@ -58,15 +62,17 @@ class Registry:
         make_upstream: Callable[[UpstreamConfig], Upstream],
         clock: IReactorTime,
         run_blocking: Callable[..., Deferred[Any]],
+        cluster: Cluster | None = None,
     ) -> None:
         self.store = store
+        self.cluster = cluster if cluster is not None else Cluster(None, None, None, clock)
         self.clock = clock
         self.metrics = Metrics()
         self.metrics.watch_ratelimits(lambda: [(u.name, u.ratelimit_remaining) for u in self._upstreams.values()])
         self.access = AccessBatch(store.access, clock.seconds)
         self.uploads = UploadSessions(store.uploads, clock)
         self._events = Events(self.metrics, clock)
-        self._mirror = MirrorState(run_blocking=run_blocking)
+        self._mirror = MirrorState(run_blocking=run_blocking, cluster=self.cluster)
         self._make_upstream = make_upstream
         self._upstreams: dict[str, Upstream] = {}
         self._apply(config)
@@ -91,8 +97,9 @@ class Registry:
         upstream clients whose settings changed are rebuilt (dropping their cached
         tokens).  Returns the keys that only a restart applies.
         """
-        needs_restart = [key for key in ("listen", "storage") if getattr(new, key) != getattr(self.config, key)]
-        self._apply(attrs.evolve(new, listen=self.config.listen, storage=self.config.storage))
+        fixed = ("listen", "storage", "cluster")
+        needs_restart = [key for key in fixed if getattr(new, key) != getattr(self.config, key)]
+        self._apply(attrs.evolve(new, **{key: getattr(self.config, key) for key in fixed}))
         self._mirror.tags.clear()  # TTLs may have changed: revalidate tags on their next use
         return needs_restart
 
@@ -114,6 +121,17 @@ class Registry:
     async def expire_uploads(self) -> int:
         """Remove upload sessions idle for longer than ``upload_expiry``."""
         return await self.uploads.expire(self.config.upload_expiry)
+
+    async def peer_fill(self, digest: Digest) -> BlobBody | None:
+        """What another node following this one's fill of ``digest`` gets: the fill as it
+        grows, ending only once the blob is stored; or the stored blob; or ``None``."""
+        fill = self._mirror.fills.running(digest)
+        if fill is not None:
+            try:
+                return BlobBody(fill.writer.follow(UntilStored(fill), fill.expected_size), fill.expected_size, digest, "join")
+            except FileNotFoundError:  # committed or aborted just now
+                pass
+        return await self._context.local.blob(digest, "hit")
 
     @property
     def fills_in_flight(self) -> int:

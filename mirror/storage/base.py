@@ -45,6 +45,7 @@ __all__ = [
     "BlobWriter",
     "DigestMismatch",
     "GcLock",
+    "LeaseStore",
     "MetadataStore",
     "RepositoryRecord",
     "Spool",
@@ -170,6 +171,10 @@ class MetadataStore(Protocol):
     async def get_tag(self, repo: str, tag: str) -> Digest | None:
         """The manifest digest ``repo:tag`` points at, or ``None``."""
 
+    async def tag_record(self, repo: str, tag: str) -> tuple[Digest, float] | None:
+        """The digest ``repo:tag`` points at and when it was last set (by any process
+        sharing the store: a mirrored tag is set each time its upstream confirms it)."""
+
     async def delete_tag(self, repo: str, tag: str) -> None:
         """Remove ``repo:tag`` if present."""
 
@@ -248,6 +253,21 @@ class AccessRecord(Protocol):
         """Recorded reads not already reflected in :attr:`BlobInfo.modified`."""
 
 
+class LeaseStore(Protocol):
+    """Named leases in a store several nodes share: who does a piece of work for all."""
+
+    async def acquire(self, name: str, holder: str, ttl: float) -> str | None:
+        """Take lease ``name`` for ``holder`` for ``ttl`` seconds (or take over an expired
+        one, or ``holder``'s own from before a restart).  ``None`` when taken; else the
+        holder of the live lease."""
+
+    async def renew(self, name: str, holder: str, ttl: float) -> None:
+        """Extend ``holder``'s lease by ``ttl`` seconds from now."""
+
+    async def release(self, name: str, holder: str) -> None:
+        """Give up ``holder``'s lease (nothing if another holds it now)."""
+
+
 class GcLock(Protocol):
     """Garbage collection (exclusive) against writers that reference existing blobs (shared)."""
 
@@ -263,7 +283,8 @@ class GcLock(Protocol):
 
 @attrs.frozen
 class Store:
-    """One store: its five concerns, and where it is (for logs)."""
+    """One store: its five concerns, and where it is (for logs).  ``leases`` is there when
+    the store can be shared by several nodes (object storage), else ``None``."""
 
     blobs: BlobStore
     metadata: MetadataStore
@@ -272,3 +293,4 @@ class Store:
     gc_lock: GcLock
     spool: Spool
     description: str
+    leases: LeaseStore | None = None

@@ -288,6 +288,18 @@ class FsMetadataStore:
         except RegistryError:
             return None
 
+    async def tag_record(self, repo: str, tag: str) -> tuple[Digest, float] | None:
+        path = self._layout.tags(repo) / tag
+        try:
+            with open(path, "rb") as f:
+                text, written = f.read(200).decode("utf-8", "replace"), os.fstat(f.fileno()).st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            return parse_digest(text.strip()), written
+        except RegistryError:
+            return None
+
     async def delete_tag(self, repo: str, tag: str) -> None:
         _unlink(self._layout.tags(repo) / tag)
 

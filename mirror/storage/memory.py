@@ -63,6 +63,7 @@ class _Blob:
 class _Repo:
     manifests: dict[Digest, tuple[str, float]] = attrs.Factory(dict)
     tags: dict[str, Digest] = attrs.Factory(dict)
+    tag_times: dict[str, float] = attrs.Factory(dict)  # when each tag was last set
     blob_links: set[Digest] = attrs.Factory(set)
     fetched_links: set[Digest] = attrs.Factory(set)
     # Like the filesystem's directories, these stay once set: a repository whose last tag
@@ -215,11 +216,18 @@ class _Metadata:
     async def set_tag(self, repo: str, tag: str, digest: Digest) -> None:
         r = self._s.repo(repo)
         r.tags[tag] = digest
+        r.tag_times[tag] = self._s.now()
         r.had_tags = True
 
     async def get_tag(self, repo: str, tag: str) -> Digest | None:
         r = self._get(repo)
         return r.tags.get(tag) if r is not None else None
+
+    async def tag_record(self, repo: str, tag: str) -> tuple[Digest, float] | None:
+        r = self._get(repo)
+        if r is None or tag not in r.tags:
+            return None
+        return r.tags[tag], r.tag_times.get(tag, 0.0)
 
     async def delete_tag(self, repo: str, tag: str) -> None:
         r = self._get(repo)

@@ -27,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mirror.core.errors import RegistryError, error_body
 from mirror.core.httpheaders import parse_accept, parse_range
 from mirror.core.oci import OCI_INDEX, Digest, parse_digest, parse_reference
+from mirror.registry.cluster import AUTH_HEADER
 from mirror.registry.registry import Registry
 from mirror.registry.repository import BlobBody, Repository, UploadState
 from mirror.registry.uploads import upload_location
@@ -58,6 +59,7 @@ ROUTES: list[tuple[re.Pattern[str], dict[str, str]]] = [
     ),
     (re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)"), {"GET": "blob", "HEAD": "blob", "DELETE": "delete_blob"}),
     (re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)"), {"GET": "referrers"}),
+    (re.compile(r"/_cluster/fills/(?P<digest>[^/]+)"), {"GET": "cluster_fill"}),
 ]
 
 
@@ -353,6 +355,28 @@ class RegistryResource(Resource):
             if body.size is not None:
                 call.set_header("Content-Length", body.size)
             await self._send(call, body, 0, None)
+
+    async def _cluster_fill(self, call: _Call) -> None:
+        """Another node follows this one's fill of a blob (:mod:`mirror.registry.cluster`):
+        only with a request signed by the cluster's secret, since it is served by digest
+        alone, outside every repository."""
+        cluster = self._registry.cluster
+        if not cluster.enabled:
+            raise RegistryError("UNSUPPORTED", "this registry is not a cluster node", status=404)
+        path = (call.request.path or b"").decode("latin-1")
+        if not cluster.verify(call.method, path, call.header(AUTH_HEADER)):
+            raise RegistryError("DENIED", "node-to-node requests must be signed with the cluster's secret")
+        digest = parse_digest(call.params["digest"])
+        body = await self._registry.peer_fill(digest)
+        if body is None:
+            raise RegistryError("BLOB_UNKNOWN", f"no fill of {digest} here", detail={"digest": str(digest)})
+        if call.gone:
+            body.responder.close()
+            return
+        self._blob_headers(call, digest)
+        if body.size is not None:
+            call.set_header("Content-Length", body.size)
+        await self._send(call, body, 0, None)
 
     async def _delete_blob(self, call: _Call) -> None:
         await self._repository(call).delete_blob(call.params["digest"])

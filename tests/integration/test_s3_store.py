@@ -39,6 +39,7 @@ from tests.test_store_contract import (  # noqa: F401
     test_list_manifests,
     test_ranges_of_a_stored_blob,
     test_sha512_writer,
+    test_tag_record_says_when_a_tag_was_last_set,
     test_tags_links_and_listing,
     test_upload_appends_and_commits_verified,
     test_upload_mismatch_stores_nothing_and_ends_the_session,

@@ -310,6 +310,14 @@ class S3Client(_Bucket):
         response = await self.get(key)
         return None if response is None else await self.read_body(response, limit)
 
+    async def read_with_time(self, key: str, limit: int = SMALL_BODY) -> tuple[bytes, float] | None:
+        """A small object's bytes and when it was written (``Last-Modified``); ``None`` if absent."""
+        response = await self.get(key)
+        if response is None:
+            return None
+        modified = response.headers.getRawHeaders("last-modified", [""])[0]
+        return await self.read_body(response, limit), _timestamp(modified) if modified else 0.0
+
     async def put(self, key: str, body: bytes | FileSlice, *, create_only: bool = False) -> bool:
         """Store ``body`` at ``key``.  With ``create_only``, an existing object is kept
         and False returned (``If-None-Match: *``); else True."""

@@ -57,6 +57,7 @@ from mirror.core.errors import RegistryError
 from mirror.core.oci import Digest, parse_digest
 from mirror.responses import Discard, stop_body
 from mirror.storage.base import BlobInfo, RepositoryRecord, Store
+from mirror.storage.leases import Renewal
 from mirror.storage.s3.client import FileSlice, ObjectInfo, S3Client, S3Error
 from mirror.storage.s3.responder import ObjectResponder
 from mirror.storage.sending import Responder, Source
@@ -153,9 +154,13 @@ class S3BlobWriter:
 
     async def commit(self, expected: Digest) -> None:
         self._file.verify(expected)
+        key = KEYS.blob(expected)
         try:
-            created = await self._client.upload_file(KEYS.blob(expected), str(self._file.path), self.size, create_only=True)
-            if not created:  # content-addressed: the stored object is these bytes; just written again
+            # Content-addressed: a stored object is these bytes (another node stored it
+            # first); it counts as just written.  Else upload, create-only.
+            if await self._client.head(key) is not None or not await self._client.upload_file(
+                key, str(self._file.path), self.size, create_only=True
+            ):
                 await self._access.record({expected: time.time()})
         finally:
             self._file.abort()
@@ -288,6 +293,16 @@ class S3MetadataStore:
             return None
         try:
             return parse_digest(text.strip())
+        except RegistryError:
+            return None
+
+    async def tag_record(self, repo: str, tag: str) -> tuple[Digest, float] | None:
+        found = await self._client.read_with_time(KEYS.tag(repo, tag), 4096)
+        if found is None:
+            return None
+        data, written = found
+        try:
+            return parse_digest(data.decode("utf-8", "replace").strip()), written
         except RegistryError:
             return None
 
@@ -591,58 +606,90 @@ class S3AccessRecord:
             del self._read[key]
 
 
-class S3GcLock:
-    """GC's exclusive lease and writers' shared holds, as objects under ``locks/``.
+class S3Leases:
+    """Named leases as objects under ``leases/``: ``{"holder", "expires"}``.
 
-    A writer puts its hold, then looks for the lease; GC puts the lease, then waits until
-    no hold is left.  With a store that reads its own writes, at least one of the two sees
-    the other, so a writer never works while GC deletes.  The lease is created only if
-    absent (``If-None-Match``), names its holder and expiry, and is renewed while held; a
-    dead holder's lease expires and the next GC takes it over.
+    A lease is created only if absent (``If-None-Match: *``), so of nodes asking at once one
+    gets it.  An expired lease (its holder died) is deleted and created afresh; two nodes
+    taking over the same expired lease at the same instant can both believe they hold it,
+    which the work leases guard (a fill, GC) tolerates: content is create-only and GC
+    re-checks under the lock.
     """
 
-    def __init__(self, client: S3Client, clock: IReactorTime) -> None:
+    def __init__(self, client: S3Client) -> None:
         self._client = client
-        self._clock = clock
-        self.owner = secrets.token_hex(8)
 
-    async def _lease(self) -> dict[str, Any] | None:
-        data = await self._client.read("locks/gc", 4096)
+    @staticmethod
+    def _key(name: str) -> str:
+        return f"leases/{name}"
+
+    async def current(self, name: str) -> tuple[str, float] | None:
+        """(holder, expiry) of lease ``name``, if there is one."""
+        data = await self._client.read(self._key(name), 4096)
         if data is None:
             return None
         try:
-            lease = json.loads(data)
-        except ValueError:
-            lease = None
-        return lease if isinstance(lease, dict) else {"expires": 0.0}
+            doc = json.loads(data)
+            return str(doc["holder"]), float(doc["expires"])
+        except (ValueError, KeyError, TypeError):
+            return "", 0.0  # unreadable: treat as expired
 
-    def _lease_body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "expires": time.time() + GC_LEASE}).encode()
+    async def acquire(self, name: str, holder: str, ttl: float) -> str | None:
+        body = json.dumps({"holder": holder, "expires": time.time() + ttl}).encode()
+        for _ in range(3):
+            if await self._client.put(self._key(name), body, create_only=True):
+                return None
+            lease = await self.current(name)
+            if lease is None:
+                continue  # released meanwhile
+            current, expires = lease
+            if current != holder and expires + CLOCK_SKEW >= time.time():
+                return current
+            if current != holder:
+                _log.info("taking over the expired lease {name} of {holder}", name=name, holder=current)
+            await self._client.delete(self._key(name))
+        lease = await self.current(name)  # still contended after three tries: someone has it
+        return lease[0] if lease is not None and lease[0] else "another node"
+
+    async def renew(self, name: str, holder: str, ttl: float) -> None:
+        await self._client.put(self._key(name), json.dumps({"holder": holder, "expires": time.time() + ttl}).encode())
+
+    async def release(self, name: str, holder: str) -> None:
+        lease = await self.current(name)
+        if lease is not None and lease[0] == holder:
+            await self._client.delete(self._key(name))
+
+    def live(self, lease: tuple[str, float] | None) -> bool:
+        return lease is not None and lease[1] + CLOCK_SKEW >= time.time()
+
+
+class S3GcLock:
+    """GC's exclusive lease and writers' shared holds.
+
+    A writer puts its hold (an object under ``locks/shared/``), then looks for the lease
+    ``gc``; GC takes the lease, then waits until no hold is left.  With a store that reads
+    its own writes, at least one of the two sees the other, so a writer never works while
+    GC deletes.  The lease is renewed while held; a dead holder's lease expires.
+    """
+
+    def __init__(self, client: S3Client, leases: S3Leases, clock: IReactorTime) -> None:
+        self._client = client
+        self._leases = leases
+        self._clock = clock
+        self.owner = f"gc-{secrets.token_hex(8)}"
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
-        while not await self._client.put("locks/gc", self._lease_body(), create_only=True):
-            lease = await self._lease()
-            if lease is not None and float(lease.get("expires", 0.0)) + CLOCK_SKEW < time.time():
-                _log.warn("taking over an expired GC lease of {owner}", owner=lease.get("owner"))
-                await self._client.delete("locks/gc")
-                continue
+        while await self._leases.acquire("gc", self.owner, GC_LEASE) is not None:
             await deferLater(self._clock, 1.0, lambda: None)
-        renewing = self._clock.callLater(GC_LEASE / 3, self._renew)
-        self._renewal = renewing
+        renewal = Renewal(self._leases, "gc", self.owner, GC_LEASE, self._clock)
         try:
             while await self._live_holds():
                 await deferLater(self._clock, POLL, lambda: None)
             yield
         finally:
-            if self._renewal.active():
-                self._renewal.cancel()
-            await self._client.delete("locks/gc")
-
-    def _renew(self) -> None:
-        d = Deferred.fromCoroutine(self._client.put("locks/gc", self._lease_body()))
-        d.addErrback(lambda f: _log.failure("could not renew the GC lease", f))
-        self._renewal = self._clock.callLater(GC_LEASE / 3, self._renew)
+            renewal.stop()
+            await self._leases.release("gc", self.owner)
 
     async def _live_holds(self) -> bool:
         objects, _ = await self._client.list("locks/shared/")
@@ -651,8 +698,7 @@ class S3GcLock:
     async def try_shared(self) -> object | None:
         key = f"locks/shared/{secrets.token_hex(12)}"
         await self._client.put(key, b"")
-        lease = await self._lease()
-        if lease is not None and float(lease.get("expires", 0.0)) + CLOCK_SKEW >= time.time():
+        if self._leases.live(await self._leases.current("gc")):
             await self._client.delete(key)
             return None
         return key
@@ -686,12 +732,14 @@ def open_s3_store(client: S3Client, spool: Path, run_blocking: RunBlocking, cloc
     local = S3Spool(spool, client)
     access = S3AccessRecord(client)
     blobs = S3BlobStore(client, local, access, run_blocking, clock)
+    leases = S3Leases(client)
     return Store(
         blobs=blobs,
         metadata=S3MetadataStore(client),
         uploads=S3UploadStore(client, blobs, run_blocking),
         access=access,
-        gc_lock=S3GcLock(client, clock),
+        gc_lock=S3GcLock(client, leases, clock),
         spool=local,
         description=f"s3 {client.config.endpoint}/{client.config.bucket}/{client.config.prefix}",
+        leases=leases,
     )
