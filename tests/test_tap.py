@@ -91,3 +91,30 @@ def test_a_store_of_another_layout_stops_start_up_and_commands_with_one_line(tmp
     assert cli.main(["gc", "--config", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "storage.root: " in err and "layout version 99" in err and err.count("\n") == 1
+
+
+def test_a_periodic_job_that_fails_is_logged_and_runs_again():
+    """A timer's job that raises (the store unavailable) does not stop its TimerService:
+    the tick succeeds, the failure is logged, and the next tick runs the job again."""
+    from twisted.logger import globalLogPublisher
+
+    from mirror.tap import _every
+
+    calls = []
+
+    async def flush():
+        calls.append(1)
+        raise OSError("bucket unreachable")
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        tick = _every(flush)
+        for _ in range(2):
+            outcome = []
+            tick().addBoth(outcome.append)
+            assert outcome == [None]
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert len(calls) == 2
+    assert any("bucket unreachable" in str(e.get("error", "")) for e in seen)

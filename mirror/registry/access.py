@@ -36,6 +36,11 @@ class AccessBatch:
         """Write the pending times to the store; returns how many."""
         pending, self._pending = self._pending, {}
         if pending:
-            await self._record.record(pending)
+            try:
+                await self._record.record(pending)
+            except BaseException:  # kept for the next flush (with any newer reads since)
+                for digest, when in pending.items():
+                    self._pending[digest] = max(when, self._pending.get(digest, 0.0))
+                raise
             self._log.debug("access record: flushed {count} entries", count=len(pending))
         return len(pending)

@@ -27,6 +27,8 @@ always has its blobs, and the next run finishes the job.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
@@ -45,8 +47,9 @@ from mirror.core.manifest import parse_manifest
 from mirror.core.oci import Digest, parse_digest
 from mirror.core.routing import Router
 from mirror.storage.base import GcLock, Store
+from mirror.storage.leases import Renewal
 
-__all__ = ["GcReport", "collect", "format_report", "holding_off_gc", "inventory", "policy_of", "summary"]
+__all__ = ["GcBusy", "GcReport", "collect", "format_report", "holding_off_gc", "inventory", "policy_of", "summary"]
 
 T = TypeVar("T")
 _log = Logger()
@@ -174,6 +177,14 @@ def _digests_anywhere(data: bytes) -> Iterator[Digest]:
             stack.extend(node)
 
 
+class GcBusy(Exception):
+    """Another node sharing the store is collecting garbage; ``str()`` names it."""
+
+
+#: Seconds a GC run's lease lasts unless its process renews it (every third of it).
+RUN_LEASE = 120.0
+
+
 async def collect(
     store: Store,
     config: MirrorConfig,
@@ -181,8 +192,34 @@ async def collect(
     now: Callable[[], float] = time.time,
     dry_run: bool = False,
     delete_untagged: bool | None = None,
+    clock: IReactorTime | None = None,
 ) -> GcReport:
-    """One mark-and-sweep run per ``config``'s GC settings."""
+    """One mark-and-sweep run per ``config``'s GC settings.
+
+    On a store several nodes share, one run at a time: a run takes the store's ``gc``
+    lease (renewed on ``clock`` while it runs), and raises :class:`GcBusy` when another
+    node's run holds it.  A dry run needs no lease.
+    """
+    if store.leases is None or dry_run:
+        return await _collect(store, config, now, dry_run, delete_untagged)
+    if clock is None:
+        from twisted.internet import reactor as clock
+    assert clock is not None
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    other = await store.leases.acquire("gc-run", holder, RUN_LEASE)
+    if other is not None:
+        raise GcBusy(f"garbage collection is running on {other}")
+    renewal = Renewal(store.leases, "gc-run", holder, RUN_LEASE, clock)
+    try:
+        return await _collect(store, config, now, dry_run, delete_untagged)
+    finally:
+        renewal.stop()
+        await store.leases.release("gc-run", holder)
+
+
+async def _collect(
+    store: Store, config: MirrorConfig, now: Callable[[], float], dry_run: bool, delete_untagged: bool | None
+) -> GcReport:
     started = now()
     policy = policy_of(config, delete_untagged)
     inv = await inventory(store, Router(config.upstreams, config.hosted), config.max_manifest_size)

