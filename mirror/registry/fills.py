@@ -270,10 +270,18 @@ class Fills:
         """Fills under way (their clients may be done already)."""
         return len(self._fills)
 
-    def running(self, digest: Digest) -> BlobFill | None:
-        """The fill of ``digest`` under way (started, not failed), if any."""
+    async def running(self, digest: Digest) -> BlobFill | None:
+        """The fill of ``digest`` under way (waiting for one that is starting: its upstream
+        request is out), unless it failed; else ``None``."""
         entry = self._fills.get(digest)
-        fill = entry[1].peek() if entry is not None else None
+        if entry is None:
+            return None
+        try:
+            fill = await entry[1].wait()
+        except CancelledError:
+            raise
+        except Exception:
+            return None
         return fill if fill is not None and fill.failure is None else None
 
     def expected_size(self, digest: Digest) -> int | None:

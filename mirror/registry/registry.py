@@ -125,7 +125,7 @@ class Registry:
     async def peer_fill(self, digest: Digest) -> BlobBody | None:
         """What another node following this one's fill of ``digest`` gets: the fill as it
         grows, ending only once the blob is stored; or the stored blob; or ``None``."""
-        fill = self._mirror.fills.running(digest)
+        fill = await self._mirror.fills.running(digest)
         if fill is not None:
             try:
                 return BlobBody(fill.writer.follow(UntilStored(fill), fill.expected_size), fill.expected_size, digest, "join")

@@ -39,6 +39,7 @@ import json
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -76,6 +77,8 @@ SHARED_HOLD = 300.0
 CLOCK_SKEW = 30.0
 #: How often a waiting GC looks again for writers holding it off.
 POLL = 0.05
+#: Bytes of small blobs (manifests) a node keeps in memory; none over a sixteenth of it.
+SMALL_CACHE = 32 * 1024 * 1024
 #: Bytes read back from an upload part per write to the spool.
 CHUNK = 1024 * 1024
 
@@ -185,6 +188,8 @@ class S3BlobStore:
         self._access = access
         self._run_blocking = run_blocking
         self._clock = clock
+        self._small: OrderedDict[Digest, bytes] = OrderedDict()  # small blobs read, least recent first
+        self._small_bytes = 0
 
     async def stat(self, digest: Digest) -> int | None:
         info = await self._client.head(KEYS.blob(digest))
@@ -206,17 +211,36 @@ class S3BlobStore:
         return ObjectResponder(response, size, reopen, self._clock, self._client.config.timeout)
 
     async def read(self, digest: Digest, max_size: int) -> bytes | None:
+        cached = self._small.get(digest)
+        if cached is not None:
+            self._small.move_to_end(digest)
+            return cached if len(cached) <= max_size else None
         response = await self._client.get(KEYS.blob(digest))
         if response is None:
             return None
         if not isinstance(response.length, int) or response.length > max_size:
             response.deliverBody(Discard())
             return None
-        return await self._client.read_body(response, max_size)
+        data = await self._client.read_body(response, max_size)
+        self._remember(digest, data)
+        return data
+
+    def _remember(self, digest: Digest, data: bytes) -> None:
+        """Keep a small blob (a manifest) in memory: content by digest never changes, and
+        what the store verified once stays those bytes.  Whether a repository still holds
+        it is asked of the store every time (its links), so a deletion is seen at once."""
+        if len(data) > SMALL_CACHE // 16:
+            return
+        self._small[digest] = data
+        self._small_bytes += len(data)
+        while self._small_bytes > SMALL_CACHE:
+            _, dropped = self._small.popitem(last=False)
+            self._small_bytes -= len(dropped)
 
     async def put(self, digest: Digest, data: bytes) -> None:
         if not await self._client.put(KEYS.blob(digest), data, create_only=True):
             await self._access.record({digest: time.time()})  # already there: counts as just written
+        self._remember(digest, data)
 
     def writer(self) -> S3BlobWriter:
         return S3BlobWriter(self._client, self._spool, self._access, self._run_blocking)
@@ -237,6 +261,7 @@ class S3BlobStore:
         if (await self._access.latest()).get(digest, 0.0) >= idle_before:
             return None
         await self._client.delete(KEYS.blob(digest))
+        self._small_bytes -= len(self._small.pop(digest, b""))
         return info.size
 
 
