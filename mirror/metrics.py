@@ -28,6 +28,9 @@ class Metrics:
         self.fetches = Counter("mirror_upstream_fetches", "Upstream fetches", ["upstream", "kind", "outcome"], registry=r)
         self.fetch_bytes = Counter("mirror_upstream_bytes", "Bytes fetched from upstreams", ["upstream"], registry=r)
         self.fetch_errors = Counter("mirror_upstream_errors", "Failed upstream fetches", ["upstream"], registry=r)
+        self.follows = Counter(
+            "mirror_cluster_follows", "Blob fills followed from another node instead of the upstream", ["outcome"], registry=r
+        )
         self.stale = Counter(
             "mirror_stale_tags_served", "Tags served unchecked because the upstream failed", ["upstream"], registry=r
         )
@@ -51,6 +54,9 @@ class Metrics:
         self.fetch_bytes.labels(upstream).inc(size)
         if kind_of_outcome != "ok":
             self.fetch_errors.labels(upstream).inc()
+
+    def followed(self, outcome: str) -> None:
+        self.follows.labels("ok" if outcome == "stored" else "error").inc()
 
     def stale_tag(self, upstream: str) -> None:
         self.stale.labels(upstream).inc()

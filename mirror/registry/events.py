@@ -54,6 +54,20 @@ class Events:
             event_kind="upstream_fetch",
         )
 
+    def followed(self, route: Route, reference: str, peer: str, size: int, started: float, outcome: str) -> None:
+        """A blob fill followed from another node (which fetched it from the upstream) ended."""
+        self.metrics.followed(outcome)
+        self._log.info(
+            "fill followed from node {peer}: {repository}@{digest}: {outcome}, {bytes} bytes in {seconds:.3f} s",
+            peer=peer,
+            repository=route.key,
+            digest=reference,
+            bytes=size,
+            seconds=self._clock.seconds() - started,
+            outcome=outcome,
+            event_kind="cluster_follow",
+        )
+
     def stale_tag(self, route: Route, tag: str, digest: Digest, reason: str) -> None:
         """A cached tag was served unchecked because the upstream could not answer."""
         assert route.upstream is not None

@@ -312,11 +312,16 @@ class MirroredRepository(Repository):
         cluster = self._state.cluster
         assert self.route.upstream is not None
         peer = await cluster.claim(digest)
+        if peer is None and cluster.enabled and await self._ctx.store.blobs.stat(digest) is not None:
+            await cluster.release(digest)  # another node stored it and let go of the lease meanwhile
+            return None
+        source: str | None = None  # the node whose fill this follows; None: the upstream's body
         try:
             response = None
             if peer is not None:
                 await self._confirm(digest)  # this repository holds it upstream (the peer's fill may be for another)
                 response = await cluster.follow(peer, digest, self.route.upstream.timeout)
+                source = peer if response is not None else None
             if response is None:
                 response = await self._upstream.get_blob(self.route.remote_name, str(digest))
                 await self._link(digest)  # the upstream's 200 says its repository has the digest
@@ -342,7 +347,10 @@ class MirroredRepository(Repository):
                     outcome = "digest mismatch"
                 else:
                     outcome = f"failed: {result.getErrorMessage()}"
-            self._ctx.events.fetched("blob", self.route, str(digest), writer.size, started, outcome)
+            if source is not None:
+                self._ctx.events.followed(self.route, str(digest), source, writer.size, started, outcome)
+            else:
+                self._ctx.events.fetched("blob", self.route, str(digest), writer.size, started, outcome)
 
         fill.done.addBoth(finished)
         if peer is None:

@@ -156,6 +156,8 @@ def test_cold_pulls_on_three_nodes_cause_one_upstream_fetch(cluster, slow_upstre
         conn.close()
         assert hashlib.sha256(body).hexdigest() == digest[7:]
     assert slow_upstream.gets() == [f"/v2/{REPO}/blobs/{digest}"]
+    for node in (b, c):
+        assert wait_until(lambda node=node: f"fill followed from node http://127.0.0.1:{a.port}" in node.log_text(), 10)
     # Stored once, in the bucket: a fourth request, on any node, is a hit.
     status, _, body = http_request(f"{c.url}/v2/{REPO}/blobs/{digest}", timeout=30)
     assert status == 200 and hashlib.sha256(body).hexdigest() == digest[7:]

@@ -48,7 +48,7 @@ from mirror.responses import Discard, read_capped
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
-__all__ = ["FileSlice", "ObjectInfo", "S3Client", "S3Error", "ensure_bucket", "multipart_threshold"]
+__all__ = ["FileSlice", "ObjectInfo", "S3Client", "S3Error", "ensure_bucket"]
 
 #: Largest response body read whole (error documents, listings, small objects).
 SMALL_BODY = 16 * 1024 * 1024
@@ -58,10 +58,6 @@ PART_SIZE = 64 * 1024 * 1024
 ATTEMPTS = 4
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
-
-
-def multipart_threshold() -> int:
-    return PART_SIZE
 
 
 class S3Error(OSError):

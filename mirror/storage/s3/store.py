@@ -133,10 +133,9 @@ KEYS = _Keys()
 class S3BlobWriter:
     """A spool file that commit uploads to ``blobs/`` (create-only) once verified."""
 
-    def __init__(self, client: S3Client, spool: LocalSpool, access: S3AccessRecord, run_blocking: RunBlocking) -> None:
+    def __init__(self, client: S3Client, spool: LocalSpool, access: S3AccessRecord) -> None:
         self._client = client
         self._access = access
-        self._run_blocking = run_blocking
         self._file = spool.new_file()
 
     @property
@@ -175,18 +174,10 @@ class S3BlobWriter:
 class S3BlobStore:
     """Content by digest under ``blobs/``."""
 
-    def __init__(
-        self,
-        client: S3Client,
-        spool: LocalSpool,
-        access: S3AccessRecord,
-        run_blocking: RunBlocking,
-        clock: IReactorTime,
-    ) -> None:
+    def __init__(self, client: S3Client, spool: LocalSpool, access: S3AccessRecord, clock: IReactorTime) -> None:
         self._client = client
         self._spool = spool
         self._access = access
-        self._run_blocking = run_blocking
         self._clock = clock
         self._small: OrderedDict[Digest, bytes] = OrderedDict()  # small blobs read, least recent first
         self._small_bytes = 0
@@ -231,6 +222,7 @@ class S3BlobStore:
         it is asked of the store every time (its links), so a deletion is seen at once."""
         if len(data) > SMALL_CACHE // 16:
             return
+        self._small_bytes -= len(self._small.pop(digest, b""))
         self._small[digest] = data
         self._small_bytes += len(data)
         while self._small_bytes > SMALL_CACHE:
@@ -243,7 +235,7 @@ class S3BlobStore:
         self._remember(digest, data)
 
     def writer(self) -> S3BlobWriter:
-        return S3BlobWriter(self._client, self._spool, self._access, self._run_blocking)
+        return S3BlobWriter(self._client, self._spool, self._access)
 
     async def scan(self) -> list[BlobInfo]:
         objects, _ = await self._client.list("blobs/")
@@ -756,7 +748,7 @@ def open_s3_store(client: S3Client, spool: Path, run_blocking: RunBlocking, cloc
     spool.mkdir(parents=True, exist_ok=True)
     local = S3Spool(spool, client)
     access = S3AccessRecord(client)
-    blobs = S3BlobStore(client, local, access, run_blocking, clock)
+    blobs = S3BlobStore(client, local, access, clock)
     leases = S3Leases(client)
     return Store(
         blobs=blobs,
