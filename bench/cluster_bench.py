@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import http.client
 import json
 import secrets
 import shutil
@@ -74,21 +73,10 @@ class Node:
                 "--config", str(workdir / "mirror.yaml")]
         self.proc = proc_util.ManagedProcess(argv, stdout=workdir / "twistd.out", cwd=src, env=base.mirror_env(src))
         self._remove = base.REAPER.add(f"mirror {self.port}", self.proc.stop)
-        ok = proc_util.wait_until(lambda: self._ready() or not self.proc.alive(), 30)
+        ok = proc_util.wait_until(lambda: base.answers(self.port) or not self.proc.alive(), 30)
         if not ok or not self.proc.alive():
             self.stop()
             raise base.BenchError("mirror did not start: " + proc_util.tail_file(workdir / "mirror.log"))
-
-    def _ready(self) -> bool:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-            try:
-                conn.request("GET", "/v2/")
-                return conn.getresponse().status == 200
-            finally:
-                conn.close()
-        except OSError:
-            return False
 
     def stop(self) -> None:
         self._remove()

@@ -534,15 +534,7 @@ class MirrorServer(Server):
             raise BenchError("mirror exited at start-up: " + self.log_tail())
 
     def _ready(self) -> bool:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self._port, timeout=1)
-            try:
-                conn.request("GET", "/v2/")
-                return conn.getresponse().status == 200
-            finally:
-                conn.close()
-        except OSError:
-            return False
+        return answers(self._port)
 
     def log_tail(self) -> str:
         w = self.workdir
@@ -574,6 +566,19 @@ class MirrorServer(Server):
 
     def blob_file(self, digest: str) -> Path:
         return self.store / store_blob_path(digest).lstrip("/")
+
+
+def answers(port: int) -> bool:
+    """Whether a registry on 127.0.0.1:``port`` answers ``GET /v2/`` with 200."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        try:
+            conn.request("GET", "/v2/")
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
+    except OSError:
+        return False
 
 
 def mirror_env(src: Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -223,6 +224,14 @@ class _Reader:
             raise self.error(key_path, "expected a number > 0")
         return number
 
+    def origin(self, key_path: str, value: object, *, what: str) -> str:
+        """An ``http(s)://host[:port]`` URL without a path (a trailing ``/`` is dropped)."""
+        text = self.string(key_path, value).rstrip("/")
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise self.error(key_path, f"expected {what}")
+        return text
+
     def boolean(self, key_path: str, value: object) -> bool:
         if not isinstance(value, bool):
             raise self.error(key_path, "expected true or false")
@@ -301,10 +310,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
 
     def s3(key_path: str, value: object) -> S3Config:
         r = _Reader(source, key_path, value)
-        endpoint = (r.need("endpoint", r.string) or "").rstrip("/")
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
-            raise r.error(f"{key_path}.endpoint", "expected an http:// or https:// URL without a path")
+        endpoint = r.need("endpoint", partial(r.origin, what="an http:// or https:// URL without a path")) or ""
         bucket = r.need("bucket", r.string) or ""
         if _BUCKET_RE.fullmatch(bucket) is None:
             raise r.error(f"{key_path}.bucket", f"{bucket!r} is not a bucket name (3-63 of a-z 0-9 . -)")
@@ -420,10 +426,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
 
     def cluster(key_path: str, value: object) -> ClusterConfig:
         r = _Reader(source, key_path, value)
-        advertise = (r.need("advertise", r.string) or "").rstrip("/")
-        parts = urlsplit(advertise)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
-            raise r.error(f"{key_path}.advertise", "expected the http:// or https:// URL other nodes reach this one at")
+        advertise = r.need("advertise", partial(r.origin, what="the http:// or https:// URL other nodes reach this one at")) or ""
         cfg = ClusterConfig(
             advertise=advertise,
             secret=secret(r, "secret", "MIRROR_CLUSTER_SECRET"),

@@ -1,5 +1,7 @@
 """One contract for every store backend: the same checks against the filesystem store
-(real files under tmp_path) and the in-memory store.
+(real files under tmp_path) and the in-memory store here, and against a real S3 server
+in tests/integration/test_s3_store.py (which collects these tests again with its own
+``store`` fixture: that is why they are coroutines run on the reactor).
 
 What every backend promises (mirror.storage.base): content is visible only once verified,
 a mismatch leaves nothing, readers follow a growing write, listings are sorted, a

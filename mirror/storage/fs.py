@@ -59,8 +59,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from mirror.core.errors import RegistryError
 from mirror.core.oci import Digest, parse_digest
 from mirror.storage.base import BlobInfo, RepositoryRecord, Store
-from mirror.storage.sending import CachedSource, FileResponder, Responder, Source
-from mirror.storage.spool import Hashes, LocalSpool
+from mirror.storage.sending import CachedSource, FileResponder, Responder
+from mirror.storage.spool import Hashes, LocalSpool, SpoolWriter
 
 __all__ = ["LAYOUT_VERSION", "StoreLayoutError", "open_filesystem_store"]
 
@@ -146,30 +146,13 @@ class _Layout:
 
 
 # blobs ------------------------------------------------------------------------------------------
-class FsBlobWriter:
+class FsBlobWriter(SpoolWriter):
     """A spool file that commit publishes into ``blobs/`` (rename) once verified."""
 
     def __init__(self, layout: _Layout, spool: LocalSpool, run_blocking: RunBlocking) -> None:
+        super().__init__(spool)
         self._layout = layout
         self._run_blocking = run_blocking
-        self._file = spool.new_file()
-        self.path = self._file.path
-
-    @property
-    def size(self) -> int:
-        return self._file.size
-
-    def hash_also(self, digest: Digest) -> None:
-        self._file.hashes.also(digest.algorithm)
-
-    def write(self, data: bytes) -> None:
-        self._file.write(data)
-
-    def actual_digest(self, algorithm: str = "sha256") -> Digest:
-        return self._file.hashes.digest(algorithm)
-
-    def follow(self, source: Source, size: int | None) -> Responder:
-        return self._file.follow(source, size)
 
     async def commit(self, expected: Digest) -> None:
         await self._run_blocking(self._commit, expected)
@@ -177,9 +160,6 @@ class FsBlobWriter:
     def _commit(self, expected: Digest) -> None:
         self._file.verify(expected)
         _publish(self.path, self._layout.blob(expected), self._file.take_fd())
-
-    def abort(self) -> None:
-        self._file.abort()
 
 
 class FsBlobStore:

@@ -4,7 +4,8 @@ Every backend writes new blobs the same way: bytes go to a file in the spool dir
 hashed as they arrive, while followers (clients of a fill under way) read the file as it
 grows.  What differs is only how a verified file is published: the filesystem store
 renames it into ``blobs/``, object storage uploads it.  :class:`SpoolFile` is the shared
-part; :class:`LocalSpool` is the directory (clean-up after a crash, readiness).
+part (:class:`SpoolWriter`, the writer without its commit); :class:`LocalSpool` is the
+directory (clean-up after a crash, readiness).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mirror.core.oci import Digest, Hasher
 from mirror.storage.base import DigestMismatch
 from mirror.storage.sending import FileResponder, Responder, Source
 
-__all__ = ["Hashes", "LocalSpool", "SpoolFile"]
+__all__ = ["Hashes", "LocalSpool", "SpoolFile", "SpoolWriter"]
 
 
 class Hashes:
@@ -111,6 +112,37 @@ class SpoolFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+class SpoolWriter:
+    """A :class:`~mirror.storage.base.BlobWriter` over one spool file: everything but
+    :meth:`commit`, which each backend writes (how a verified file is published)."""
+
+    def __init__(self, spool: LocalSpool) -> None:
+        self._file = spool.new_file()
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    @property
+    def size(self) -> int:
+        return self._file.size
+
+    def hash_also(self, digest: Digest) -> None:
+        self._file.hashes.also(digest.algorithm)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def actual_digest(self, algorithm: str = "sha256") -> Digest:
+        return self._file.hashes.digest(algorithm)
+
+    def follow(self, source: Source, size: int | None) -> Responder:
+        return self._file.follow(source, size)
+
+    def abort(self) -> None:
+        self._file.abort()
 
 
 class LocalSpool:

@@ -61,8 +61,8 @@ from mirror.storage.base import BlobInfo, RepositoryRecord, Store
 from mirror.storage.leases import Renewal
 from mirror.storage.s3.client import FileSlice, ObjectInfo, S3Client, S3Error
 from mirror.storage.s3.responder import ObjectResponder
-from mirror.storage.sending import Responder, Source
-from mirror.storage.spool import LocalSpool
+from mirror.storage.sending import Responder
+from mirror.storage.spool import LocalSpool, SpoolWriter
 
 __all__ = ["open_s3_store"]
 
@@ -130,29 +130,13 @@ KEYS = _Keys()
 
 
 # blobs ------------------------------------------------------------------------------------------
-class S3BlobWriter:
+class S3BlobWriter(SpoolWriter):
     """A spool file that commit uploads to ``blobs/`` (create-only) once verified."""
 
     def __init__(self, client: S3Client, spool: LocalSpool, access: S3AccessRecord) -> None:
+        super().__init__(spool)
         self._client = client
         self._access = access
-        self._file = spool.new_file()
-
-    @property
-    def size(self) -> int:
-        return self._file.size
-
-    def hash_also(self, digest: Digest) -> None:
-        self._file.hashes.also(digest.algorithm)
-
-    def write(self, data: bytes) -> None:
-        self._file.write(data)
-
-    def actual_digest(self, algorithm: str = "sha256") -> Digest:
-        return self._file.hashes.digest(algorithm)
-
-    def follow(self, source: Source, size: int | None) -> Responder:
-        return self._file.follow(source, size)
 
     async def commit(self, expected: Digest) -> None:
         self._file.verify(expected)
@@ -161,14 +145,11 @@ class S3BlobWriter:
             # Content-addressed: a stored object is these bytes (another node stored it
             # first); it counts as just written.  Else upload, create-only.
             if await self._client.head(key) is not None or not await self._client.upload_file(
-                key, str(self._file.path), self.size, create_only=True
+                key, str(self.path), self.size, create_only=True
             ):
                 await self._access.record({expected: time.time()})
         finally:
             self._file.abort()
-
-    def abort(self) -> None:
-        self._file.abort()
 
 
 class S3BlobStore:
