@@ -22,7 +22,7 @@ setup(
         "bcrypt>=4",
         # pyjwt: signing and checking the registry's own Docker-flow tokens (exp, aud, iss)
         "pyjwt>=2.8",
-        # botocore: SigV4 request signing (and presigned URLs) for the s3 store, from AWS's own
+        # botocore: SigV4 request signing for the s3 store, from AWS's own
         # library rather than a hand-written signer; only its signer is used, the requests
         # themselves go through treq on the reactor
         "botocore>=1.31",
