@@ -13,6 +13,7 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -255,3 +256,32 @@ def test_an_unreachable_bucket_is_a_clear_503_and_the_node_recovers(upstream, wo
             assert skopeo_copy(f"{node.host_port}/{image.repo}:{image.tag}") == image.digest
     finally:
         bucket.stop()
+
+
+def test_gc_on_one_node_while_another_takes_a_push(upstream, nodes, workdir):
+    """Node B's `mirror gc` (evicting everything idle) runs while node A takes a push of a
+    new image: the pushed image stays whole (GC and the push coordinate through the
+    bucket's lease and holds), and what GC evicted is fetched again on the next pull."""
+    registry, seeded = upstream
+    a, b = nodes(2)
+    latest = seeded["latest"]
+    assert skopeo_copy(f"{a.host_port}/{latest.repo}:{latest.tag}") == latest.digest
+    layout = images.build_standard_layout(workdir / "layout", big_layer_sizes=(4 << 20, 4 << 20))
+    time.sleep(3.5)  # everything pulled so far is now past max_age and the grace period
+    config = yaml.safe_load(b.config_path.read_text())
+    config["gc"] = {"grace": 2, "max_age": 1}  # (the grace protects a push's blobs until its manifest lands)
+    conf = workdir / "gc.yaml"
+    conf.write_text(yaml.safe_dump(config))
+    pushed: list[str] = []
+    pusher = threading.Thread(target=lambda: pushed.append(images.push_layout(layout.path, "big", a.host_port, "team/big", "v1")))
+    pusher.start()
+    out = subprocess.run([sys.executable, "-m", "mirror.tools.cli", "gc", "--json", "--config", str(conf)],
+                         capture_output=True, text=True, timeout=120)
+    pusher.join(timeout=120)
+    assert out.returncode == 0, out.stderr
+    numbers = json.loads(out.stdout.strip().splitlines()[-1])
+    assert numbers["blobs_deleted"] >= len(latest.layers), numbers
+    assert pushed and skopeo_copy(f"{b.host_port}/team/big:v1") == pushed[0]
+    mark = registry.mark()
+    assert skopeo_copy(f"{b.host_port}/{latest.repo}:{latest.tag}") == latest.digest
+    assert blob_gets(registry, mark)

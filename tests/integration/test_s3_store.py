@@ -205,3 +205,22 @@ async def test_one_gc_run_at_a_time_across_nodes(seaweed, tmp_path):
     report = await collect(b, config, clock=reactor)
     assert not report.dry_run
     assert await b.leases.acquire("gc-run", "node-b:1", 60) is None  # the run released its lease
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_multipart_upload_is_aborted_and_stores_nothing(seaweed, tmp_path, monkeypatch):
+    """A multipart upload the server refuses to complete (parts under S3's 5 MiB minimum:
+    EntityTooSmall) fails the commit with S3Error, leaves no object and no multipart
+    upload behind (it was aborted), and the spool file is gone."""
+    monkeypatch.setattr(s3client, "PART_SIZE", 1024 * 1024)
+    (store,) = nodes(seaweed, tmp_path, 1)
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    w = store.blobs.writer()
+    w.write(data)
+    with pytest.raises(S3Error, match="EntityTooSmall"):
+        await w.commit(Digest.of(data))
+    assert await store.blobs.stat(Digest.of(data)) is None
+    client = store.blobs._client
+    listing = await client.read_body(await client.request("GET", None, query={"uploads": "", "prefix": client.config.prefix}))
+    assert b"<Upload>" not in listing, listing[:500]
+    assert not os.listdir(tmp_path / "node0" / "spool")
