@@ -99,6 +99,8 @@ class S3Config:
     region: str = "us-east-1"
     prefix: str = ""  # key prefix inside the bucket ("" or ending in "/")
     timeout: float = 30.0  # seconds to wait for response headers, and at most between body bytes
+    redirect: bool = False  # answer a stored blob's GET with 307 to a presigned URL of its object
+    redirect_expiry: int = 600  # seconds a presigned URL stays valid
 
 
 @attrs.frozen
@@ -325,8 +327,12 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             region=r.take("region", r.string, "us-east-1"),
             prefix=prefix,
             timeout=r.take("timeout", r.positive, 30.0),
+            redirect=r.take("redirect", r.boolean, False),
+            redirect_expiry=int(r.take("redirect_expiry", r.positive, 600.0)),
         )
         r.finish()
+        if not 1 <= cfg.redirect_expiry <= 7 * 24 * 3600:
+            raise r.error(f"{key_path}.redirect_expiry", "expected seconds between 1 and 604800 (S3's limit)")
         return cfg
 
     def storage(key_path: str, value: object) -> StorageConfig:

@@ -44,6 +44,11 @@ def test_s3_storage(tmp_path, monkeypatch):
     s3 = cfg.storage.s3
     assert (s3.endpoint, s3.bucket, s3.region, s3.prefix) == ("http://127.0.0.1:9006", "mirror", "us-east-1", "")
     assert "SECRET" not in repr(cfg) and "KEY" not in repr(cfg)
+    assert (s3.redirect, s3.redirect_expiry) == (False, 600)
+    redirecting = parse_config(f"listen: x\nstorage: {{s3: {S3[:-1]}, redirect: true, redirect_expiry: 60}}}}")
+    assert (redirecting.storage.s3.redirect, redirecting.storage.s3.redirect_expiry) == (True, 60)
+    with pytest.raises(ConfigError, match=r"storage.s3.redirect_expiry: expected seconds between 1 and 604800"):
+        parse_config(f"listen: x\nstorage: {{s3: {S3[:-1]}, redirect_expiry: 999999999}}}}")
     assert cfg.storage.where == "storage.s3" and cfg.storage.location == "http://127.0.0.1:9006/mirror/"
     (tmp_path / "secret").write_text("from-file\n")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-env")

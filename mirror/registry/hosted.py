@@ -85,6 +85,9 @@ class HostedRepository(Repository):
     async def holds_blob(self, digest: Digest) -> bool:
         return await self._ctx.store.metadata.has_blob_link(self.key, digest)
 
+    async def _holds_stored(self, digest: Digest) -> bool:
+        return await self.holds_blob(digest)
+
     async def referrers(self, subject: Digest, artifact_type: str | None) -> list[dict[str, object]]:
         return await self._ctx.store.metadata.referrers(self.key, subject)
 

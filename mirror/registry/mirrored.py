@@ -238,6 +238,9 @@ class MirroredRepository(Repository):
             return await self.get_blob(digest, wait_until_stored=wait_until_stored)
         return BlobBody(responder, fill.expected_size, digest, cache)
 
+    async def _holds_stored(self, digest: Digest) -> bool:
+        return await self._linked(digest)  # an unlinked digest takes get_blob's way (the upstream is asked)
+
     async def _linked(self, digest: Digest) -> bool:
         """Whether the blob was fetched for (or confirmed to) this repository before."""
         return await self._ctx.store.metadata.has_blob_link(self.key, digest, fetched=True)

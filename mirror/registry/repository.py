@@ -160,6 +160,22 @@ class Repository:
         """A blob to stream; ``wait_until_stored`` (Range requests) waits for a fill to commit."""
         raise NotImplementedError
 
+    async def blob_location(self, digest: Digest) -> str | None:
+        """Where a client may fetch ``digest`` straight from the store instead (a store that
+        redirects), when this repository holds it and it is stored; else ``None`` (the
+        client gets :meth:`get_blob`'s answer)."""
+        if not self._ctx.store.blobs.redirects or not await self._holds_stored(digest):
+            return None
+        location = await self._ctx.store.blobs.redirect(digest)
+        if location is not None:
+            self._ctx.local.note(digest)
+            self._ctx.events.cache("blob", self.route, str(digest), "hit")
+        return location
+
+    async def _holds_stored(self, digest: Digest) -> bool:
+        """Whether this repository holds ``digest`` by its own record (no upstream asked)."""
+        raise NotImplementedError
+
     async def blob_size(self, digest: Digest) -> int:
         """A blob's size, for ``HEAD``."""
         raise NotImplementedError

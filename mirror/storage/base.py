@@ -124,6 +124,15 @@ class BlobStore(Protocol):
     async def read(self, digest: Digest, max_size: int) -> bytes | None:
         """A small stored blob's bytes (a manifest), or ``None`` if absent or too big."""
 
+    @property
+    def redirects(self) -> bool:
+        """Whether :meth:`redirect` gives URLs at all (checked before anything is asked)."""
+
+    async def redirect(self, digest: Digest) -> str | None:
+        """A URL a client may fetch stored blob ``digest`` from directly, for a while
+        (object storage configured to redirect); ``None`` when this store serves its blobs
+        itself, or does not hold ``digest``."""
+
     async def put(self, digest: Digest, data: bytes) -> None:
         """Store small, already verified bytes under ``digest`` (durably); an existing blob
         counts as just written (garbage collection's grace period)."""

@@ -192,6 +192,11 @@ class FsBlobStore:
             return None
         return data if len(data) <= max_size else None
 
+    redirects = False  # served by this process
+
+    async def redirect(self, digest: Digest) -> str | None:
+        return None
+
     async def put(self, digest: Digest, data: bytes) -> None:
         path = self._layout.blob(digest)
         try:

@@ -157,6 +157,11 @@ class _Blobs:
         blob = self._s.blobs.get(digest)
         return blob.data if blob is not None and len(blob.data) <= max_size else None
 
+    redirects = False  # served by this process
+
+    async def redirect(self, digest: Digest) -> str | None:
+        return None
+
     async def put(self, digest: Digest, data: bytes) -> None:
         blob = self._s.blobs.get(digest)
         if blob is not None:

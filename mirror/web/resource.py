@@ -344,6 +344,12 @@ class RegistryResource(Resource):
             call.request.setResponseCode(200)
             call.request.finish()
             return
+        location = await repo.blob_location(digest)
+        if location is not None:  # the store serves it: 307 to its object (the client's Range goes there too)
+            self._blob_headers(call, digest)
+            call.set_header("Location", location)
+            call.finish(307)
+            return
         range_header = call.header("Range")
         body = await repo.get_blob(digest, wait_until_stored=range_header is not None)
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import urllib.error
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from mirror.config import S3Config
 from tests.integration.proc_util import HarnessError, ManagedProcess
-from tests.integration.upstream_registry import LOOPBACK, free_port
+from tests.integration.upstream_registry import LOOPBACK
 
 ACCESS_KEY = "MIRRORTESTKEY0001"
 SECRET_KEY = "mirror-test-secret-0001"
@@ -45,15 +46,13 @@ class SeaweedS3:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.process: ManagedProcess | None = None
-        self.ports = {
-            name: free_port()
-            for name in (
-                "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance",
-                "webdav.port", "admin.port", "admin.port.grpc", "debug.port",
-            )
-        }  # fmt: skip
+        self.ports = _free_ports(
+            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+            "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc", "debug.port",
+        )  # fmt: skip
         self.port = self.ports["s3.port"]
+        self.started_once = False
+        self.last_log = ""
 
     @property
     def endpoint(self) -> str:
@@ -90,13 +89,27 @@ class SeaweedS3:
                 }
             )
         )
+        for _ in range(3):
+            if self._launch(binary, data, identities, timeout):
+                self.started_once = True
+                return
+            # A port taken between choosing and binding it (weed exits at once): choose the
+            # others again; the S3 port stays once clients were given it.
+            fresh = _free_ports(*self.ports)
+            if self.started_once:
+                fresh["s3.port"] = self.port
+            self.ports, self.port = fresh, fresh["s3.port"]
+        raise HarnessError("weed mini exited at start three times", self.last_log)
+
+    def _launch(self, binary: str, data: Path, identities: Path, timeout: float) -> bool:
+        """Start weed on :attr:`ports`: True once S3 answers, False if it exited at start."""
         ports = self.ports
         argv = [
             binary, "mini", f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
             *(f"-{name}={port}" for name, port in ports.items()),
             f"-s3.debug.port={ports['debug.port']}", "-master.telemetry=false",
             f"-filer.localSocket={data}/filer.sock", f"-s3.localSocket={data}/s3.sock",
-            f"-webdav.cacheDir={data}/webdavcache", f"-s3.config={identities}",
+            f"-s3.config={identities}", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             # a PUT into a missing bucket is 404 (as on AWS), not a new bucket; stop at once
             "-s3.autoCreateBucket=false", "-volume.preStopSeconds=0",
         ]  # fmt: skip
@@ -107,9 +120,11 @@ class SeaweedS3:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.process.alive():
-                raise HarnessError("weed mini exited at start", self.process.log_tail())
+                self.last_log = self.process.log_tail()
+                self.stop()
+                return False
             if self._answers():
-                return
+                return True
             time.sleep(0.1)
         self.stop()
         raise HarnessError(f"weed mini did not serve S3 within {timeout:g} s", tail_of(self.directory / "weed.log"))
@@ -120,6 +135,7 @@ class SeaweedS3:
             with urllib.request.urlopen(f"{self.endpoint}/", timeout=1):
                 return True
         except urllib.error.HTTPError as e:
+            e.close()
             return e.code in (403, 200)
         except OSError:
             return False
@@ -128,6 +144,20 @@ class SeaweedS3:
         if self.process is not None:
             self.process.stop(term_timeout=15)
             self.process = None
+
+
+def _free_ports(*names: str) -> dict[str, int]:
+    """A distinct free port on 127.0.0.1 for each name: all bound at once, then released."""
+    sockets = []
+    try:
+        for _ in names:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            sockets.append(s)
+        return {name: int(s.getsockname()[1]) for name, s in zip(names, sockets, strict=True)}
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def tail_of(path: Path) -> str:

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import yaml
@@ -26,7 +28,7 @@ from tests.integration.mirror_proc import MirrorProcess
 from tests.integration.nginx_lb import NginxBalancer
 from tests.integration.nginx_lb import skip_reason as nginx_skip_reason
 from tests.integration.proc_util import WorkDir
-from tests.integration.seaweed import SeaweedS3
+from tests.integration.seaweed import SECRET_KEY, SeaweedS3
 from tests.integration.upstream_registry import DistributionRegistry, free_port, http_request
 
 pytestmark = pytest.mark.integration
@@ -285,3 +287,66 @@ def test_gc_on_one_node_while_another_takes_a_push(upstream, nodes, workdir):
     mark = registry.mark()
     assert skopeo_copy(f"{b.host_port}/{latest.repo}:{latest.tag}") == latest.digest
     assert blob_gets(registry, mark)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def test_redirect_sends_clients_to_presigned_urls_of_held_blobs_only(upstream, seaweed, workdir):
+    """With storage.s3.redirect, a stored blob's GET through a repository that holds it is
+    307 to a presigned URL of its object (no credentials in it; the bucket serves the bytes,
+    also a Range), HEAD is still answered by the node, a digest the repository does not
+    hold is still the upstream's 404, and skopeo pulls through the redirects."""
+    registry, seeded = upstream
+    image = seeded["latest"]
+    (workdir / "node").mkdir()
+    storage = seaweed.storage(f"t-{secrets.token_hex(6)}/", workdir / "node" / "spool")
+    storage["s3"]["redirect"] = True  # type: ignore[index]
+    node = MirrorProcess(workdir / "node", [{"registry": "docker.io", "url": registry.url}], storage=storage)
+    with node:
+        assert skopeo_copy(f"{node.host_port}/{image.repo}:{image.tag}") == image.digest  # cold: streamed
+        layer = image.layers[0]
+        opener = urllib.request.build_opener(_NoRedirects)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            opener.open(f"{node.url}/v2/{image.repo}/blobs/{layer}", timeout=30)
+        info.value.close()
+        assert info.value.code == 307
+        location = info.value.headers["Location"]
+        assert location.startswith(seaweed.endpoint) and "X-Amz-Signature=" in location
+        assert SECRET_KEY not in location
+        with urllib.request.urlopen(location, timeout=30) as r:
+            assert "sha256:" + hashlib.sha256(r.read()).hexdigest() == layer
+        ranged = urllib.request.Request(location, headers={"Range": "bytes=0-9"})
+        with urllib.request.urlopen(ranged, timeout=30) as r:
+            assert r.status == 206 and len(r.read()) == 10
+        status, headers, _ = http_request(f"{node.url}/v2/{image.repo}/blobs/{layer}", method="HEAD")
+        assert status == 200 and headers["docker-content-digest"] == layer
+        status, _, body = http_request(f"{node.url}/v2/library/nothing/blobs/{layer}")
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+        mark = registry.mark()
+        assert skopeo_copy(f"{node.host_port}/{image.repo}:{image.tag}") == image.digest  # warm: redirected
+        assert blob_gets(registry, mark) == []
+
+
+@pytest.mark.clients
+@pytest.mark.parametrize("client", ["podman", "ctr", "docker"])
+def test_real_clients_follow_the_redirect_to_the_bucket(client, upstream, seaweed, workdir):
+    """podman, containerd and dockerd pull an image whose blobs the node answers with 307 to
+    presigned bucket URLs (skopeo: the test above), fetching nothing from the upstream."""
+    reason = client_skip_reason(client)
+    if reason:
+        pytest.skip(reason)
+    registry, seeded = upstream
+    image = seeded["latest"]
+    (workdir / "node").mkdir()
+    storage = seaweed.storage(f"t-{secrets.token_hex(6)}/", workdir / "node" / "spool")
+    storage["s3"]["redirect"] = True  # type: ignore[index]
+    node = MirrorProcess(workdir / "node", [{"registry": "docker.io", "url": registry.url}], storage=storage)
+    with node:
+        assert skopeo_copy(f"{node.host_port}/{image.repo}:{image.tag}") == image.digest  # fills the bucket
+        mark = registry.mark()
+        pull(client, node.host_port, f"docker.io/{image.repo}:{image.tag}")
+        assert blob_gets(registry, mark) == []
+        assert '/blobs/sha256:' in node.log_text() and '" 307 ' in node.log_text()

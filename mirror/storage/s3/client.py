@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import attrs
-from botocore.auth import S3SigV4Auth
+from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
@@ -195,6 +195,13 @@ class _Bucket:
             request.context["payload_hash"] = payload_hash
         _Signer(self._credentials, "s3", self.config.region).add_auth(request)
         return {str(name): str(value) for name, value in request.headers.items()}
+
+    def presigned_url(self, key: str, expires: int) -> str:
+        """A URL that lets its holder GET ``key`` for ``expires`` seconds (a query-string
+        signature: no credentials travel with it)."""
+        request = AWSRequest(method="GET", url=self.url(key))
+        S3SigV4QueryAuth(self._credentials, "s3", self.config.region, expires=expires).add_auth(request)
+        return str(request.url)
 
 
 class S3Client(_Bucket):

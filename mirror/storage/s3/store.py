@@ -210,6 +210,15 @@ class S3BlobStore:
             _, dropped = self._small.popitem(last=False)
             self._small_bytes -= len(dropped)
 
+    @property
+    def redirects(self) -> bool:
+        return self._client.config.redirect
+
+    async def redirect(self, digest: Digest) -> str | None:
+        if not self.redirects or await self._client.head(KEYS.blob(digest)) is None:
+            return None
+        return self._client.presigned_url(KEYS.blob(digest), self._client.config.redirect_expiry)
+
     async def put(self, digest: Digest, data: bytes) -> None:
         if not await self._client.put(KEYS.blob(digest), data, create_only=True):
             await self._access.record({digest: time.time()})  # already there: counts as just written
