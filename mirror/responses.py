@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 
-__all__ = ["Discard", "read_capped", "stop_body"]
+__all__ = ["Discard", "drain", "read_capped", "stop_body"]
 
 
 def stop_body(protocol: Protocol) -> None:
@@ -84,3 +84,25 @@ class Discard(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         pass
+
+
+#: Bodies up to this size are read and dropped rather than cut off (see :func:`drain`).
+DRAIN_LIMIT = 64 * 1024
+
+
+class _Drain(Protocol):
+    """Reads a small body to its end and drops it."""
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        pass
+
+
+def drain(response: IResponse) -> None:
+    """Be done with a response whose body is of no interest: a small one (an error
+    document, an empty body) is read to its end, so that a persistent connection goes back
+    to its pool; anything else is cut off (:class:`Discard`)."""
+    small = isinstance(response.length, int) and response.length <= DRAIN_LIMIT
+    response.deliverBody(_Drain() if small else Discard())

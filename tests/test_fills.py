@@ -248,3 +248,55 @@ def test_clients_finish_when_verified_before_the_commit(root):
     d, f, args = pending.pop(0)  # the commit
     d.callback(f(*args))
     assert fill.stored and store.blobs.stat(Digest.of(DATA)) == len(DATA)
+
+
+def test_a_node_following_this_fill_gets_the_last_byte_only_once_stored(root):
+    """What another node reads (UntilStored) ends only when the blob is in the store: the
+    last byte waits for the commit, not just the verification, so the follower's own commit
+    finds the blob stored and uploads nothing."""
+    from twisted.internet.defer import Deferred
+
+    from mirror.registry.fills import UntilStored
+
+    pending = []
+
+    def run_later(f, *args):
+        d = Deferred()
+        pending.append((d, f, args))
+        return d
+
+    store = Sync(open_filesystem_store(root, run_later))
+    fill = BlobFill(store.blobs.writer(), Digest.of(DATA), len(DATA), Clock(), 30, run_later)
+    fill.makeConnection(StringTransport())
+    peer = Consumer()
+    sent = fill.writer.follow(UntilStored(fill), len(DATA)).send(peer)
+    fill.dataReceived(DATA)
+    d, f, args = pending.pop(0)  # the write
+    d.callback(f(*args))
+    fill.connectionLost(Failure(ResponseDone()))
+    assert fill.verified and not fill.stored
+    assert len(peer.data) == len(DATA) - 1 and not sent.called
+    d, f, args = pending.pop(0)  # the commit
+    d.callback(f(*args))
+    assert fill.stored and bytes(peer.data) == DATA and sent.called
+
+
+def test_a_follower_waits_longer_for_the_held_back_last_byte(store):
+    """With a tail timeout, a fill that has all but the last byte waits that long (the
+    followed node is uploading), while a stall before that is still the idle timeout."""
+    clock = Clock()
+    fill = BlobFill(store.blobs.writer(), Digest.of(DATA), len(DATA), clock, 30, run_now, tail_timeout=600)
+    transport = StringTransport()
+    fill.makeConnection(transport)
+    fill.dataReceived(DATA[:-1])
+    clock.advance(590)
+    assert transport.producerState == "producing"
+    fill.dataReceived(DATA[-1:])
+    fill.connectionLost(Failure(ResponseDone()))
+    assert fill.stored
+    stalled = BlobFill(store.blobs.writer(), Digest.of(DATA), len(DATA), clock, 30, run_now, tail_timeout=600)
+    stalled_transport = StringTransport()
+    stalled.makeConnection(stalled_transport)
+    stalled.dataReceived(DATA[:100])
+    clock.advance(31)
+    assert stalled_transport.producerState == "stopped"

@@ -70,7 +70,30 @@ def test_cluster_signatures_bind_method_path_time_and_secret():
     assert not cluster.verify("GET", path.replace("a", "b"), header, now=1000.0)
     other = Cluster(ClusterConfig("http://10.0.0.6:5000", "another-secret-16"), leases=object(), http=None, clock=None)  # type: ignore[arg-type]
     assert not other.verify("GET", path, header, now=1000.0)
-    for bad in (None, "", "garbage", "x:y", f"{header}0"):
+    for bad in (None, "", "garbage", "x:y", f"{header}0", "²:" + "a" * 64, "1" * 5000 + ":" + "a" * 64, header + "é"):
         assert not cluster.verify("GET", path, bad, now=1000.0)
     lone = Cluster(None, None, None, None)  # type: ignore[arg-type]
     assert not lone.enabled and not lone.verify("GET", path, header, now=1000.0)
+
+
+def test_an_upload_reports_each_piece_of_its_body_so_its_timeout_counts_from_the_last():
+    """_Progress tells its callback of every piece the body producer writes (the request's
+    timeout is reset on each, so a large body on a slow link is not cut off while it moves)."""
+    import io
+
+    from twisted.internet.task import Cooperator
+    from twisted.web.client import FileBodyProducer
+
+    from mirror.storage.s3.client import _Progress
+    from tests.test_store_contract import Collect
+
+    steps = []
+    producer = FileBodyProducer(io.BytesIO(b"x" * 300), cooperator=Cooperator(scheduler=steps.append), readSize=100)
+    moved = []
+    body = _Progress(producer, lambda: moved.append(1))
+    assert body.length == 300
+    out = Collect()
+    done = body.startProducing(out)
+    while steps:
+        steps.pop(0)()
+    assert bytes(out.data) == b"x" * 300 and len(moved) == 3 and done.called

@@ -250,3 +250,19 @@ def test_the_token_endpoint_takes_credentials_from_the_form_body_only_as_utf8(ht
     assert a.code == 401
     a = m.request("POST", "/auth/token?x=1;password=p", data=good, headers=form)
     assert a.code == 400 and a.error_code == "UNSUPPORTED"
+
+
+def test_header_values_that_are_not_utf8_are_refused_cleanly(htpasswd):
+    """An Authorization header whose bytes are not UTF-8 (HTTP allows any octets) is a 401
+    with a challenge, not a 500: headers are read as bytes."""
+    from twisted.web.http_headers import Headers
+
+    from mirror.config import MirrorConfig, StorageConfig
+    from mirror.storage.memory import open_memory_store
+    from tests.inmemory import InMemoryMirror
+
+    config = MirrorConfig(listen=(), storage=StorageConfig(root="unused"), hosted=("*",), auth=AuthConfig(htpasswd=htpasswd))
+    m = InMemoryMirror(config, open_memory_store(lambda: 0.0))
+    for value in (b"Basic \xff\xfe", b"Bearer \xb2"):
+        a = m.request("GET", "/v2/", headers=Headers({b"Authorization": [value]}))
+        assert a.code == 401 and a.header("WWW-Authenticate"), (value, a.code)

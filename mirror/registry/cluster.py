@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 from treq.client import HTTPClient
@@ -44,6 +45,8 @@ __all__ = ["AUTH_HEADER", "Cluster", "fill_path"]
 AUTH_HEADER = "Mirror-Cluster-Auth"
 #: Seconds a signed request stays valid (node clocks may differ by a little).
 MAX_AGE = 60.0
+#: The header's form: a Unix time and the HMAC-SHA256 in hex (nothing else is parsed).
+_AUTH_RE = re.compile(r"([0-9]{1,12}):([0-9a-f]{64})")
 
 _log = Logger()
 
@@ -94,9 +97,12 @@ class Cluster:
             return
         renewal = Renewal(self._leases, _lease_name(digest), self.config.advertise, self.config.fill_lease, self._clock)
 
+        async def let_go() -> None:
+            await renewal.stop()
+            await self.release(digest)
+
         def finished(result: object) -> object:
-            renewal.stop()
-            Deferred.fromCoroutine(self.release(digest))
+            Deferred.fromCoroutine(let_go())
             return result
 
         done.addBoth(finished)
@@ -119,12 +125,13 @@ class Cluster:
 
     def verify(self, method: str, path: str, header: str | None, now: float | None = None) -> bool:
         """Whether ``header`` signs this request with the cluster's secret, recently."""
-        if self.config is None or not header or ":" not in header:
+        match = _AUTH_RE.fullmatch(header or "")
+        if self.config is None or match is None:
             return False
-        stamp, _, mac = header.partition(":")
-        if not stamp.isdigit() or abs((time.time() if now is None else now) - int(stamp)) > MAX_AGE:
+        stamp, mac = match.groups()
+        if abs((time.time() if now is None else now) - int(stamp)) > MAX_AGE:
             return False
-        return hmac.compare_digest(mac, self._mac(method, path, stamp))
+        return hmac.compare_digest(mac.encode(), self._mac(method, path, stamp).encode())
 
     def _mac(self, method: str, path: str, stamp: str) -> str:
         assert self.config is not None

@@ -61,6 +61,8 @@ class BlobFill(Protocol):
         clock: for the idle timeout.
         idle_timeout: seconds without a byte before the fill is abandoned.
         run_blocking: runs batches of writes off the reactor thread; returns a Deferred.
+        tail_timeout: the idle timeout instead, once all but the last byte of a known size
+            arrived (a node being followed holds the last byte back until it stored the blob).
     """
 
     _log = Logger()
@@ -73,8 +75,11 @@ class BlobFill(Protocol):
         clock: IReactorTime,
         idle_timeout: float,
         run_blocking: Callable[..., Deferred[Any]],
+        *,
+        tail_timeout: float | None = None,
     ) -> None:
         self.writer = writer
+        self._tail_timeout = tail_timeout
         self.digest = digest
         self.expected_size = expected_size
         self._clock = clock
@@ -221,12 +226,13 @@ class BlobFill(Protocol):
         stop_body(self)
 
     def _reset_idle(self) -> None:
+        timeout = self._idle_timeout
+        if self._tail_timeout is not None and self.expected_size is not None and self._received >= self.expected_size - 1:
+            timeout = self._tail_timeout
         if self._idle is not None and self._idle.active():
-            self._idle.reset(self._idle_timeout)
+            self._idle.reset(timeout)
         else:
-            self._idle = self._clock.callLater(
-                self._idle_timeout, self._give_up, f"upstream sent nothing for {self._idle_timeout:g} s"
-            )
+            self._idle = self._clock.callLater(timeout, self._give_up, f"upstream sent nothing for {timeout:g} s")
 
 
 class UntilStored:
@@ -238,7 +244,11 @@ class UntilStored:
         self._fill = fill
 
     def readable_end(self) -> int:
-        return self._fill.readable_end()
+        end = self._fill.readable_end()
+        size = self._fill.expected_size
+        if not self._fill.stored and size is not None:
+            end = min(end, size - 1)  # the last byte, which ends the follower's response, waits
+        return end
 
     @property
     def verified(self) -> bool:

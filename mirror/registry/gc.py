@@ -69,15 +69,17 @@ async def holding_off_gc(lock: GcLock, clock: IReactorTime, work: Callable[[], A
         RegistryError: ``UNAVAILABLE`` when GC holds the store for more than ``patience``
             seconds (a request should not hang; ``mirror import`` waits longer).
     """
-    for _ in range(max(1, int(patience / 0.01))):
+    deadline = clock.seconds() + patience  # time, not tries: a try costs requests on object storage
+    while True:
         handle = await lock.try_shared()
         if handle is not None:
             try:
                 return await work()
             finally:
                 await lock.release(handle)
+        if clock.seconds() >= deadline:
+            raise RegistryError("UNAVAILABLE", "garbage collection is holding the store; retry shortly")
         await deferLater(clock, 0.01, lambda: None)
-    raise RegistryError("UNAVAILABLE", "garbage collection is holding the store; retry shortly")
 
 
 @attrs.frozen
@@ -213,7 +215,7 @@ async def collect(
     try:
         return await _collect(store, config, now, dry_run, delete_untagged)
     finally:
-        renewal.stop()
+        await renewal.stop()
         await store.leases.release("gc-run", holder)
 
 

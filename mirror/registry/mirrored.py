@@ -35,6 +35,7 @@ from mirror.registry.cluster import Cluster
 from mirror.registry.fills import BlobFill, Fills
 from mirror.registry.repository import BlobBody, Context, Repository, StoredManifest
 from mirror.registry.singleflight import SingleFlight
+from mirror.responses import Discard
 from mirror.storage.base import DigestMismatch
 from mirror.upstream.client import Upstream, UpstreamRefused, UpstreamUnavailable
 
@@ -42,6 +43,9 @@ __all__ = ["MirrorState", "MirroredRepository"]
 
 #: Repositories whose manifests' references are remembered (then the memo starts over).
 _NAMED_CACHE = 1024
+#: Seconds a fill following another node waits for the last byte, which that node sends
+#: once it has uploaded the blob to the shared store (a large blob's upload takes a while).
+FOLLOW_TAIL = 600.0
 _log = Logger()
 
 
@@ -315,12 +319,12 @@ class MirroredRepository(Repository):
         cluster = self._state.cluster
         assert self.route.upstream is not None
         peer = await cluster.claim(digest)
-        if peer is None and cluster.enabled and await self._ctx.store.blobs.stat(digest) is not None:
-            await cluster.release(digest)  # another node stored it and let go of the lease meanwhile
-            return None
         source: str | None = None  # the node whose fill this follows; None: the upstream's body
+        response = None
         try:
-            response = None
+            if peer is None and cluster.enabled and await self._ctx.store.blobs.stat(digest) is not None:
+                await cluster.release(digest)  # another node stored it and let go of the lease meanwhile
+                return None
             if peer is not None:
                 await self._confirm(digest)  # this repository holds it upstream (the peer's fill may be for another)
                 response = await cluster.follow(peer, digest, self.route.upstream.timeout)
@@ -328,17 +332,23 @@ class MirroredRepository(Repository):
             if response is None:
                 response = await self._upstream.get_blob(self.route.remote_name, str(digest))
                 await self._link(digest)  # the upstream's 200 says its repository has the digest
-        except RegistryError as e:
-            self._ctx.events.fetched("blob", self.route, str(digest), 0, started, e.code)
-            raise
-        finally:
-            if peer is None and response is None:
+            writer = self._ctx.store.blobs.writer()
+        except BaseException as e:
+            if response is not None:
+                response.deliverBody(Discard())
+            if peer is None:
                 await cluster.release(digest)
-        writer = self._ctx.store.blobs.writer()
+            if isinstance(e, RegistryError):
+                self._ctx.events.fetched("blob", self.route, str(digest), 0, started, e.code)
+            raise
         if digest.algorithm != "sha256":
             writer.hash_also(digest)
         length = response.length if isinstance(response.length, int) else None
-        fill = BlobFill(writer, digest, length, self._ctx.clock, self.route.upstream.timeout, self._state.run_blocking)
+        timeout = self.route.upstream.timeout
+        # A node followed holds back the last byte until it has stored the blob (its upload):
+        # wait that long, not an idle upstream's timeout.
+        tail = max(timeout, FOLLOW_TAIL) if source is not None else None
+        fill = BlobFill(writer, digest, length, self._ctx.clock, timeout, self._state.run_blocking, tail_timeout=tail)
 
         def finished(result: Failure | None) -> None:
             outcome = "stored"

@@ -122,8 +122,9 @@ class _Call:
         return values[0].decode("utf-8", "replace") if values else None
 
     def header(self, name: str) -> str | None:
-        value = self.request.getHeader(name)
-        return value.decode("latin-1") if isinstance(value, bytes) else value
+        # By bytes: asked by str, Twisted decodes the value as UTF-8 and raises on other bytes.
+        value = self.request.getHeader(name.encode("ascii"))
+        return value.decode("latin-1") if value is not None else None
 
     def set_header(self, name: str, value: str | int) -> None:
         self.request.setHeader(name.encode(), str(value).encode("latin-1"))

@@ -204,7 +204,8 @@ def test_the_node_to_node_endpoint_needs_the_cluster_secret(cluster, slow_upstre
     assert wait_until(lambda: http_request(f"{a.url}/v2/{REPO}/blobs/{digest}", timeout=30)[0] == 200, 30)
     path = f"/_cluster/fills/{digest}"
     for header in (None, sign("GET", path, "wrong-secret-wrong-secret"), sign("GET", path, when=time.time() - 600),
-                   sign("GET", "/_cluster/fills/sha256:" + "0" * 64), "garbage"):
+                   sign("GET", "/_cluster/fills/sha256:" + "0" * 64), "garbage", "\u00b2:" + "a" * 64,
+                   "1" * 5000 + ":" + "a" * 64):
         status, _, body = http_request(f"{a.url}{path}", headers={"Mirror-Cluster-Auth": header} if header else {})
         assert status == 403 and b"DENIED" in body, (header, status, body[:200])
     status, _, body = http_request(f"{a.url}{path}", headers={"Mirror-Cluster-Auth": sign("GET", path)}, timeout=30)

@@ -149,6 +149,8 @@ async def test_gc_lease_excludes_writers_on_other_nodes(seaweed, tmp_path):
     async with a.gc_lock.exclusive():
         assert await b.gc_lock.try_shared() is None
         assert await a.gc_lock.try_shared() is None
+        holds, _ = await a.blobs._client.list("locks/shared/")
+        assert holds == []  # a writer that backs off leaves no hold to keep GC waiting
     handle = await b.gc_lock.try_shared()
     assert handle is not None
     entered = []
@@ -224,3 +226,25 @@ async def test_a_failed_multipart_upload_is_aborted_and_stores_nothing(seaweed, 
     listing = await client.read_body(await client.request("GET", None, query={"uploads": "", "prefix": client.config.prefix}))
     assert b"<Upload>" not in listing, listing[:500]
     assert not os.listdir(tmp_path / "node0" / "spool")
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_batches_stay_small_however_many_blobs(seaweed, tmp_path, monkeypatch):
+    """A flush or a merge of many reads is written as several objects of a bounded number
+    of entries (so that no object outgrows what GC reads at once), and merges back whole."""
+    from mirror.storage.s3 import store as s3store
+
+    monkeypatch.setattr(s3store, "ACCESS_BATCH", 2)
+    (a,) = nodes(seaweed, tmp_path, 1)
+    digests = [Digest.of(bytes([i])) for i in range(5)]
+    for d in digests:
+        await a.blobs.put(d, b"x" + d.encoded.encode())
+    await a.access.record({d: 100.0 + i for i, d in enumerate(digests)})
+    objects, _ = await a.blobs._client.list("access/")
+    assert len(objects) == 3
+    await a.access.record({digests[0]: 500.0})
+    expected = {d: 100.0 + i for i, d in enumerate(digests)} | {digests[0]: 500.0}
+    assert await a.access.snapshot() == expected  # merged, then compacted into batches of two
+    objects, _ = await a.blobs._client.list("access/")
+    assert len(objects) == 3
+    assert await a.access.snapshot() == expected

@@ -24,7 +24,7 @@ import os
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -35,15 +35,16 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IProducer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
 
 from mirror.config import S3Config
-from mirror.responses import Discard, read_capped
+from mirror.responses import drain, read_capped
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -129,6 +130,48 @@ class _SliceReader(io.RawIOBase):
         if not self.closed:
             os.close(self._fd)
         super().close()
+
+
+@implementer(IBodyProducer)
+class _Progress:
+    """A body producer that calls ``moved`` each time a piece of the body is written."""
+
+    def __init__(self, inner: FileBodyProducer, moved: Callable[[], object]) -> None:
+        self._inner = inner
+        self._moved = moved
+        self.length = inner.length
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        done: Deferred[None] = self._inner.startProducing(_Counting(consumer, self._moved))
+        return done
+
+    def pauseProducing(self) -> None:
+        self._inner.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._inner.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._inner.stopProducing()
+
+
+@implementer(IConsumer)
+class _Counting:
+    """A consumer passing writes on, telling ``moved`` of each."""
+
+    def __init__(self, consumer: IConsumer, moved: Callable[[], object]) -> None:
+        self._consumer = consumer
+        self._moved = moved
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self._consumer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._consumer.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        self._moved()
+        self._consumer.write(data)
 
 
 class _Signer(S3SigV4Auth):
@@ -247,7 +290,7 @@ class S3Client(_Bucket):
             if response.code in expect:
                 return response
             if response.code in (500, 502, 503, 504) and attempt + 1 < ATTEMPTS:
-                response.deliverBody(Discard())
+                drain(response)
                 await deferLater(self._clock, 0.1 * 4**attempt, lambda: None)
                 continue
             try:
@@ -259,9 +302,14 @@ class S3Client(_Bucket):
         raise AssertionError("unreachable")
 
     async def _send(self, method: str, url: str, headers: Mapping[str, str], data: Any) -> IResponse:
+        """The response's headers, within the timeout of the last byte of the body sent (a
+        large body on a slow link takes as long as it takes, as long as it moves)."""
         raw = Headers({name: [value] for name, value in headers.items()})
+        timer: IDelayedCall | None = None
+        if isinstance(data, FileBodyProducer):
+            data = _Progress(data, lambda: timer.reset(self.config.timeout) if timer and timer.active() else None)
         sending = self._http.request(method, url, headers=raw, data=data, unbuffered=True)
-        timer = self._clock.callLater(self.config.timeout, sending.cancel)  # headers within the timeout
+        timer = self._clock.callLater(self.config.timeout, sending.cancel)
         try:
             response: IResponse = await sending
         except CancelledError:
@@ -284,7 +332,7 @@ class S3Client(_Bucket):
     # operations ------------------------------------------------------------------------------
     async def head(self, key: str) -> ObjectInfo | None:
         response = await self.request("HEAD", key, expect=(200, 404))
-        response.deliverBody(Discard())
+        drain(response)
         if response.code == 404:
             return None
         length = int(response.headers.getRawHeaders("content-length", ["0"])[0])  # HEAD: no body, so not .length
@@ -298,7 +346,7 @@ class S3Client(_Bucket):
             headers["Range"] = f"bytes={first}-{'' if end is None else end - 1}"
         response = await self.request("GET", key, headers=headers, expect=(200, 206, 404))
         if response.code == 404:
-            response.deliverBody(Discard())
+            drain(response)
             return None
         return response
 
@@ -320,12 +368,12 @@ class S3Client(_Bucket):
         and False returned (``If-None-Match: *``); else True."""
         headers = {"If-None-Match": "*"} if create_only else {}
         response = await self.request("PUT", key, headers=headers, body=body, expect=(200, 412))
-        response.deliverBody(Discard())
+        drain(response)
         return bool(response.code == 200)
 
     async def delete(self, key: str) -> None:
         response = await self.request("DELETE", key, expect=(200, 204, 404))
-        response.deliverBody(Discard())
+        drain(response)
 
     async def list(self, prefix: str, *, delimiter: str | None = None) -> tuple[list[ObjectInfo], list[str]]:
         """Every object under ``prefix`` (and with ``delimiter``, the sub-prefixes), keys
@@ -365,7 +413,7 @@ class S3Client(_Bucket):
             for number, offset in enumerate(range(0, size, PART_SIZE), start=1):
                 body = FileSlice(path, offset, min(PART_SIZE, size - offset))
                 part = await self.request("PUT", key, query={"partNumber": str(number), "uploadId": upload_id}, body=body)
-                part.deliverBody(Discard())
+                drain(part)
                 etags.append(part.headers.getRawHeaders("etag", [""])[0])
             document = "<CompleteMultipartUpload>" + "".join(
                 f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>" for n, etag in enumerate(etags, start=1)
@@ -390,7 +438,7 @@ class S3Client(_Bucket):
     async def _abort(self, key: str, upload_id: str) -> None:
         try:
             response = await self.request("DELETE", key, query={"uploadId": upload_id}, expect=(200, 204, 404))
-            response.deliverBody(Discard())
+            drain(response)
         except S3Error:
             pass  # the bucket's lifecycle rule (or a later abort) cleans it up
 

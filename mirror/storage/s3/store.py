@@ -79,6 +79,9 @@ CLOCK_SKEW = 30.0
 POLL = 0.05
 #: Bytes of small blobs (manifests) a node keeps in memory; none over a sixteenth of it.
 SMALL_CACHE = 32 * 1024 * 1024
+#: Reads per access-record object (about 100 bytes each), and the most one may hold.
+ACCESS_BATCH = 50_000
+ACCESS_READ_LIMIT = 64 * 1024 * 1024
 #: Bytes read back from an upload part per write to the spool.
 CHUNK = 1024 * 1024
 
@@ -240,7 +243,7 @@ class S3BlobStore:
         info = await self._client.head(KEYS.blob(digest))
         if info is None or info.modified >= idle_before:
             return None
-        if (await self._access.latest()).get(digest, 0.0) >= idle_before:
+        if (await self._access.current()).get(digest, 0.0) >= idle_before:
             return None
         await self._client.delete(KEYS.blob(digest))
         self._small_bytes -= len(self._small.pop(digest, b""))
@@ -397,10 +400,11 @@ class S3MetadataStore:
 class S3UploadStore:
     """Upload sessions under ``uploads/<id>/``: each append is an object of its own."""
 
-    def __init__(self, client: S3Client, blobs: S3BlobStore, run_blocking: RunBlocking) -> None:
+    def __init__(self, client: S3Client, blobs: S3BlobStore, run_blocking: RunBlocking, clock: IReactorTime) -> None:
         self._client = client
         self._blobs = blobs
         self._run_blocking = run_blocking
+        self._clock = clock
 
     async def create(self, repo: str) -> str:
         upload_id = str(uuid.uuid4())
@@ -454,7 +458,7 @@ class S3UploadStore:
                 response = await self._client.get(item.key)
                 if response is None:
                     raise S3Error(f"GET {item.key}", 404, "NoSuchKey", "an upload part vanished")
-                body = _SpoolBody(writer, self._run_blocking)
+                body = _SpoolBody(writer, self._run_blocking, self._clock, self._client.config.timeout)
                 response.deliverBody(body)
                 await body.done
             await writer.commit(expected)
@@ -494,7 +498,7 @@ class _SpoolBody(Protocol):
     """Writes an object's body into a spool writer (hashing it) off the reactor, in
     batches; the connection is paused while a batch is written, so memory stays bounded."""
 
-    def __init__(self, writer: S3BlobWriter, run_blocking: RunBlocking) -> None:
+    def __init__(self, writer: S3BlobWriter, run_blocking: RunBlocking, clock: IReactorTime, idle: float) -> None:
         self._writer = writer
         self._run_blocking = run_blocking
         self._batch: list[bytes] = []
@@ -502,8 +506,16 @@ class _SpoolBody(Protocol):
         self._writing: Deferred[Any] | None = None
         self._end: Failure | None = None
         self.done: Deferred[None] = Deferred()
+        self._idle = idle
+        self._timer = clock.callLater(idle, self._stalled)
+
+    def _stalled(self) -> None:
+        self._end = Failure(S3Error("reading an upload part", None, "Timeout", f"nothing for {self._idle:g} s"))
+        stop_body(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._timer.active():
+            self._timer.reset(self._idle)
         self._batch.append(data)
         self._pending += len(data)
         if self._pending >= CHUNK and self._writing is None:
@@ -521,6 +533,8 @@ class _SpoolBody(Protocol):
         if self._end is not None:
             self._finish()
         elif self.transport is not None:
+            if self._timer.active():
+                self._timer.reset(self._idle)  # the disk was slow, not the store
             IPushProducer(self.transport).resumeProducing()
 
     def _failed(self, failure: Failure) -> None:
@@ -530,6 +544,8 @@ class _SpoolBody(Protocol):
         self._finish()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer.active():
+            self._timer.cancel()
         if self._end is None:
             self._end = reason
         if self._writing is None:
@@ -559,13 +575,25 @@ class S3AccessRecord:
     def __init__(self, client: S3Client) -> None:
         self._client = client
         self._read: dict[str, dict[Digest, float]] = {}  # batches this process has read, by key
+        self._merged: dict[Digest, float] | None = None  # as of the last look (None: look again)
 
     async def record(self, accessed: Mapping[Digest, float]) -> None:
-        if not accessed:
-            return
-        key = f"access/{time.time():017.6f}-{secrets.token_hex(6)}.json"
-        body = json.dumps({str(digest): when for digest, when in accessed.items()}).encode()
-        await self._client.put(key, body)
+        entries = [(str(digest), when) for digest, when in accessed.items()]
+        for i in range(0, len(entries), ACCESS_BATCH):  # objects of a few MB, however many blobs
+            key = f"access/{time.time():017.6f}-{secrets.token_hex(6)}.json"
+            await self._client.put(key, json.dumps(dict(entries[i : i + ACCESS_BATCH])).encode())
+        self._merged = None
+
+    def look_again(self) -> None:
+        """Make the next :meth:`current` read the record afresh (GC took its lock: every
+        writer that held it off has recorded its reads)."""
+        self._merged = None
+
+    async def current(self) -> dict[Digest, float]:
+        """:meth:`latest`, read once per :meth:`look_again` (once per GC batch, not per blob)."""
+        if self._merged is None:
+            self._merged = await self.latest()
+        return self._merged
 
     async def latest(self) -> dict[Digest, float]:
         """Every recorded read (the latest per blob), reading only batches not read before."""
@@ -575,7 +603,7 @@ class S3AccessRecord:
             if key not in present:
                 del self._read[key]  # merged into a newer batch, which is read instead
         for key in sorted(present - set(self._read)):
-            data = await self._client.read(key)
+            data = await self._client.read(key, ACCESS_READ_LIMIT)
             if data is None:
                 continue  # merged and removed meanwhile
             batch = {}
@@ -659,6 +687,10 @@ class S3Leases:
         return lease[0] if lease is not None and lease[0] else "another node"
 
     async def renew(self, name: str, holder: str, ttl: float) -> None:
+        lease = await self.current(name)
+        if lease is not None and lease[0] != holder:  # expired and taken over: it is not ours to extend
+            _log.warn("lease {name} is held by {other} now, not {holder}", name=name, other=lease[0], holder=holder)
+            return
         await self._client.put(self._key(name), json.dumps({"holder": holder, "expires": time.time() + ttl}).encode())
 
     async def release(self, name: str, holder: str) -> None:
@@ -679,9 +711,10 @@ class S3GcLock:
     GC deletes.  The lease is renewed while held; a dead holder's lease expires.
     """
 
-    def __init__(self, client: S3Client, leases: S3Leases, clock: IReactorTime) -> None:
+    def __init__(self, client: S3Client, leases: S3Leases, access: S3AccessRecord, clock: IReactorTime) -> None:
         self._client = client
         self._leases = leases
+        self._access = access
         self._clock = clock
         self.owner = f"gc-{secrets.token_hex(8)}"
 
@@ -693,9 +726,10 @@ class S3GcLock:
         try:
             while await self._live_holds():
                 await deferLater(self._clock, POLL, lambda: None)
+            self._access.look_again()  # the writers held off have recorded their reads
             yield
         finally:
-            renewal.stop()
+            await renewal.stop()
             await self._leases.release("gc", self.owner)
 
     async def _live_holds(self) -> bool:
@@ -703,12 +737,19 @@ class S3GcLock:
         return any(item.modified > time.time() - SHARED_HOLD for item in objects)
 
     async def try_shared(self) -> object | None:
+        if self._leases.live(await self._leases.current("gc")):
+            return None  # GC holds it: no hold of ours to keep it waiting
         key = f"locks/shared/{secrets.token_hex(12)}"
         await self._client.put(key, b"")
-        if self._leases.live(await self._leases.current("gc")):
+        try:
+            held_off = not self._leases.live(await self._leases.current("gc"))  # (GC may have come meanwhile)
+        except BaseException:
             await self._client.delete(key)
-            return None
-        return key
+            raise
+        if held_off:
+            return key
+        await self._client.delete(key)
+        return None
 
     async def release(self, handle: object) -> None:
         assert isinstance(handle, str)
@@ -743,9 +784,9 @@ def open_s3_store(client: S3Client, spool: Path, run_blocking: RunBlocking, cloc
     return Store(
         blobs=blobs,
         metadata=S3MetadataStore(client),
-        uploads=S3UploadStore(client, blobs, run_blocking),
+        uploads=S3UploadStore(client, blobs, run_blocking, clock),
         access=access,
-        gc_lock=S3GcLock(client, leases, clock),
+        gc_lock=S3GcLock(client, leases, access, clock),
         spool=local,
         description=f"s3 {client.config.endpoint}/{client.config.bucket}/{client.config.prefix}",
         leases=leases,
