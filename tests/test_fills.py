@@ -7,7 +7,7 @@ consumer that records writes and can be paused, as a full socket would.
 
 import pytest
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -23,6 +23,27 @@ from mirror.storage.sending import ClientGone
 from tests.storeutil import Sync
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
+
+
+class Later:
+    """Stands in for deferToThread, holding each call until the test runs it (a slow disk)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.pending.append((d, f, args))
+        return d
+
+    def step(self):
+        """Run the oldest held call."""
+        d, f, args = self.pending.pop(0)
+        d.callback(f(*args))
+
+    def run_all(self):
+        while self.pending:
+            self.step()
 
 
 def run_now(f, *args):
@@ -193,14 +214,7 @@ def test_cached_range(store):
 def test_slow_disk_pauses_the_upstream_and_resumes_it(store):
     """When the writer thread falls more than QUEUE_HIGH behind, the upstream socket is
     paused (TCP holds the rest); it resumes once the backlog drops under QUEUE_LOW."""
-    from twisted.internet.defer import Deferred
-
-    pending = []
-
-    def run_later(f, *args):
-        d = Deferred()
-        pending.append((d, f, args))
-        return d
+    run_later = Later()
 
     data = b"x" * (QUEUE_HIGH + 1024 * 1024)
     fill = BlobFill(store.blobs.writer(), Digest.of(data), len(data), Clock(), 30, run_later)
@@ -209,28 +223,17 @@ def test_slow_disk_pauses_the_upstream_and_resumes_it(store):
     for i in range(0, len(data), 65536):
         fill.dataReceived(data[i : i + 65536])
     assert transport.producerState == "paused"
-    while pending:
-        d, f, args = pending.pop(0)
-        d.callback(f(*args))
+    run_later.run_all()
     assert transport.producerState == "producing"
     fill.connectionLost(Failure(ResponseDone()))
-    while pending:
-        d, f, args = pending.pop(0)
-        d.callback(f(*args))
+    run_later.run_all()
     assert fill.stored and store.blobs.stat(Digest.of(data)) == len(data)
 
 
 def test_clients_finish_when_verified_before_the_commit(root):
     """The last byte goes out once the digest verified; fsync and rename (commit) run after,
     and only the store waits for them."""
-    from twisted.internet.defer import Deferred
-
-    pending = []
-
-    def run_later(f, *args):
-        d = Deferred()
-        pending.append((d, f, args))
-        return d
+    run_later = Later()
 
     store = Sync(open_filesystem_store(root, run_later))
 
@@ -239,14 +242,12 @@ def test_clients_finish_when_verified_before_the_commit(root):
     client = Consumer()
     sent = fill.follower().send(client)
     fill.dataReceived(DATA)
-    d, f, args = pending.pop(0)  # the write
-    d.callback(f(*args))
+    run_later.step()  # the write
     fill.connectionLost(Failure(ResponseDone()))
     assert bytes(client.data) == DATA and sent.called  # whole and verified: done
     assert fill.verified and not fill.stored
     assert store.blobs.stat(Digest.of(DATA)) is None  # not in the store yet
-    d, f, args = pending.pop(0)  # the commit
-    d.callback(f(*args))
+    run_later.step()  # the commit
     assert fill.stored and store.blobs.stat(Digest.of(DATA)) == len(DATA)
 
 
@@ -254,16 +255,9 @@ def test_a_node_following_this_fill_gets_the_last_byte_only_once_stored(root):
     """What another node reads (UntilStored) ends only when the blob is in the store: the
     last byte waits for the commit, not just the verification, so the follower's own commit
     finds the blob stored and uploads nothing."""
-    from twisted.internet.defer import Deferred
-
     from mirror.registry.fills import UntilStored
 
-    pending = []
-
-    def run_later(f, *args):
-        d = Deferred()
-        pending.append((d, f, args))
-        return d
+    run_later = Later()
 
     store = Sync(open_filesystem_store(root, run_later))
     fill = BlobFill(store.blobs.writer(), Digest.of(DATA), len(DATA), Clock(), 30, run_later)
@@ -271,13 +265,11 @@ def test_a_node_following_this_fill_gets_the_last_byte_only_once_stored(root):
     peer = Consumer()
     sent = fill.writer.follow(UntilStored(fill), len(DATA)).send(peer)
     fill.dataReceived(DATA)
-    d, f, args = pending.pop(0)  # the write
-    d.callback(f(*args))
+    run_later.step()  # the write
     fill.connectionLost(Failure(ResponseDone()))
     assert fill.verified and not fill.stored
     assert len(peer.data) == len(DATA) - 1 and not sent.called
-    d, f, args = pending.pop(0)  # the commit
-    d.callback(f(*args))
+    run_later.step()  # the commit
     assert fill.stored and bytes(peer.data) == DATA and sent.called
 
 

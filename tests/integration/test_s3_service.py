@@ -294,6 +294,14 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def redirecting_node(seaweed, workdir, registry) -> MirrorProcess:
+    """A node (not started) on a fresh prefix with storage.s3.redirect on."""
+    (workdir / "node").mkdir()
+    storage = seaweed.storage(f"t-{secrets.token_hex(6)}/", workdir / "node" / "spool")
+    storage["s3"]["redirect"] = True  # type: ignore[index]
+    return MirrorProcess(workdir / "node", [{"registry": "docker.io", "url": registry.url}], storage=storage)
+
+
 def test_redirect_sends_clients_to_presigned_urls_of_held_blobs_only(upstream, seaweed, workdir):
     """With storage.s3.redirect, a stored blob's GET through a repository that holds it is
     307 to a presigned URL of its object (no credentials in it; the bucket serves the bytes,
@@ -301,10 +309,7 @@ def test_redirect_sends_clients_to_presigned_urls_of_held_blobs_only(upstream, s
     hold is still the upstream's 404, and skopeo pulls through the redirects."""
     registry, seeded = upstream
     image = seeded["latest"]
-    (workdir / "node").mkdir()
-    storage = seaweed.storage(f"t-{secrets.token_hex(6)}/", workdir / "node" / "spool")
-    storage["s3"]["redirect"] = True  # type: ignore[index]
-    node = MirrorProcess(workdir / "node", [{"registry": "docker.io", "url": registry.url}], storage=storage)
+    node = redirecting_node(seaweed, workdir, registry)
     with node:
         assert skopeo_copy(f"{node.host_port}/{image.repo}:{image.tag}") == image.digest  # cold: streamed
         layer = image.layers[0]
@@ -340,10 +345,7 @@ def test_real_clients_follow_the_redirect_to_the_bucket(client, upstream, seawee
         pytest.skip(reason)
     registry, seeded = upstream
     image = seeded["latest"]
-    (workdir / "node").mkdir()
-    storage = seaweed.storage(f"t-{secrets.token_hex(6)}/", workdir / "node" / "spool")
-    storage["s3"]["redirect"] = True  # type: ignore[index]
-    node = MirrorProcess(workdir / "node", [{"registry": "docker.io", "url": registry.url}], storage=storage)
+    node = redirecting_node(seaweed, workdir, registry)
     with node:
         assert skopeo_copy(f"{node.host_port}/{image.repo}:{image.tag}") == image.digest  # fills the bucket
         mark = registry.mark()
