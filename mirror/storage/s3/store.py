@@ -15,7 +15,9 @@ Keys under the configured prefix::
     uploads/<id>/repo                              an upload session: its repository...
     uploads/<id>/parts/<offset, 16 hex digits>     ...and the bytes of each append, so that
                                                    every node can continue or commit it
-    locks/gc                                       GC's exclusive lease (owner, expiry)
+    leases/gc, leases/gc-run                       GC's exclusive lease (per batch of deletes)
+                                                   and its run's lease: {"holder", "expires"}
+    leases/fills/<alg>/<hex>                       the node fetching that blob (a cluster)
     locks/shared/<random>                          a writer holding GC off
 
 the same names as the filesystem layout, so that a reader of one knows the other.
