@@ -86,6 +86,8 @@ class UpstreamConfig:
     tag_ttl: float = 300.0  # seconds a tag's digest is trusted before a revalidating HEAD
     timeout: float = 30.0  # seconds to wait for response headers, and at most between body bytes
     offline: bool = False  # never contact this upstream: serve what is cached, refuse misses
+    retry_deadline: float = 15.0  # seconds within which a failed request is tried again; 0: never
+    negative_ttl: float = 30.0  # seconds a 404 for a manifest or repository is remembered; 0: never
 
 
 @attrs.frozen
@@ -371,6 +373,8 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             tag_ttl=r.take("tag_ttl", r.number, 300.0),
             timeout=r.take("timeout", r.positive, 30.0),
             offline=r.take("offline", r.boolean, False),
+            retry_deadline=r.take("retry_deadline", r.number, 15.0),
+            negative_ttl=r.take("negative_ttl", r.number, 30.0),
         )
         r.finish()
         if (cfg.username is None) != (cfg.password is None):

@@ -28,6 +28,21 @@ class Metrics:
         self.fetches = Counter("mirror_upstream_fetches", "Upstream fetches", ["upstream", "kind", "outcome"], registry=r)
         self.fetch_bytes = Counter("mirror_upstream_bytes", "Bytes fetched from upstreams", ["upstream"], registry=r)
         self.fetch_errors = Counter("mirror_upstream_errors", "Failed upstream fetches", ["upstream"], registry=r)
+        self.retries = Counter(
+            "mirror_upstream_retries",
+            "Upstream requests tried again after a transient failure",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.give_ups = Counter(
+            "mirror_upstream_give_ups",
+            "Upstream requests failed for good once retries ran out",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.resumes = Counter(
+            "mirror_upstream_resumes", "Blob bodies resumed with a Range request after breaking mid-way", ["upstream"], registry=r
+        )
         self.follows = Counter(
             "mirror_cluster_follows", "Blob fills followed from another node instead of the upstream", ["outcome"], registry=r
         )
@@ -54,6 +69,15 @@ class Metrics:
         self.fetch_bytes.labels(upstream).inc(size)
         if kind_of_outcome != "ok":
             self.fetch_errors.labels(upstream).inc()
+
+    def upstream_retried(self, upstream: str, reason: str) -> None:
+        self.retries.labels(upstream, reason).inc()
+
+    def upstream_gave_up(self, upstream: str, reason: str) -> None:
+        self.give_ups.labels(upstream, reason).inc()
+
+    def upstream_resumed(self, upstream: str) -> None:
+        self.resumes.labels(upstream).inc()
 
     def followed(self, outcome: str) -> None:
         self.follows.labels("ok" if outcome == "stored" else "error").inc()

@@ -110,7 +110,7 @@ def build_registry(
         pool.maxPersistentPerHost = 16
     http = HTTPClient(Agent(reactor, pool=pool))
     cluster = Cluster(config.cluster, store.leases, http, reactor)
-    return Registry(config, store, lambda u: Upstream(u, http, reactor), reactor, deferToThread, cluster)
+    return Registry(config, store, lambda u, metrics: Upstream(u, http, reactor, metrics), reactor, deferToThread, cluster)
 
 
 def _report_cleaned(removed: int) -> None:

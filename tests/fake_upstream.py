@@ -33,7 +33,13 @@ class FakeRegistry(Resource):
         super().__init__()
         self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}  # (name, ref) -> (data, type)
         self.blobs: dict[str, bytes] = {}
-        self.faults: dict[str, str] = {}  # digest, "name@digest" or "name:ref" -> fault
+        # digest, "name@digest" or "name:ref" -> fault: "429", "500", "stall", "late404",
+        # "corrupt", "drop" (a blob body cut off at its middle byte: a Range request from
+        # there on gets the rest), "drop_always" (every body cut off half-way through)
+        self.faults: dict[str, str] = {}
+        self.once: set[str] = set()  # fault keys whose fault applies to one request, then goes
+        self.ranges = True  # answer a blob GET with Range: bytes=N- with 206 (False: 200, whole)
+        self.ranges_asked: list[str] = []  # the Range headers of blob GETs
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, path) -> count
         self.token_required = False
         self.tokens_issued = 0
@@ -119,6 +125,8 @@ class FakeRegistry(Resource):
 
     def _fault(self, request, key: str):
         fault = self.faults.get(key)
+        if fault in ("429", "500", "stall", "late404") and key in self.once:
+            del self.faults[key]
         if fault == "429":
             request.setResponseCode(429)
             request.setHeader(b"retry-after", self.retry_after.encode())
@@ -166,25 +174,41 @@ class FakeRegistry(Resource):
             request.setResponseCode(404)
             return b'{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}'
         fault = self.faults.get(digest)
+        if digest in self.once:
+            self.faults.pop(digest, None)
         if fault == "corrupt":
             data = data[:-1] + bytes([data[-1] ^ 1])
-        request.setHeader(b"content-length", str(len(data)).encode())
         if method == "HEAD":
+            request.setHeader(b"content-length", str(len(data)).encode())
             return b""
-        chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
+        size, start = len(data), 0
+        asked = (request.getHeader("range") or "").removeprefix("bytes=").removesuffix("-")
+        if asked:
+            self.ranges_asked.append(asked)
+        if asked.isdigit() and self.ranges and int(asked) < size:
+            start = int(asked)
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", f"bytes {start}-{size - 1}/{size}".encode())
+        request.setHeader(b"content-length", str(size - start).encode())
+        end = size
         if fault == "drop":
-            chunks = chunks[: max(1, len(chunks) // 2)]
+            end = max(start, size // 2) if start < size // 2 else size
+        elif fault == "drop_always":
+            end = start + max(1, (size - start) // 2)
+        chunks = [data[i : min(i + 65536, end)] for i in range(start, end, 65536)]
         gone: list[bool] = []  # the client may hang up once it has the Content-Length it wanted
         request.notifyFinish().addBoth(lambda _: gone.append(True))
-        self._stream(request, chunks, drop=fault == "drop", gone=gone)
+        self._stream(request, chunks, drop=end < size, gone=gone)
         return NOT_DONE_YET
 
     def _stream(self, request, chunks, drop: bool, gone: list[bool]) -> None:
         if gone:
             return
         if not chunks:
-            if drop:
-                request.transport.abortConnection()
+            if drop:  # after what was written (an abort would throw away the response headers
+                # too), which waits for no producer
+                request.transport.unregisterProducer()
+                request.transport.loseConnection()
             else:
                 request.finish()
             return

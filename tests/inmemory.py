@@ -107,9 +107,15 @@ class InMemoryMirror:
         clock: Clock | None = None,
     ) -> None:
         self.clock = clock or Clock()
+        # Time moves only when a test advances it: an upstream failure is final here, not
+        # retried after a backoff no one would wait out (tests/test_upstream_retry.py
+        # drives retries with the clock).
+        config = attrs.evolve(config, upstreams=tuple(attrs.evolve(u, retry_deadline=0) for u in config.upstreams))
         self.upstream_agent: Any = RequestTraversalAgent(upstream) if upstream is not None else RefusingAgent()
         http = HTTPClient(self.upstream_agent)
-        self.registry = Registry(config, store, lambda u: Upstream(u, http, self.clock), self.clock, run_blocking_now)
+        self.registry = Registry(
+            config, store, lambda u, metrics: Upstream(u, http, self.clock, metrics), self.clock, run_blocking_now
+        )
         self.resource = RegistryResource(self.registry, build_auth(config), run_blocking_now)
         self._agent = RequestTraversalAgent(self.resource)
         self._client = HTTPClient(self._agent, data_to_body_producer=_BodyNow)

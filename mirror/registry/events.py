@@ -54,6 +54,19 @@ class Events:
             event_kind="upstream_fetch",
         )
 
+    def resumed(self, route: Route, reference: str, offset: int) -> None:
+        """A blob body from the upstream broke mid-way; it is asked for again from ``offset``."""
+        assert route.upstream is not None
+        self.metrics.upstream_resumed(route.upstream.registry)
+        self._log.info(
+            "upstream fetch: {upstream} blob {repository}@{digest} resumed from byte {offset}",
+            upstream=route.upstream.registry,
+            repository=route.remote_name,
+            digest=reference,
+            offset=offset,
+            event_kind="upstream_resume",
+        )
+
     def followed(self, route: Route, reference: str, peer: str, size: int, started: float, outcome: str) -> None:
         """A blob fill followed from another node (which fetched it from the upstream) ended."""
         self.metrics.followed(outcome)

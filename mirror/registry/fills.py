@@ -8,7 +8,11 @@ falls 8 MiB behind; when the body ends it verifies the digest and commits.  It n
 waits for clients: a slow or departed client cannot stall or cancel a fill.  It is the
 :class:`~mirror.storage.sending.Source` its followers' responders follow, and it holds
 back the last byte until the digest has verified, so a client never receives a
-complete-looking body whose bytes turn out wrong.
+complete-looking body whose bytes turn out wrong.  A body that breaks mid-way (a reset,
+a close, a stall) is resumed: ``resume(offset)`` asks the upstream for the bytes from
+there on and they continue the same file and the same digest computation, so clients
+already streaming never notice.  Only when that fails too does the fill fail, and its
+followers' responses are cut off, never completed as if whole.
 
 :class:`Fills` is the one place that answers "is this blob already being fetched?":
 every request for a digest either starts its fill or joins the one under way (from the
@@ -17,7 +21,7 @@ moment the upstream request is sent until the blob is committed).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -26,19 +30,28 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
 
 from mirror.core.oci import Digest
 from mirror.registry.singleflight import Shared
-from mirror.responses import stop_body
+from mirror.responses import Discard, stop_body
 from mirror.storage.base import BlobWriter, DigestMismatch
 from mirror.storage.sending import Responder
 
-__all__ = ["BlobFill", "FillFailed", "Fills", "UntilStored"]
+__all__ = ["BlobFill", "FillFailed", "Fills", "Resume", "UntilStored"]
+
+#: Asks the upstream for a blob from an offset on: the response and how many of its
+#: first bytes come before the offset (to skip).
+Resume = Callable[[int], Coroutine[Any, Any, tuple[IResponse, int]]]
 
 #: A fill holding more than this in memory, waiting for the disk, pauses the upstream...
 QUEUE_HIGH = 8 * 1024 * 1024
 #: ...and resumes it below this.
 QUEUE_LOW = 2 * 1024 * 1024
+#: A resumed body that breaks again before this many bytes made no progress...
+RESUME_PROGRESS = 64 * 1024
+#: ...and after this many such resumes in a row the fill fails.
+FRUITLESS_RESUMES = 3
 
 
 def _write_all(writer: BlobWriter, chunks: list[bytes]) -> None:
@@ -63,6 +76,8 @@ class BlobFill(Protocol):
         run_blocking: runs batches of writes off the reactor thread; returns a Deferred.
         tail_timeout: the idle timeout instead, once all but the last byte of a known size
             arrived (a node being followed holds the last byte back until it stored the blob).
+        resume: asks for the rest of a body that broke (see :data:`Resume`); without it a
+            broken body fails the fill.
     """
 
     _log = Logger()
@@ -77,8 +92,15 @@ class BlobFill(Protocol):
         run_blocking: Callable[..., Deferred[Any]],
         *,
         tail_timeout: float | None = None,
+        resume: Resume | None = None,
     ) -> None:
         self.writer = writer
+        self._resume = resume
+        self._resuming = False  # between a break and the resumed body's first byte
+        self._resumed_at = 0  # bytes received when the body last (re)started
+        self._fruitless = 0  # resumes in a row that broke again without progress
+        self._skip = 0  # bytes of a resumed body from before the offset asked for
+        self._stalled = False  # the idle timeout stopped the body: resume it
         self._tail_timeout = tail_timeout
         self.digest = digest
         self.expected_size = expected_size
@@ -129,6 +151,13 @@ class BlobFill(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._problem is not None:
             return
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+            self._reset_idle()
+            if not data:
+                return
         if self.expected_size is not None and self._received + len(data) > self.expected_size:
             self._give_up(f"upstream sent more than its Content-Length of {self.expected_size}")
             return
@@ -145,6 +174,51 @@ class BlobFill(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        if self._problem is None and self._resume is not None and (self._stalled or not reason.check(ResponseDone)):
+            self._resume_after(reason)
+            return
+        self._lost = reason
+        self._flush()
+
+    # resuming a body that broke -----------------------------------------------------------
+    def _resume_after(self, reason: Failure) -> None:
+        assert self._resume is not None
+        why = "it stalled" if self._stalled else reason.getErrorMessage()
+        progress = self._received - self._resumed_at
+        self._fruitless = 0 if progress >= RESUME_PROGRESS else self._fruitless + 1
+        if self._fruitless > FRUITLESS_RESUMES:
+            self._problem = f"upstream body kept breaking at byte {self._received} ({why})"
+            self._lost = reason
+            self._flush()
+            return
+        self._log.info(
+            "blob {digest}: upstream body broke at byte {offset} ({why}); resuming from there",
+            digest=str(self.digest),
+            offset=self._received,
+            why=why,
+        )
+        self._resuming, self._stalled, self._upstream_paused = True, False, False
+        self.transport = None  # (the old body's: nothing to pause or stop any more)
+        d: Deferred[tuple[IResponse, int]] = Deferred.fromCoroutine(self._resume(self._received))
+        d.addCallbacks(self._resumed, self._resume_failed, errbackArgs=(reason, why))
+
+    def _resumed(self, result: tuple[IResponse, int]) -> None:
+        response, skip = result
+        self._resuming = False
+        if self._problem is not None:  # abandoned meanwhile
+            response.deliverBody(Discard())
+            self._lost = Failure(FillFailed(self._problem))
+            self._flush()
+            return
+        self._resumed_at, self._skip = self._received, skip
+        response.deliverBody(self)  # (makeConnection again, with the new body's transport)
+
+    def _resume_failed(self, failure: Failure, reason: Failure, why: str) -> None:
+        self._resuming = False
+        if self._problem is None:
+            self._problem = (
+                f"upstream body broke at byte {self._received} ({why}) and could not be resumed: {failure.getErrorMessage()}"
+            )
         self._lost = reason
         self._flush()
 
@@ -166,7 +240,7 @@ class BlobFill(Protocol):
         if self._upstream_paused and self._queued < QUEUE_LOW and self._lost is None and self.transport is not None:
             self._upstream_paused = False
             IPushProducer(self.transport).resumeProducing()
-        if self._lost is None:
+        if self._lost is None and not self._resuming:
             self._reset_idle()
         self._notify()
         self._flush()
@@ -232,7 +306,14 @@ class BlobFill(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.reset(timeout)
         else:
-            self._idle = self._clock.callLater(timeout, self._give_up, f"upstream sent nothing for {timeout:g} s")
+            self._idle = self._clock.callLater(timeout, self._stall, timeout)
+
+    def _stall(self, timeout: float) -> None:
+        if self._resume is None:
+            self._give_up(f"upstream sent nothing for {timeout:g} s")
+        else:
+            self._stalled = True  # connectionLost resumes
+            stop_body(self)
 
 
 class UntilStored:

@@ -3,14 +3,17 @@
 * **Manifests by digest** are immutable: served from the store, fetched once if absent.
 * **Tags** are trusted for the upstream's ``tag_ttl``; then one ``HEAD`` revalidates
   them (:mod:`mirror.core.tagcache`).  An upstream that is down, slow or answering
-  5xx/429 gets the cached digest served (and a warning logged).
+  5xx/429 gets the cached digest served (and a warning logged), after at most
+  :data:`STALE_PATIENCE` seconds of retries rather than the upstream's whole
+  ``retry_deadline``.
 * **Blobs** are served from the store if this repository holds them: a link written when
   the blob was fetched for it, or the upstream's ``HEAD`` for it (when the upstream cannot
   be asked: a manifest it holds naming the digest as a layer or config).  A digest it
   does not hold is the upstream's to answer for this repository, even when another
   repository's copy is stored — a digest is not a key.  A miss starts one
   :class:`~mirror.registry.fills.BlobFill` per digest, and every request for that digest
-  follows its spool until it commits (:class:`~mirror.registry.fills.Fills`).
+  follows its spool until it commits (:class:`~mirror.registry.fills.Fills`).  A body
+  that breaks mid-way is resumed from the upstream with a ``Range`` request.
 * Concurrent misses for one manifest share one upstream request.
 * Writes are refused with ``DENIED``, naming the rule.
 """
@@ -25,6 +28,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
 
 from mirror.core.errors import RegistryError
 from mirror.core.manifest import parse_manifest
@@ -46,6 +50,9 @@ _NAMED_CACHE = 1024
 #: Seconds a fill following another node waits for the last byte, which that node sends
 #: once it has uploaded the blob to the shared store (a large blob's upload takes a while).
 FOLLOW_TAIL = 600.0
+#: Seconds of retries when revalidating a cached tag: with a copy to serve, a failing
+#: upstream is not worth keeping the client waiting for (the stale tag is served).
+STALE_PATIENCE = 1.0
 _log = Logger()
 
 
@@ -133,7 +140,7 @@ class MirroredRepository(Repository):
             return cached
         if cached is not None:
             try:
-                remote = await self._upstream.head_manifest(self.route.remote_name, tag, accept)
+                remote = await self._upstream.head_manifest(self.route.remote_name, tag, accept, patience=STALE_PATIENCE)
             except UpstreamUnavailable as e:
                 return self._serve_stale(tag, cached, e)
             except UpstreamRefused as e:
@@ -144,7 +151,7 @@ class MirroredRepository(Repository):
                 await self._trust_tag(tag, cached.digest)
                 return cached
         try:
-            manifest = await self._fetch_manifest(tag, None, accept)
+            manifest = await self._fetch_manifest(tag, None, accept, patience=STALE_PATIENCE if cached is not None else None)
         except UpstreamUnavailable as e:
             if cached is not None:
                 return self._serve_stale(tag, cached, e)
@@ -162,13 +169,17 @@ class MirroredRepository(Repository):
         self._state.tags.confirmed(self.key, tag, cached.digest, self._ctx.clock.seconds())
         return cached
 
-    async def _fetch_manifest(self, reference: str, expected: Digest | None, accept: list[str]) -> StoredManifest:
+    async def _fetch_manifest(
+        self, reference: str, expected: Digest | None, accept: list[str], *, patience: float | None = None
+    ) -> StoredManifest:
         upstream = self._upstream
         started = self._ctx.clock.seconds()
         outcome = "error"
         size = 0
         try:
-            response = await upstream.get_manifest(self.route.remote_name, reference, accept, self._ctx.config.max_manifest_size)
+            response = await upstream.get_manifest(
+                self.route.remote_name, reference, accept, self._ctx.config.max_manifest_size, patience=patience
+            )
             data = response.data
             size = len(data)
             if expected is not None and not expected.matches(data):
@@ -348,7 +359,16 @@ class MirroredRepository(Repository):
         # A node followed holds back the last byte until it has stored the blob (its upload):
         # wait that long, not an idle upstream's timeout.
         tail = max(timeout, FOLLOW_TAIL) if source is not None else None
-        fill = BlobFill(writer, digest, length, self._ctx.clock, timeout, self._state.run_blocking, tail_timeout=tail)
+        upstream = self._upstream
+
+        async def resume(offset: int) -> tuple[IResponse, int]:
+            # From the upstream, whoever sent the first bytes: the digest decides, not the source.
+            self._ctx.events.resumed(self.route, str(digest), offset)
+            return await upstream.resume_blob(self.route.remote_name, str(digest), offset)
+
+        fill = BlobFill(
+            writer, digest, length, self._ctx.clock, timeout, self._state.run_blocking, tail_timeout=tail, resume=resume
+        )
 
         def finished(result: Failure | None) -> None:
             outcome = "stored"

@@ -49,7 +49,7 @@ class Registry:
     Args:
         config: the service configuration.
         store: where content lives.
-        make_upstream: builds the client of one configured upstream.
+        make_upstream: builds the client of one configured upstream, counting into the metrics given.
         clock: the reactor's time.
         run_blocking: runs a blocking callable in a thread; returns a Deferred.
         cluster: the other nodes on a shared store (default: none).
@@ -59,7 +59,7 @@ class Registry:
         self,
         config: MirrorConfig,
         store: Store,
-        make_upstream: Callable[[UpstreamConfig], Upstream],
+        make_upstream: Callable[[UpstreamConfig, Metrics], Upstream],
         clock: IReactorTime,
         run_blocking: Callable[..., Deferred[Any]],
         cluster: Cluster | None = None,
@@ -82,7 +82,9 @@ class Registry:
         for u in config.upstreams:
             u = _effective(u, config)
             current = self._upstreams.get(u.registry)
-            upstreams[u.registry] = current if current is not None and current.config == u else self._make_upstream(u)
+            upstreams[u.registry] = (
+                current if current is not None and current.config == u else self._make_upstream(u, self.metrics)
+            )
         self._upstreams = upstreams
         self.config = config
         self.router = Router(config.upstreams, config.hosted)

@@ -156,17 +156,91 @@ async def test_corrupt_blob_is_not_cached_and_client_fails(streaming, fake_upstr
 
 
 @pytest_twisted.ensureDeferred
-async def test_dropped_connection_not_cached_then_refetched(fake_upstream, make_mirror):
-    """A connection dropped mid-blob fails the client; the next request refetches and succeeds."""
+async def test_body_broken_mid_way_is_resumed_with_a_range_request(fake_upstream, make_mirror, events):
+    """A blob body cut off half-way is asked for again from the byte it reached: the
+    client gets every byte in one response, and the blob is cached."""
     _, layer = image(fake_upstream)
     fake_upstream.faults[layer] = "drop"
     m = make_mirror(fake_upstream.url)
+    r = await m.get(f"/v2/library/app/blobs/{layer}")
+    assert r.code == 200 and await r.content() == LAYER
+    assert fake_upstream.ranges_asked == [str(len(LAYER) // 2)]
+    assert fake_upstream.count("GET", layer) == 2
+    await m.settled()
+    assert blob_path(m.root, layer).read_bytes() == LAYER
+    assert [e["offset"] for e in events.kinds("upstream_resume")] == [len(LAYER) // 2]
+    assert b'mirror_upstream_resumes_total{upstream="docker.io"} 1.0' in m.registry.metrics.exposition()
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_from_an_upstream_without_ranges_skips_what_it_has(fake_upstream, make_mirror):
+    """An upstream that answers a Range request with the whole blob (200) still resumes:
+    the bytes before the offset are skipped, the digest computation goes on."""
+    _, layer = image(fake_upstream)
+    fake_upstream.ranges = False
+    fake_upstream.faults[layer] = "drop"
+    fake_upstream.once.add(layer)
+    m = make_mirror(fake_upstream.url)
+    r = await m.get(f"/v2/library/app/blobs/{layer}")
+    assert r.code == 200 and await r.content() == LAYER
+    assert fake_upstream.ranges_asked == [str(len(LAYER) // 2)]
+    await m.settled()
+    assert blob_path(m.root, layer).read_bytes() == LAYER
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_that_keeps_breaking_fails_the_client_and_is_not_cached(fake_upstream, make_mirror):
+    """A body that breaks again and again without progress is given up: the client's
+    response is cut off (never completed as if whole), nothing is cached, and the next
+    request fetches afresh."""
+    _, layer = image(fake_upstream)
+    fake_upstream.faults[layer] = "drop_always"
+    m = make_mirror(fake_upstream.url)
     await assert_client_fails(m, f"/v2/library/app/blobs/{layer}")
-    await sleep(0.1)
+    await m.settled()
+    assert not blob_path(m.root, layer).exists()
+    gets = fake_upstream.count("GET", layer)
+    assert 2 < gets < 30  # resumed, but not forever
     del fake_upstream.faults[layer]
     r = await m.get(f"/v2/library/app/blobs/{layer}")
     assert await r.content() == LAYER
+    assert fake_upstream.count("GET", layer) == gets + 1
+
+
+@pytest.mark.parametrize("fault", ["500", "stall", "429"])
+@pytest_twisted.ensureDeferred
+async def test_transient_upstream_failure_is_retried(fault, fake_upstream, make_mirror, events):
+    """One 5xx, stall (past the timeout) or 429 (Retry-After within the deadline) before
+    the answer: the request is tried again and the client never sees the failure."""
+    _, layer = image(fake_upstream)
+    fake_upstream.faults[layer] = fault
+    fake_upstream.once.add(layer)
+    fake_upstream.retry_after = "1"
+    m = make_mirror(fake_upstream.url, timeout=0.5)
+    r = await m.get(f"/v2/library/app/blobs/{layer}")
+    assert r.code == 200 and await r.content() == LAYER
     assert fake_upstream.count("GET", layer) == 2
+    assert len(events.kinds("upstream_retry")) == 1
+    reason = {"500": "500", "stall": "timeout", "429": "429"}[fault]
+    assert f'mirror_upstream_retries_total{{reason="{reason}",upstream="docker.io"}} 1.0'.encode() in (
+        m.registry.metrics.exposition()
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_retries_give_up_at_the_deadline(fake_upstream, make_mirror, events):
+    """An upstream that keeps failing is tried again with backoff until retry_deadline,
+    then the client gets the error (and the give-up is logged and counted)."""
+    _, layer = image(fake_upstream)
+    fake_upstream.faults[layer] = "500"
+    m = make_mirror(fake_upstream.url, retry_deadline=1.5)
+    started = time.monotonic()
+    r = await m.get(f"/v2/library/app/blobs/{layer}")
+    assert r.code == 503 and await error_of(r) == "UNAVAILABLE"
+    assert 0.3 < time.monotonic() - started < 3
+    assert 3 <= fake_upstream.count("GET", layer) <= 8
+    assert len(events.kinds("upstream_give_up")) == 1
+    assert b'mirror_upstream_give_ups_total{reason="500",upstream="docker.io"} 1.0' in m.registry.metrics.exposition()
 
 
 @pytest_twisted.ensureDeferred
@@ -221,13 +295,16 @@ class _Abort:
 
 @pytest_twisted.ensureDeferred
 async def test_429_passes_through_with_retry_after(fake_upstream, make_mirror):
-    """An upstream 429 with nothing cached is TOOMANYREQUESTS with the upstream's Retry-After."""
+    """An upstream 429 whose Retry-After reaches past the retry deadline, with nothing
+    cached, is TOOMANYREQUESTS at once, with the upstream's Retry-After."""
     image(fake_upstream)
     fake_upstream.faults["library/app:latest"] = "429"
-    m = make_mirror(fake_upstream.url)
+    m = make_mirror(fake_upstream.url, retry_deadline=5)  # Retry-After (7 s) reaches past it
+    started = time.monotonic()
     r = await m.get("/v2/library/app/manifests/latest")
     assert r.code == 429 and await error_of(r) == "TOOMANYREQUESTS"
     assert r.headers.getRawHeaders("retry-after") == ["7"]
+    assert time.monotonic() - started < 1 and fake_upstream.count("GET", "/manifests/latest") == 1
 
 
 @pytest.mark.parametrize("fault", ["500", "429", "stall", "down"])
@@ -303,10 +380,11 @@ async def test_upstream_digest_header_mismatch_rejected(fake_upstream, make_mirr
 
 @pytest_twisted.ensureDeferred
 async def test_stalled_upstream_times_out(fake_upstream, make_mirror):
-    """An upstream that never answers gives UNAVAILABLE after the configured timeout, not a hang."""
+    """An upstream that never answers gives UNAVAILABLE after the configured timeout (and
+    the retries within the deadline), not a hang."""
     _, layer = image(fake_upstream)
     fake_upstream.faults[layer] = "stall"
-    m = make_mirror(fake_upstream.url, timeout=0.5)
+    m = make_mirror(fake_upstream.url, timeout=0.5, retry_deadline=1)
     started = time.monotonic()
     r = await m.get(f"/v2/library/app/blobs/{layer}")
     assert r.code == 503 and await error_of(r) == "UNAVAILABLE"
@@ -615,3 +693,37 @@ async def test_slow_reader_of_a_cached_blob_gets_every_byte(fake_upstream, make_
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert body == LAYER
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_404_for_a_manifest_is_remembered_for_negative_ttl(fake_upstream, make_mirror):
+    """Eight requests for a tag the upstream lacks cost one upstream request; after
+    negative_ttl the upstream is asked again, and once it has the tag it is served."""
+    m = make_mirror(fake_upstream.url, negative_ttl=0.5)
+    for _ in range(8):
+        r = await m.get("/v2/library/app/manifests/nosuchtag")
+        assert r.code == 404 and await error_of(r) == "MANIFEST_UNKNOWN"
+        r = await m.get("/v2/library/app/manifests/nosuchtag", method="HEAD")
+        assert r.code == 404
+        await r.content()
+    assert fake_upstream.count("GET", "/manifests/nosuchtag") == 1
+    assert fake_upstream.count("HEAD", "/manifests/nosuchtag") == 0
+    image(fake_upstream, tag="nosuchtag")
+    r = await m.get("/v2/library/app/manifests/nosuchtag")
+    assert r.code == 404  # still remembered: the upstream is not asked within the TTL
+    await r.content()
+    await sleep(0.6)
+    r = await m.get("/v2/library/app/manifests/nosuchtag")
+    assert r.code == 200
+    await r.content()
+    assert fake_upstream.count("GET", "/manifests/nosuchtag") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_negative_ttl_zero_remembers_nothing(fake_upstream, make_mirror):
+    m = make_mirror(fake_upstream.url, negative_ttl=0)
+    for _ in range(3):
+        r = await m.get("/v2/library/app/manifests/nosuchtag")
+        assert r.code == 404
+        await r.content()
+    assert fake_upstream.count("GET", "/manifests/nosuchtag") == 3
