@@ -85,15 +85,13 @@ class _FlushAtStop(Service):
         return Deferred.fromCoroutine(self._registry.access.flush())
 
 
-def build_registry(
-    config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnectionPool | None = None, *, clean_spool: bool = True
-) -> Registry:
+def build_registry(config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnectionPool | None = None) -> Registry:
     """The registry for ``config`` on ``reactor`` (a real one).
 
     ``pool`` holds the upstream connections; the caller may pass one to close it later.
-    ``clean_spool`` removes spool files a previous process left (idle for 10 minutes, so
-    that a ``mirror warm`` sharing the store keeps its fills); ``mirror warm`` itself
-    passes False.
+    Spool files a dead process left are removed before this returns (so before the
+    service listens); the fills of live processes sharing the store are kept
+    (:mod:`mirror.storage.spool`).
 
     Raises:
         ConfigError: the store cannot be opened (naming ``storage.root`` or ``storage.s3``).
@@ -102,9 +100,8 @@ def build_registry(
         store = open_store(config.storage, deferToThread, reactor)
     except (OSError, StoreLayoutError) as e:
         raise ConfigError(f"{config.source}: {config.storage.where}: {getattr(e, 'strerror', None) or e}") from None
-    if clean_spool:
-        cleaning = Deferred.fromCoroutine(store.spool.clean(idle_for=600))
-        cleaning.addCallbacks(_report_cleaned, lambda f: _log.failure("could not clean the spool", f))
+    cleaning = Deferred.fromCoroutine(store.spool.clean())  # (no waits in it: done on return)
+    cleaning.addCallbacks(_report_cleaned, lambda f: _log.failure("could not clean the spool", f))
     if pool is None:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16

@@ -310,14 +310,18 @@ def test_fs_access_record_is_the_blob_mtime(tmp_path):
     assert store.blobs.scan()[0].modified == later
 
 
-def test_fs_clean_spool_removes_leftovers(tmp_path):
-    """Spool files of a crashed process are removed; an aborted write leaves none."""
+def test_fs_clean_spool_removes_leftovers_and_keeps_live_writes(tmp_path):
+    """Spool files no writer holds (a dead process's) are removed, a live writer's are
+    kept; an aborted write leaves none."""
     root = tmp_path / "store"
     store = Sync(open_filesystem_store(root))
     w = store.blobs.writer()
     w.write(b"half")
-    assert store.spool.clean(0) == 1
-    assert os.listdir(root / "spool") == []
+    (root / "spool" / "0123456789abcdef").write_bytes(b"left by a crash")
+    assert store.spool.clean() == 1
+    assert os.listdir(root / "spool") == [w.path.name]
+    w.write(b" and the rest")
+    w.abort()
     w = store.blobs.writer()
     w.abort()
     assert os.listdir(root / "spool") == []

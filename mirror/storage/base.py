@@ -151,9 +151,9 @@ class BlobStore(Protocol):
 class Spool(Protocol):
     """This node's scratch space, where writers put content before it is verified."""
 
-    async def clean(self, idle_for: float) -> int:
-        """Remove partial writes left by a dead process, idle for ``idle_for`` seconds
-        (another live process sharing the store may be writing the younger ones)."""
+    async def clean(self) -> int:
+        """Remove partial writes left by dead processes (never one a live process sharing
+        the store is writing); how many."""
 
     async def check_writable(self) -> str | None:
         """``None`` when new content can be taken, else why not (readiness)."""

@@ -185,7 +185,7 @@ class _Blobs:
 
 
 class _Spool:
-    async def clean(self, idle_for: float) -> int:
+    async def clean(self) -> int:
         return 0  # nothing survives the process
 
     async def check_writable(self) -> str | None:

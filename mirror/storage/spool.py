@@ -6,14 +6,20 @@ grows.  What differs is only how a verified file is published: the filesystem st
 renames it into ``blobs/``, object storage uploads it.  :class:`SpoolFile` is the shared
 part (:class:`SpoolWriter`, the writer without its commit); :class:`LocalSpool` is the
 directory (clean-up after a crash, readiness).
+
+A writer holds an exclusive ``flock`` on its file for as long as it has it open, and the
+kernel lets go of it when the process dies, however it dies.  So the clean-up at start
+removes exactly the files no live process is writing — a ``kill -9`` leaves nothing
+behind once the service is up again — while the fills of a second service or a
+``mirror warm`` on the same store go on untouched.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import secrets
-import time
 from pathlib import Path
 
 from mirror.core.oci import Digest, Hasher
@@ -70,8 +76,15 @@ class SpoolFile:
     """
 
     def __init__(self, directory: Path) -> None:
-        self.path = directory / secrets.token_hex(16)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        while True:
+            path = directory / secrets.token_hex(16)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # this process writes it: LocalSpool.clean leaves it be
+            if _names(path, fd):
+                break
+            os.close(fd)  # a clean-up took it between its creation and the lock: another name
+        self.path = path
+        self._fd: int | None = fd
         self.hashes = Hashes()
 
     @property
@@ -112,6 +125,14 @@ class SpoolFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is still the name of the open file ``fd``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 class SpoolWriter:
@@ -155,16 +176,25 @@ class LocalSpool:
     def new_file(self) -> SpoolFile:
         return SpoolFile(self.directory)
 
-    async def clean(self, idle_for: float) -> int:
+    async def clean(self) -> int:
+        """Remove the files no live process is writing (see the module docstring); the
+        number removed.  Runs to its end without waiting: at start, before listening."""
         removed = 0
-        cutoff = time.time() - idle_for
         for entry in os.scandir(self.directory):
             try:
-                if not idle_for or entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
+                fd = os.open(entry.path, os.O_RDONLY)
             except FileNotFoundError:
-                pass  # committed or aborted meanwhile
+                continue  # committed or aborted meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(entry.path)  # (a writer's own open+lock sees its name gone: it takes another)
+                removed += 1
+            except BlockingIOError:
+                pass  # a live writer holds it
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
         return removed
 
     async def check_writable(self) -> str | None:

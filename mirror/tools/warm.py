@@ -56,7 +56,7 @@ ACCEPT = list(MANIFEST_MEDIA_TYPES)
 def build_warm_registry(config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnectionPool) -> Registry:
     """The registry :func:`mirror.tap.build_registry` builds, minus its start-up spool
     clean, which would delete the files of fills a running service has under way."""
-    return build_registry(config, reactor, pool, clean_spool=False)
+    return build_registry(config, reactor, pool)
 
 
 def read_image_list(lines: Iterable[str]) -> list[str]:
