@@ -45,7 +45,21 @@ for _i, _p in enumerate("kmgt", start=1):
 
 
 class ConfigError(Exception):
-    """A configuration problem; ``str()`` is one line naming the file and the key."""
+    """Problems with a configuration, each one line naming the file and the key.
+
+    ``problems`` holds every line.  ``str()`` stays one line, for callers that print or log
+    one message: the first problem, then ``(and N more problems)`` when there are others.
+    """
+
+    def __init__(self, problem: str, *more: str) -> None:
+        super().__init__(problem, *more)
+        self.problems: tuple[str, ...] = (problem, *more)
+
+    def __str__(self) -> str:
+        first, *others = self.problems
+        if not others:
+            return first
+        return f"{first} (and {len(others)} more problem{'s' if len(others) > 1 else ''})"
 
 
 #: What access rules grant.

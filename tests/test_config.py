@@ -170,3 +170,13 @@ def test_missing_file(tmp_path):
     """An unreadable file is a ConfigError naming it."""
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_error_is_one_line_with_every_problem_kept():
+    """A ConfigError keeps every problem; its str() is the first one and how many more."""
+    one = ConfigError("m.yaml: listen: missing value")
+    assert one.problems == ("m.yaml: listen: missing value",) and str(one) == "m.yaml: listen: missing value"
+    three = ConfigError("m.yaml: a: x", "m.yaml: b: y", "m.yaml: c: z")
+    assert three.problems == ("m.yaml: a: x", "m.yaml: b: y", "m.yaml: c: z")
+    assert str(three) == "m.yaml: a: x (and 2 more problems)"
+    assert str(ConfigError("m.yaml: a: x", "m.yaml: b: y")) == "m.yaml: a: x (and 1 more problem)"
