@@ -1,8 +1,12 @@
 """Configuration: YAML in, frozen attrs objects out, checked at load.
 
-Only this module (and ``tap.py``, which calls it) sees YAML.  Any unknown key, wrong
-type or missing value raises :class:`ConfigError` whose one-line message names the
-file and the key path (``conf/mirror.yaml: upstreams[0].tag_ttl: expected a number``).
+Only this module (and ``tap.py``, which calls it) sees YAML.  Loading reads the whole
+file and finds every problem: each unknown key, wrong type, missing value and failed
+check across keys is one line naming the file and the key path
+(``conf/mirror.yaml: upstreams[0].tag_ttl: expected a number >= 0``), and
+:class:`ConfigError` carries them all (``mirror check-config`` prints them).  A value
+with a problem is set aside, and nothing that depends on it is checked, so that one
+mistake gives one line (see :class:`_Reader`).
 """
 
 from __future__ import annotations
@@ -45,7 +49,21 @@ for _i, _p in enumerate("kmgt", start=1):
 
 
 class ConfigError(Exception):
-    """A configuration problem; ``str()`` is one line naming the file and the key."""
+    """Problems with a configuration, each one line naming the file and the key.
+
+    ``problems`` holds every line.  ``str()`` stays one line, for callers that print or log
+    one message: the first problem, then ``(and N more problems)`` when there are others.
+    """
+
+    def __init__(self, problem: str, *more: str) -> None:
+        super().__init__(problem, *more)
+        self.problems: tuple[str, ...] = (problem, *more)
+
+    def __str__(self) -> str:
+        first, *others = self.problems
+        if not others:
+            return first
+        return f"{first} (and {len(others)} more problem{'s' if len(others) > 1 else ''})"
 
 
 #: What access rules grant.
@@ -169,46 +187,100 @@ class MirrorConfig:
     source: str = "<config>"
 
 
-class _Reader:
-    """Takes typed values out of one YAML mapping, remembering the key path for errors."""
+class _Problems:
+    """The problems found in one file so far, each a line ``FILE: key.path: message``."""
 
-    def __init__(self, source: str, path: str, value: object) -> None:
+    def __init__(self, source: str) -> None:
         self.source = source
+        self.lines: list[str] = []
+
+    def add(self, key_path: str, message: str) -> None:
+        self.lines.append(f"{self.source}: {key_path}: {message}")
+
+
+class _Invalid(Exception):
+    """Abandons the check of one value; its problem is already recorded."""
+
+
+class _Reader:
+    """Takes typed values out of one YAML mapping, recording every problem with its key path.
+
+    A checker (``check(key_path, value) -> T``) records a problem and raises :class:`_Invalid`
+    to give up on its value (``raise self.error(...)``); a section's checker may also record
+    several problems and go on.  Either way, a value whose check recorded any problem is
+    never used: :meth:`optional` gives None instead and marks the key bad, and a check across
+    keys runs only when :meth:`valid` says its keys are good, so that one mistake is one line.
+    An object built from a bad value's placeholder is thrown away by its parent, and
+    :func:`parse_config` raises when any problem was recorded.
+    """
+
+    def __init__(self, problems: _Problems, path: str, value: object) -> None:
+        self.problems = problems
         self.path = path
+        self.seen: set[str] = set()
+        self.bad: set[str] = set()
         if not isinstance(value, Mapping):
             raise self.error(path or "(top level)", "expected a mapping")
         self.data: Mapping[str, object] = value
-        self.seen: set[str] = set()
 
-    def error(self, key_path: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {key_path}: {message}")
+    def problem(self, key_path: str, message: str) -> None:
+        """Record a problem and go on."""
+        self.problems.add(key_path, message)
+
+    def error(self, key_path: str, message: str) -> _Invalid:
+        """Record a problem; raise the result to give up on the value being checked."""
+        self.problem(key_path, message)
+        return _Invalid()
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
+    def attempt(self, key_path: str, value: object, check: Callable[[str, object], T]) -> T | None:
+        """``check(key_path, value)``, or None when it recorded a problem."""
+        before = len(self.problems.lines)
+        try:
+            result = check(key_path, value)
+        except _Invalid:
+            return None
+        return result if len(self.problems.lines) == before else None
+
     def optional(self, key: str, check: Callable[[str, object], T]) -> T | None:
-        """The checked value of ``key``, or ``None`` when it is absent (or null)."""
+        """The checked value of ``key``, or ``None`` when it is absent (or null) or bad."""
         self.seen.add(key)
         if key not in self.data or self.data[key] is None:
             return None
-        return check(self.key_path(key), self.data[key])
+        value = self.attempt(self.key_path(key), self.data[key], check)
+        if value is None:
+            self.bad.add(key)
+        return value
 
     def take(self, key: str, check: Callable[[str, object], T], default: T) -> T:
-        """The checked value of ``key``, or ``default`` when it is absent."""
+        """The checked value of ``key``, or ``default`` when it is absent (or bad)."""
         value = self.optional(key, check)
         return default if value is None else value
 
-    def need(self, key: str, check: Callable[[str, object], T]) -> T:
-        """The checked value of ``key``, which must be present."""
+    def need(self, key: str, check: Callable[[str, object], T]) -> T | None:
+        """The checked value of ``key``, which must be present; None when it is missing or bad."""
         value = self.optional(key, check)
-        if value is None:
-            raise self.error(self.key_path(key), "missing value")
+        if value is None and key not in self.bad:
+            self.bad.add(key)
+            self.problem(self.key_path(key), "missing value")
         return value
 
+    def valid(self, *keys: str) -> bool:
+        """Whether none of ``keys`` had a problem (an absent optional key is fine)."""
+        return self.bad.isdisjoint(keys)
+
     def finish(self) -> None:
+        """Record every key that was not read as unknown."""
         for key in self.data:
             if key not in self.seen:
-                raise self.error(self.key_path(str(key)), "unknown key")
+                self.problem(self.key_path(str(key)), "unknown key")
+
+    def each(self, key_path: str, items: list[object], check: Callable[[str, object], T]) -> tuple[T, ...]:
+        """``check`` applied to every item of a list (each bad item recorded); the good items."""
+        checked = (self.attempt(f"{key_path}[{i}]", item, check) for i, item in enumerate(items))
+        return tuple(value for value in checked if value is not None)
 
     # value checkers -------------------------------------------------------------------
 
@@ -244,13 +316,13 @@ class _Reader:
     def patterns(self, key_path: str, value: object) -> tuple[str, ...]:
         if not isinstance(value, list):
             raise self.error(key_path, "expected a list of repository-name patterns")
-        result = []
-        for i, item in enumerate(value):
-            text = self.string(f"{key_path}[{i}]", item)
-            if _PATTERN_RE.fullmatch(text) is None:
-                raise self.error(f"{key_path}[{i}]", f"{text!r} is not a repository-name pattern (lower case, / and *)")
-            result.append(text)
-        return tuple(result)
+        return self.each(key_path, value, self.pattern)
+
+    def pattern(self, key_path: str, value: object) -> str:
+        text = self.string(key_path, value)
+        if _PATTERN_RE.fullmatch(text) is None:
+            raise self.error(key_path, f"{text!r} is not a repository-name pattern (lower case, / and *)")
+        return text
 
     def size(self, key_path: str, value: object) -> int:
         if isinstance(value, str):
@@ -278,7 +350,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         source: the file name used in error messages.
 
     Raises:
-        ConfigError: naming the file and key of the first problem.
+        ConfigError: naming the file and key of every problem, one line each.
     """
     try:
         data = yaml.safe_load(text)
@@ -286,67 +358,84 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(parse)"
         raise ConfigError(f"{source}: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    top = _Reader(source, "", data if data is not None else {})
+    found = _Problems(source)
+    try:
+        top = _Reader(found, "", data if data is not None else {})
+    except _Invalid:
+        raise ConfigError(*found.lines) from None
 
     def listen(key_path: str, value: object) -> tuple[str, ...]:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not items:
             raise top.error(key_path, "expected an endpoint string or a list of them")
-        return tuple(top.string(f"{key_path}[{i}]", v) for i, v in enumerate(items))
+        return top.each(key_path, items, top.string)
 
-    def secret(r: _Reader, key: str, environment: str) -> str:
-        """A credential from the config, else from ``<key>_file``, else from the environment."""
+    def secret(r: _Reader, key: str, environment: str) -> str | None:
+        """A credential from the config, else from ``<key>_file``, else from the environment;
+        None when there is none or it has a problem (recorded)."""
         value = r.optional(key, r.string)
-        path = r.optional(f"{key}_file", r.string)
-        if value is not None and path is not None:
-            raise r.error(r.key_path(f"{key}_file"), f"give {key} or {key}_file, not both")
-        if path is not None:
+
+        def from_file(key_path: str, path_value: object) -> str:
+            path = r.string(key_path, path_value)
+            if value is not None:
+                raise r.error(key_path, f"give {key} or {key}_file, not both")
             try:
-                value = Path(path).read_text().strip()
+                content = Path(path).read_text().strip()
             except OSError as e:
-                raise r.error(r.key_path(f"{key}_file"), f"cannot read {path}: {e.strerror}") from None
-            if not value:
-                raise r.error(r.key_path(f"{key}_file"), f"{path} is empty")
-        value = value or os.environ.get(environment) or None
+                raise r.error(key_path, f"cannot read {path}: {e.strerror}") from None
+            if not content:
+                raise r.error(key_path, f"{path} is empty")
+            return content
+
+        read = r.optional(f"{key}_file", from_file)
+        if not r.valid(key, f"{key}_file"):
+            return None
+        value = value or read or os.environ.get(environment) or None
         if value is None:
-            raise r.error(r.key_path(key), f"missing value (or {key}_file, or ${environment})")
+            r.problem(r.key_path(key), f"missing value (or {key}_file, or ${environment})")
         return value
 
     def s3(key_path: str, value: object) -> S3Config:
-        r = _Reader(source, key_path, value)
-        endpoint = r.need("endpoint", partial(r.origin, what="an http:// or https:// URL without a path")) or ""
-        bucket = r.need("bucket", r.string) or ""
-        if _BUCKET_RE.fullmatch(bucket) is None:
-            raise r.error(f"{key_path}.bucket", f"{bucket!r} is not a bucket name (3-63 of a-z 0-9 . -)")
-        prefix = r.take("prefix", lambda p, v: v if isinstance(v, str) else r.string(p, v), "")
-        if prefix and (_PREFIX_RE.fullmatch(prefix) is None):
-            raise r.error(f"{key_path}.prefix", f"{prefix!r}: expected path segments of a-z A-Z 0-9 . _ - ending in /")
+        r = _Reader(found, key_path, value)
+
+        def bucket_name(key_path: str, value: object) -> str:
+            bucket = r.string(key_path, value)
+            if _BUCKET_RE.fullmatch(bucket) is None:
+                raise r.error(key_path, f"{bucket!r} is not a bucket name (3-63 of a-z 0-9 . -)")
+            return bucket
+
+        def key_prefix(key_path: str, value: object) -> str:
+            prefix = value if isinstance(value, str) else r.string(key_path, value)
+            if prefix and (_PREFIX_RE.fullmatch(prefix) is None):
+                raise r.error(key_path, f"{prefix!r}: expected path segments of a-z A-Z 0-9 . _ - ending in /")
+            return prefix
+
         cfg = S3Config(
-            endpoint=endpoint,
-            bucket=bucket,
-            access_key=secret(r, "access_key", "AWS_ACCESS_KEY_ID"),
-            secret_key=secret(r, "secret_key", "AWS_SECRET_ACCESS_KEY"),
+            endpoint=r.need("endpoint", partial(r.origin, what="an http:// or https:// URL without a path")) or "",
+            bucket=r.need("bucket", bucket_name) or "",
+            access_key=secret(r, "access_key", "AWS_ACCESS_KEY_ID") or "",
+            secret_key=secret(r, "secret_key", "AWS_SECRET_ACCESS_KEY") or "",
             region=r.take("region", r.string, "us-east-1"),
-            prefix=prefix,
+            prefix=r.take("prefix", key_prefix, ""),
             timeout=r.take("timeout", r.positive, 30.0),
             redirect=r.take("redirect", r.boolean, False),
             redirect_expiry=int(r.take("redirect_expiry", r.positive, 600.0)),
         )
         r.finish()
-        if not 1 <= cfg.redirect_expiry <= 7 * 24 * 3600:
+        if r.valid("redirect_expiry") and not 1 <= cfg.redirect_expiry <= 7 * 24 * 3600:
             raise r.error(f"{key_path}.redirect_expiry", "expected seconds between 1 and 604800 (S3's limit)")
         return cfg
 
     def storage(key_path: str, value: object) -> StorageConfig:
-        r = _Reader(source, key_path, value)
+        r = _Reader(found, key_path, value)
         root = r.optional("root", r.string)
         bucket = r.optional("s3", s3)
         spool = r.optional("spool", r.string)
         interval = r.take("access_flush_interval", r.positive, 60.0)
         r.finish()
-        if (root is None) == (bucket is None):
+        if r.valid("root", "s3") and (root is None) == (bucket is None):
             raise r.error(key_path, "expected either root (a directory) or s3 (a bucket)")
-        if spool is not None and bucket is None:
+        if r.valid("s3") and spool is not None and bucket is None:
             raise r.error(f"{key_path}.spool", "applies to an s3 store (a filesystem store spools under its root)")
         return StorageConfig(
             root=Path(root) if root is not None else None,
@@ -355,19 +444,24 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             access_flush_interval=interval,
         )
 
-    def upstream(key_path: str, value: object) -> UpstreamConfig:
-        r = _Reader(source, key_path, value)
-        registry = r.need("registry", r.string)
-        url = r.need("url", r.string)
-        assert registry is not None and url is not None
+    def upstream_url(key_path: str, value: object) -> str:
+        url = top.string(key_path, value)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise r.error(f"{key_path}.url", "expected an http:// or https:// URL")
+            raise top.error(key_path, "expected an http:// or https:// URL")
+        return url.rstrip("/")
+
+    def registry_host(key_path: str, value: object) -> str:
+        registry = top.string(key_path, value)
         if "/" in registry or registry != registry.strip().lower():
-            raise r.error(f"{key_path}.registry", "expected a lower-case registry host such as docker.io")
+            raise top.error(key_path, "expected a lower-case registry host such as docker.io")
+        return registry
+
+    def upstream(key_path: str, value: object) -> UpstreamConfig:
+        r = _Reader(found, key_path, value)
         cfg = UpstreamConfig(
-            registry=registry,
-            url=url.rstrip("/"),
+            registry=r.need("registry", registry_host) or "",
+            url=r.need("url", upstream_url) or "",
             username=r.optional("username", r.string),
             password=r.optional("password", r.string),
             tag_ttl=r.take("tag_ttl", r.number, 300.0),
@@ -377,12 +471,12 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             negative_ttl=r.take("negative_ttl", r.number, 30.0),
         )
         r.finish()
-        if (cfg.username is None) != (cfg.password is None):
+        if r.valid("username", "password") and (cfg.username is None) != (cfg.password is None):
             raise r.error(key_path, "username and password go together")
         return cfg
 
     def metrics(key_path: str, value: object) -> tuple[str, ...]:
-        r = _Reader(source, key_path, value)
+        r = _Reader(found, key_path, value)
         endpoints = r.need("listen", listen)
         r.finish()
         return endpoints or ()
@@ -393,7 +487,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         return frozenset(value)
 
     def rule(key_path: str, value: object) -> AccessRule:
-        r = _Reader(source, key_path, value)
+        r = _Reader(found, key_path, value)
         pattern = r.need("repository", r.string)
         result = AccessRule(
             pattern=pattern or "*",
@@ -403,22 +497,29 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         r.finish()
         return result
 
-    def auth(key_path: str, value: object) -> AuthConfig:
-        r = _Reader(source, key_path, value)
-        htpasswd = r.need("htpasswd", r.string)
-        token = r.take("token", r.boolean, False)
-        rules_value = r.optional("access", lambda p, v: v)
-        if rules_value is not None and not isinstance(rules_value, list):
-            raise r.error(f"{key_path}.access", "expected a list of rules")
-        key_file = r.optional("key_file", r.string)
-        realm = r.optional("realm", r.string)
-        if realm is not None and (
+    def rules(key_path: str, value: object) -> tuple[AccessRule, ...]:
+        if not isinstance(value, list):
+            raise top.error(key_path, "expected a list of rules")
+        return top.each(key_path, value, rule)
+
+    def realm_url(key_path: str, value: object) -> str:
+        realm = top.string(key_path, value)
+        if (
             not realm.startswith(("http://", "https://"))
             or any(c in realm for c in '"\\')
             or not realm.isprintable()
             or " " in realm
         ):
-            raise r.error(f"{key_path}.realm", f"expected an http:// or https:// URL, got {realm[:100]!r}")
+            raise top.error(key_path, f"expected an http:// or https:// URL, got {realm[:100]!r}")
+        return realm
+
+    def auth(key_path: str, value: object) -> AuthConfig:
+        r = _Reader(found, key_path, value)
+        htpasswd = r.need("htpasswd", r.string)
+        token = r.take("token", r.boolean, False)
+        access: tuple[AccessRule, ...] = r.take("access", rules, (AccessRule("*"),))
+        key_file = r.optional("key_file", r.string)
+        realm = r.optional("realm", realm_url)
         cfg = AuthConfig(
             htpasswd=Path(htpasswd or ""),
             token=bool(token),
@@ -427,28 +528,27 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             token_lifetime=r.take("token_lifetime", r.positive, 300.0),
             key_file=Path(key_file) if key_file else None,
             realm=realm,
-            rules=tuple(rule(f"{key_path}.access[{i}]", v) for i, v in enumerate(rules_value))
-            if rules_value is not None
-            else (AccessRule("*"),),
+            rules=access,
         )
         r.finish()
         return cfg
 
     def cluster(key_path: str, value: object) -> ClusterConfig:
-        r = _Reader(source, key_path, value)
+        r = _Reader(found, key_path, value)
         advertise = r.need("advertise", partial(r.origin, what="the http:// or https:// URL other nodes reach this one at")) or ""
+        shared = secret(r, "secret", "MIRROR_CLUSTER_SECRET")
+        if shared is not None and len(shared) < 16:
+            r.problem(f"{key_path}.secret", "expected at least 16 characters (it signs node-to-node requests)")
         cfg = ClusterConfig(
             advertise=advertise,
-            secret=secret(r, "secret", "MIRROR_CLUSTER_SECRET"),
+            secret=shared or "",
             fill_lease=r.take("fill_lease", r.positive, 30.0),
         )
         r.finish()
-        if len(cfg.secret) < 16:
-            raise r.error(f"{key_path}.secret", "expected at least 16 characters (it signs node-to-node requests)")
         return cfg
 
     def gc(key_path: str, value: object) -> GcConfig:
-        r = _Reader(source, key_path, value)
+        r = _Reader(found, key_path, value)
         d = GcConfig()
         cfg = GcConfig(
             interval=r.take("interval", r.number, d.interval),
@@ -460,24 +560,28 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             delete_untagged=r.take("delete_untagged", r.boolean, d.delete_untagged),
         )
         r.finish()
-        if cfg.low_watermark >= cfg.high_watermark:
+        if r.valid("low_watermark", "high_watermark") and cfg.low_watermark >= cfg.high_watermark:
             raise r.error(f"{key_path}.low_watermark", "must be below high_watermark")
         return cfg
 
     def upstreams(key_path: str, value: object) -> tuple[UpstreamConfig, ...]:
         if not isinstance(value, list):
             raise top.error(key_path, "expected a list")
-        result = tuple(upstream(f"{key_path}[{i}]", v) for i, v in enumerate(value))
+        result: list[UpstreamConfig] = []
         seen: set[str] = set()
-        for i, u in enumerate(result):
+        for i, item in enumerate(value):
+            u = top.attempt(f"{key_path}[{i}]", item, upstream)
+            if u is None:
+                continue
             if u.registry in seen:
-                raise top.error(f"{key_path}[{i}].registry", f"{u.registry!r} is listed twice")
+                top.problem(f"{key_path}[{i}].registry", f"{u.registry!r} is listed twice")
             seen.add(u.registry)
-        return result
+            result.append(u)
+        return tuple(result)
 
     cfg = MirrorConfig(
-        listen=top.need("listen", listen),
-        storage=top.need("storage", storage),
+        listen=top.need("listen", listen) or (),
+        storage=top.need("storage", storage) or StorageConfig(),
         upstreams=top.take("upstreams", upstreams, ()),
         hosted=top.take("hosted", top.patterns, ()),
         read_only=top.take("read_only", top.boolean, False),
@@ -492,8 +596,10 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         source=source,
     )
     top.finish()
-    if cfg.cluster is not None and cfg.storage.s3 is None:
-        raise top.error("cluster", "needs a store the nodes share (storage.s3)")
+    if top.valid("storage", "cluster") and cfg.cluster is not None and cfg.storage.s3 is None:
+        top.problem("cluster", "needs a store the nodes share (storage.s3)")
+    if found.lines:
+        raise ConfigError(*found.lines)
     return cfg
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
 from typing import ClassVar
 
@@ -132,7 +132,7 @@ def reload_config(registry: Registry, path: str, resource: RegistryResource | No
         new = load_config(path)
         auth = build_auth(new, resource.auth if resource is not None else None)
     except ConfigError as e:
-        _log.error("config reload refused, keeping the running config: {error}", error=str(e))
+        _log.error("config reload refused, keeping the running config: {error}", error="; ".join(e.problems))
         return False
     if resource is not None:
         resource.auth = auth
@@ -211,9 +211,9 @@ class _ReloadOnHangup(Service):
         self._reactor.callFromThread(reload_config, self._registry, self._path, self._resource)
 
 
-def _fail(message: str) -> SystemExit:
-    # One line naming the file and key, then a clean exit: no traceback.
-    sys.stderr.write(f"mirror: {message}\n")
+def _fail(problems: Sequence[str]) -> SystemExit:
+    # One line per problem, each naming the file and key, then a clean exit: no traceback.
+    sys.stderr.writelines(f"mirror: {problem}\n" for problem in problems)
     return SystemExit(2)
 
 
@@ -226,7 +226,7 @@ def makeService(options: Options) -> IService:
         auth = build_auth(config)
         registry = build_registry(config, reactor)
     except ConfigError as e:
-        raise _fail(str(e)) from None
+        raise _fail(e.problems) from None
     site = build_site(registry, auth, deferToThread)
     _log.info(
         "mirror {version}: store {store}; upstreams: {upstreams}; hosted: {hosted}; listening on {listen}",

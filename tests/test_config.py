@@ -1,5 +1,6 @@
 """Unit tests of configuration loading: defaults, and one clear line per mistake."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,201 @@ def test_missing_file(tmp_path):
     """An unreadable file is a ConfigError naming it."""
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_error_is_one_line_with_every_problem_kept():
+    """A ConfigError keeps every problem; its str() is the first one and how many more."""
+    one = ConfigError("m.yaml: listen: missing value")
+    assert one.problems == ("m.yaml: listen: missing value",) and str(one) == "m.yaml: listen: missing value"
+    three = ConfigError("m.yaml: a: x", "m.yaml: b: y", "m.yaml: c: z")
+    assert three.problems == ("m.yaml: a: x", "m.yaml: b: y", "m.yaml: c: z")
+    assert str(three) == "m.yaml: a: x (and 2 more problems)"
+    assert str(ConfigError("m.yaml: a: x", "m.yaml: b: y")) == "m.yaml: a: x (and 1 more problem)"
+
+
+EVERYTHING_WRONG = """
+listen: [tcp:5000, 5]
+storage:
+  s3:
+    endpoint: 'http://h:1/path'
+    bucket: My_Bucket
+    access_key: a
+    secret_key: s
+    secret_key_file: /nonexistent/secret
+    prefix: 'a/../'
+    redirect_expiry: 999999999
+    colour: blue
+  access_flush_interval: 0
+upstreams:
+  - {registry: docker.io, url: 'ftp://x', tag_ttl: soon}
+  - {registry: ghcr.io, url: 'https://ghcr.io', username: u}
+  - {registry: quay.io, url: 'https://quay.io'}
+  - {registry: quay.io, url: 'https://quay.example'}
+  - {url: 'https://x'}
+hosted: ['ok/*', 'Bad']
+read_only: yes-please
+gc: {interval: -1, low_watermark: 0.9, high_watermark: 0.5}
+metrics: {}
+auth:
+  token: maybe
+  access: [{repository: x, anonymous: [fly]}, {users: [pull]}]
+  realm: /auth
+cluster: {advertise: 'h:1', secret: short}
+max_manifest_size: huge
+bogus: 1
+"""
+
+EVERYTHING_WRONG_PROBLEMS = [
+    "m.yaml: listen[1]: expected a non-empty string",
+    "m.yaml: storage.s3.endpoint: expected an http:// or https:// URL without a path",
+    "m.yaml: storage.s3.bucket: 'My_Bucket' is not a bucket name (3-63 of a-z 0-9 . -)",
+    "m.yaml: storage.s3.secret_key_file: give secret_key or secret_key_file, not both",
+    "m.yaml: storage.s3.prefix: 'a/../': expected path segments of a-z A-Z 0-9 . _ - ending in /",
+    "m.yaml: storage.s3.colour: unknown key",
+    "m.yaml: storage.s3.redirect_expiry: expected seconds between 1 and 604800 (S3's limit)",
+    "m.yaml: storage.access_flush_interval: expected a number > 0",
+    "m.yaml: upstreams[0].url: expected an http:// or https:// URL",
+    "m.yaml: upstreams[0].tag_ttl: expected a number >= 0",
+    "m.yaml: upstreams[1]: username and password go together",
+    "m.yaml: upstreams[3].registry: 'quay.io' is listed twice",
+    "m.yaml: upstreams[4].registry: missing value",
+    "m.yaml: hosted[1]: 'Bad' is not a repository-name pattern (lower case, / and *)",
+    "m.yaml: read_only: expected true or false",
+    "m.yaml: gc.interval: expected a number >= 0",
+    "m.yaml: gc.low_watermark: must be below high_watermark",
+    "m.yaml: metrics.listen: missing value",
+    "m.yaml: auth.htpasswd: missing value",
+    "m.yaml: auth.token: expected true or false",
+    "m.yaml: auth.access[0].anonymous: expected a list of actions from pull, push, delete",
+    "m.yaml: auth.access[1].repository: missing value",
+    "m.yaml: auth.realm: expected an http:// or https:// URL, got '/auth'",
+    "m.yaml: cluster.advertise: expected the http:// or https:// URL other nodes reach this one at",
+    "m.yaml: cluster.secret: expected at least 16 characters (it signs node-to-node requests)",
+    "m.yaml: max_manifest_size: expected a size such as 50GiB, 500MB or a number of bytes",
+    "m.yaml: bogus: unknown key",
+]
+
+
+def test_every_problem_in_the_file_is_listed():
+    """A file wrong in every section gives every problem, one line each, and nothing more:
+    no follow-on lines (storage is broken, so `cluster needs storage.s3` is not said)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(EVERYTHING_WRONG, "m.yaml")
+    problems = info.value.problems
+    assert sorted(problems) == sorted(EVERYTHING_WRONG_PROBLEMS)
+    assert all("\n" not in p for p in problems)
+    assert str(info.value) == f"{problems[0]} (and {len(problems) - 1} more problems)"
+
+
+def test_checks_across_keys_in_different_sections_are_all_reported():
+    """Each check across keys (credentials in pairs, unique registries, watermarks, a
+    cluster on a shared store) is reported, not only the first."""
+    text = """
+listen: x
+storage: {root: x}
+upstreams:
+  - {registry: a.io, url: 'http://x', password: p}
+  - {registry: b.io, url: 'http://x'}
+  - {registry: b.io, url: 'http://y'}
+gc: {low_watermark: 0.9, high_watermark: 0.5}
+cluster: {advertise: 'http://h:1', secret: 0123456789abcdef}
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "m.yaml")
+    assert info.value.problems == (
+        "m.yaml: upstreams[0]: username and password go together",
+        "m.yaml: upstreams[2].registry: 'b.io' is listed twice",
+        "m.yaml: gc.low_watermark: must be below high_watermark",
+        "m.yaml: cluster: needs a store the nodes share (storage.s3)",
+    )
+
+
+FS = "listen: x\nstorage: {root: x}\n"
+ON_S3 = f"listen: x\nstorage: {{s3: {S3}}}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a bad username is not also "without a password"
+        (FS + "upstreams: [{registry: a.io, url: 'http://x', username: 5, password: p}]", ["upstreams[0].username: expected a"]),
+        # a bad low_watermark is not compared with high_watermark through its default
+        (FS + "gc: {low_watermark: 2, high_watermark: 0.5}", ["gc.low_watermark: expected a fraction"]),
+        # a bad s3 section is not also "neither root nor s3", nor is the spool out of place
+        (
+            "listen: x\nstorage: {s3: {bucket: b12, access_key: a, secret_key: s}, spool: y}",
+            ["storage.s3.endpoint: missing value"],
+        ),
+        ("listen: x\nstorage: {root: 5}", ["storage.root: expected a non-empty string"]),
+        # a missing store is not also "cluster needs storage.s3"
+        ("listen: x\ncluster: {advertise: 'http://h:1', secret: 0123456789abcdef}", ["storage: missing value"]),
+        # a bad secret is neither missing nor short
+        (ON_S3 + "cluster: {advertise: 'http://h:1', secret: 5}", ["cluster.secret: expected a non-empty string"]),
+        (
+            ON_S3 + "cluster: {advertise: 'http://h:1', secret: x, secret_file: /nonexistent}",
+            ["cluster.secret_file: give secret or secret_file, not both"],
+        ),
+        # every bad item of a list is reported
+        ("listen: [5, x, '']\nstorage: {root: x}", ["listen[0]: expected a non-empty", "listen[2]: expected a non-empty"]),
+        (
+            FS + "upstreams: [5, {registry: a.io, url: 'http://x'}, []]",
+            ["upstreams[0]: expected a mapping", "upstreams[2]: expected a mapping"],
+        ),
+        (FS + "auth: {htpasswd: h, access: 5}", ["auth.access: expected a list of rules"]),
+    ],
+)
+def test_one_mistake_is_one_line(text, expected, monkeypatch):
+    """A value with a problem is set aside: what depends on it is not checked, so that one
+    mistake gives one line (and independent mistakes one line each)."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "m.yaml")
+    problems = info.value.problems
+    assert len(problems) == len(expected), problems
+    for problem, start in zip(problems, expected, strict=True):
+        assert problem.startswith(f"m.yaml: {start}"), problems
+
+
+FULL = {
+    "listen": ["tcp:5000"],
+    "storage": {"s3": {"endpoint": "http://h:1", "bucket": "mirror", "access_key": "a", "secret_key": "s"}, "spool": "/s"},
+    "upstreams": [{"registry": "a.io", "url": "http://x", "username": "u", "password": "p", "tag_ttl": 1}],
+    "hosted": ["myorg/*"],
+    "gc": {"max_size": "1GiB", "high_watermark": 0.9, "low_watermark": 0.8},
+    "metrics": {"listen": "tcp:9000"},
+    "auth": {"htpasswd": "h", "access": [{"repository": "*", "anonymous": ["pull"]}], "realm": "http://r/token"},
+    "cluster": {"advertise": "http://h:1", "secret": "0123456789abcdef"},
+}
+
+
+def _paths(value, path=()):
+    """Every key path and list index in a parsed YAML value."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield (*path, key)
+        yield from _paths(item, (*path, key))
+
+
+def _replaced(value, path, new):
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(copy[path[0]], path[1:], new)
+    return copy
+
+
+def test_any_wrong_value_anywhere_is_a_config_error_never_a_crash(monkeypatch):
+    """Every key of a full config given every wrong kind of value (so that sections and
+    the checks across them meet values left out by earlier problems) gives a ConfigError
+    of one-line problems, never another exception."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.delenv("MIRROR_CLUSTER_SECRET", raising=False)
+    parse_config(json.dumps(FULL), "m.yaml")  # JSON is YAML
+    for path in _paths(FULL):
+        for wrong in (None, 0, -1, True, "", "x", [], [1], {}, {"k": 1}):
+            try:
+                parse_config(json.dumps(_replaced(FULL, path, wrong)), "m.yaml")
+            except ConfigError as e:
+                assert all(p.startswith("m.yaml: ") and "\n" not in p for p in e.problems), (path, wrong, e.problems)

@@ -1,7 +1,8 @@
 """The ``mirror`` command.
 
 ``mirror serve --config FILE`` runs the service (the same as ``twistd -n mirror``);
-``mirror check-config --config FILE`` validates a configuration and exits;
+``mirror check-config --config FILE`` validates a configuration: every problem, one line
+each on stderr, and exit status 2, or ``FILE: ok``;
 ``mirror gc --config FILE [--dry-run] [--delete-untagged]`` collects garbage and evicts
 mirrored content per the ``gc`` settings, safely while the service runs.
 ``mirror warm --config FILE [IMAGE ...] [-f LIST] [--platform P] [-j N]`` pre-fetches images
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        print(f"mirror: {e}", file=sys.stderr)
+        for problem in e.problems:
+            print(f"mirror: {problem}", file=sys.stderr)
         return 2
     if args.command == "check-config":
         print(f"{args.config}: ok")
