@@ -362,6 +362,8 @@ class Proxy:
                     break
         except (_Ended, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass
+        except asyncio.CancelledError:
+            pass  # shutting down; let asyncio.run finish (3.11's stream callback chokes on a cancelled task)
         finally:
             if not writer.transport.is_closing():
                 writer.close()
@@ -602,8 +604,8 @@ async def _serve(args: argparse.Namespace) -> None:
         tmp.write_text(str(port))
         os.replace(tmp, args.ready_file)
     print(f"fault proxy on {args.host}:{port} -> {args.upstream}, {json.dumps(proxy.config())}", flush=True)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    server.close()  # not wait_closed(): it would wait for idle keep-alive clients; asyncio.run cancels them
 
 
 def main(argv: Sequence[str] | None = None) -> None:
