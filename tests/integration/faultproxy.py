@@ -360,8 +360,8 @@ class Proxy:
                     break
                 if not await self._exchange(head, reader, writer):
                     break
-        except (_Ended, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass
+        except (_Ended, BrokenBody, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass  # a broken or garbled exchange: the connection ends
         except asyncio.CancelledError:
             pass  # shutting down; let asyncio.run finish (3.11's stream callback chokes on a cancelled task)
         finally:
@@ -476,8 +476,7 @@ class Proxy:
         keep = body_framing != "eof"
         if not keep:
             resp.append(("Connection", "close"))
-        version = "HTTP/1.1"
-        writer.write(_head_bytes(f"{version} {status_line.split(' ', 1)[1]}", resp))
+        writer.write(_head_bytes(f"HTTP/1.1 {status_line.split(' ', 1)[1]}", resp))
 
         if fault is not None and not (code in (200, 206) and body_framing == "length" and (body_length or 0) >= 2):
             rec["skipped"], rec["fault"] = fault.kind, None  # not a body this fault can break
