@@ -194,8 +194,10 @@ def test_pulls_through_transient_upstream_faults(seeded_upstream, fault_proxy, w
 
     assert not tally.wrong, report
     assert not stored_wrong, f"blobs in a store that do not hash to their names: {stored_wrong}\n{report}"
-    assert sum(1 for r in log if r["fault"] and not r["forced"]) > 0, report
-    assert {r["fault"] for r in log if r["forced"]} == set(SOAK_KINDS[:ROUNDS]), report
+    injected = {r["fault"] for r in log if r["fault"]}
+    assert any(r["fault"] and not r["forced"] for r in log), report
+    if ROUNDS >= len(SOAK_KINDS):  # each kind was forced at least once (on a layer every round asks for)
+        assert injected == set(SOAK_KINDS), report
     assert not tally.errors, report
 
 
