@@ -6,6 +6,7 @@
 * A real S3 server (SeaweedFS, ``seaweed``) for the object-storage backend.
 * The mirror in-process on the real reactor (``make_mirror``), in front of a fake
   upstream (``fake_upstream``) that misbehaves on purpose, both on 127.0.0.1.
+* A fault-injecting proxy process (``fault_proxy``) in front of a real upstream.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mirror.tap import build_auth, build_registry
 from mirror.web.site import build_site
 from tests.fake_upstream import FakeRegistry
 from tests.integration import images
+from tests.integration.faultproxy import KINDS, FaultProxy
 from tests.integration.mirror_proc import MirrorProcess
 from tests.integration.proc_util import WorkDir
 from tests.integration.seaweed import SeaweedS3
@@ -94,6 +96,26 @@ def mirror_for(workdir):
     yield start
     for m in started:
         m.stop()
+
+
+@pytest.fixture
+def fault_proxy(workdir):
+    """Start fault proxies (tests/integration/faultproxy.py), each its own process;
+    ``fault_proxy(upstream_url, rate=0.1, seed=1, kinds=[...])`` returns a started
+    :class:`FaultProxy` (``.url``, ``.force()``, ``.log()``, ``.faults()``, ``.stop()``).
+    All are stopped by PID at teardown."""
+    started: list[FaultProxy] = []
+
+    def start(upstream_url: str, *, rate: float = 0.0, seed: int = 0, kinds=KINDS, **kw) -> FaultProxy:
+        d = workdir / f"faultproxy{len(started)}"
+        d.mkdir()
+        proxy = FaultProxy(upstream_url, d, rate=rate, seed=seed, kinds=kinds, **kw)
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in started:
+        proxy.stop()
 
 
 @pytest.fixture
