@@ -97,10 +97,11 @@ BODY_KINDS = ("truncate", "reset_mid", "corrupt", "slow_body", "stall_mid")
 """Faults that change a forwarded body."""
 KINDS = BEFORE_KINDS + BODY_KINDS
 TRANSIENT_KINDS = (
-    "reset_before", "close_before", "stall_before", "status_502", "status_503", "status_429", "truncate", "reset_mid",
+    "reset_before", "close_before", "stall_before", "status_500", "status_502", "status_503", "status_429", "truncate",
+    "reset_mid",
 )
 """What a retrying client should get over: the network's and the registry's passing failures
-(not ``status_500``, which is the upstream's own answer; not ``corrupt``, which is a wrong body)."""
+(not ``corrupt``, which is a wrong body)."""
 DEFAULT_MATCH = r"^/v2/.+/(blobs|manifests)/"
 
 CHUNK = 64 * 1024

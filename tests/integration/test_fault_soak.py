@@ -3,9 +3,8 @@
 The mirror's upstream is the fault proxy (tests/integration/faultproxy.py) in front of the
 real Distribution registry, faulting 10 % of blob and manifest requests at random with one
 transient fault each: resets and clean closes before an answer, a stall longer than the
-mirror's upstream timeout, 502, 503, 429 (``Retry-After: 1``), a body cut short with a clean
-close, a body cut short by a reset.  ``status_500`` is left out: a 500 is the upstream's own
-answer, which the mirror passes on and does not retry.  On top of the random faults, every
+mirror's upstream timeout, 500, 502, 503, 429 (``Retry-After: 1``), a body cut short with a
+clean close, a body cut short by a reset.  On top of the random faults, every
 round forces one of those kinds on a 4 MiB layer, so that each kind hits a multi-MiB body
 in every run.
 
