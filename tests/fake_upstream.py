@@ -37,6 +37,7 @@ class FakeRegistry(Resource):
         # "corrupt", "drop" (a blob body cut off at its middle byte: a Range request from
         # there on gets the rest), "drop_always" (every body cut off half-way through)
         self.faults: dict[str, str] = {}
+        self.name_unknown = False  # a manifest of a repository it has none of: NAME_UNKNOWN
         self.once: set[str] = set()  # fault keys whose fault applies to one request, then goes
         self.ranges = True  # answer a blob GET with Range: bytes=N- with 206 (False: 200, whole)
         self.ranges_asked: list[str] = []  # the Range headers of blob GETs
@@ -153,6 +154,9 @@ class FakeRegistry(Resource):
         if answer is not None:
             return answer
         entry = self.manifests.get((name, ref))
+        if entry is None and self.name_unknown and not any(n == name for n, _ in self.manifests):
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}'
         if entry is None:
             request.setResponseCode(404)
             return b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"no"}]}'

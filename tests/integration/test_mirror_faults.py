@@ -720,6 +720,21 @@ async def test_upstream_404_for_a_manifest_is_remembered_for_negative_ttl(fake_u
 
 
 @pytest_twisted.ensureDeferred
+async def test_name_unknown_is_remembered_for_every_tag_of_the_repository(fake_upstream, make_mirror):
+    """An upstream that says NAME_UNKNOWN (zot, Harbor) is not asked about that repository
+    again within negative_ttl, whatever the tag; another repository is asked as usual."""
+    fake_upstream.name_unknown = True
+    m = make_mirror(fake_upstream.url)
+    for tag in ("latest", "v1", "v2"):
+        r = await m.get(f"/v2/nosuch/repo/manifests/{tag}")
+        assert r.code == 404 and await error_of(r) == "MANIFEST_UNKNOWN"
+    r = await m.get("/v2/other/repo/manifests/latest")
+    assert r.code == 404
+    await r.content()
+    assert fake_upstream.count("GET", "/manifests/") == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_negative_ttl_zero_remembers_nothing(fake_upstream, make_mirror):
     m = make_mirror(fake_upstream.url, negative_ttl=0)
     for _ in range(3):

@@ -121,6 +121,28 @@ def test_fan_in_one_upstream_get_per_blob(seeded_upstream, mirror):
     assert len(gets) == 1
 
 
+def test_misses_of_the_real_registry_are_remembered(seeded_upstream, mirror):
+    """Distribution's 404s: an unknown tag is asked for once in eight requests, in a known
+    repository or not, within negative_ttl (default 30 s).  (Distribution 2.8 answers
+    MANIFEST_UNKNOWN for an unknown repository too; a NAME_UNKNOWN, as other registries
+    send, covers every tag: tests/integration/test_mirror_faults.py.)"""
+    registry, seeded = seeded_upstream
+    repo = seeded["big"].repo
+    before = len(registry.access_log())
+    for _ in range(8):
+        status, _, body = http(f"{mirror.url}/v2/{repo}/manifests/nosuchtag")
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    for tag in ("latest", "v1", "latest", "v1"):
+        status, _, body = http(f"{mirror.url}/v2/nosuch/repository/manifests/{tag}")
+        assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    asked = [(e.method, e.path) for e in registry.access_log(since=before) if "/manifests/" in e.path]
+    assert asked == [
+        ("GET", f"/v2/{repo}/manifests/nosuchtag"),
+        ("GET", "/v2/nosuch/repository/manifests/latest"),
+        ("GET", "/v2/nosuch/repository/manifests/v1"),
+    ]
+
+
 def test_upstream_gone_and_mirror_restarted_still_serves(seeded_upstream, mirror_for):
     """After a restart with the upstream gone, everything cached pulls by tag and by digest."""
     _, _seeded = seeded_upstream
