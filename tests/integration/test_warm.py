@@ -4,6 +4,7 @@ selection, and the command itself in a child process."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -227,12 +228,19 @@ async def test_index_takes_the_wanted_platforms(fake_upstream, warm_service):
 
 @pytest_twisted.ensureDeferred
 async def test_warm_leaves_a_running_services_spool_alone(fake_upstream, warm_service, tmp_path):
-    """The warm service does not clean spool/: a running service's fill there survives."""
+    """Warming cleans spool/ of what a dead process left, but a running service's fill
+    there (its writer holds the file's flock) survives."""
     add_image(fake_upstream, "library/app", "latest", [os.urandom(100)])
     spool = tmp_path / "store" / "spool"
     spool.mkdir(parents=True)
     (spool / "fill-of-the-running-service").write_bytes(b"half a layer")
-    report = await warm(warm_service(fake_upstream.url), ["library/app"])
+    (spool / "fill-of-a-dead-process").write_bytes(b"half a layer")
+    fd = os.open(spool / "fill-of-the-running-service", os.O_WRONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the running service's writer does
+        report = await warm(warm_service(fake_upstream.url), ["library/app"])
+    finally:
+        os.close(fd)
     assert report.images[0].ok
     assert os.listdir(spool) == ["fill-of-the-running-service"]
 
