@@ -20,11 +20,20 @@ from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorProcess,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import Logger
+from twisted.logger import Logger, LoggingFile
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -213,8 +222,85 @@ class _ReloadOnHangup(Service):
 
 def _fail(problems: Sequence[str]) -> SystemExit:
     # One line per problem, each naming the file and key, then a clean exit: no traceback.
-    sys.stderr.writelines(f"mirror: {problem}\n" for problem in problems)
+    # Once twistd has begun logging (the listeners open then), sys.stderr feeds the log:
+    # the lines go to the log and to the real standard error.
+    lines = [f"mirror: {problem}\n" for problem in problems]
+    sys.stderr.writelines(lines)
+    if isinstance(sys.stderr, LoggingFile) and sys.__stderr__ is not None:
+        sys.__stderr__.writelines(lines)
+        sys.__stderr__.flush()
     return SystemExit(2)
+
+
+def _reason(error: BaseException) -> str:
+    """Why an endpoint could not be built or opened, in a few words (no traceback)."""
+    if isinstance(error, CannotListenError) and isinstance(error.socketError, BaseException):
+        error = error.socketError
+    if isinstance(error, OSError) and error.strerror:
+        name = error.filename2 or error.filename
+        return f"{error.strerror}: {os.fsdecode(name)}" if isinstance(name, str | bytes) else error.strerror
+    if type(error).__module__.startswith("OpenSSL") and error.args and isinstance(error.args[0], list):
+        # [(library, function, reason), ...]: a key or certificate OpenSSL could not use
+        reasons = "; ".join(str(part[-1]) for part in error.args[0] if isinstance(part, tuple) and part)
+        return f"not a usable key or certificate ({reasons or 'OpenSSL error'})"
+    return str(error) or type(error).__name__
+
+
+class _Listener(StreamServerEndpointService):
+    """One ``listen`` or ``metrics.listen`` endpoint, opened in privilegedStartService:
+    before the reactor runs (and before twistd drops privileges).
+
+    An endpoint that cannot be opened ends the process with exit code 2 and one line
+    naming the endpoint and its config key, rather than a logged traceback and a
+    service listening on nothing.  The endpoints Twisted ships (tcp, ssl, unix, systemd)
+    open at once; one that opens later (a plugin's) and fails stops the reactor, and
+    the process exits 2 once it has shut down.
+    """
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, description: str, key: str, reactor: IReactorCore
+    ) -> None:
+        StreamServerEndpointService.__init__(self, endpoint, factory)
+        self.description = description
+        self.key = key
+        self._reactor = reactor
+        self._opening = False
+        self._failed: str | None = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._opening = True
+        listening: Deferred[IListeningPort | None] = self.endpoint.listen(self.factory)
+        self._waitingForPort = listening.addErrback(self._cannot_listen)  # stopService cancels or closes it
+        self._opening = False
+        if self._failed is not None:
+            raise _fail([self._failed])
+
+    def _cannot_listen(self, failure: Failure) -> None:
+        if failure.check(CancelledError):  # stopped before a late endpoint opened
+            return
+        assert failure.value is not None
+        message = f"cannot listen on {self.description} ({self.key}): {_reason(failure.value)}"
+        if self._opening:
+            self._failed = message  # raised by privilegedStartService, outside this Deferred
+            return
+        _fail([message])
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 2)
+        self._reactor.stop()
+
+
+def _listeners(descriptions: tuple[str, ...], key: str, factory: IProtocolFactory, reactor: IReactorCore) -> list[_Listener]:
+    """A :class:`_Listener` per endpoint string of the config key ``key``; one that
+    cannot be parsed (an unknown type, a missing key file) stops start-up with one line."""
+    result = []
+    for i, description in enumerate(descriptions):
+        where = key if len(descriptions) == 1 else f"{key}[{i}]"
+        try:
+            endpoint = endpoints.serverFromString(reactor, description)
+        except Exception as e:  # any endpoint parser's complaint: ValueError, OSError, OpenSSL's errors...
+            raise _fail([f"cannot listen on {description} ({where}): {_reason(e)}"]) from None
+        result.append(_Listener(endpoint, factory, description, where, reactor))
+    return result
 
 
 def makeService(options: Options) -> IService:
@@ -238,14 +324,14 @@ def makeService(options: Options) -> IService:
         listen=", ".join(config.listen),
     )
     top = MultiService()
-    for description in config.listen:
-        StreamServerEndpointService(endpoints.serverFromString(reactor, description), site).setServiceParent(top)
+    for listener in _listeners(config.listen, "listen", site, reactor):
+        top.addService(listener)
     TimerService(config.storage.access_flush_interval, _every(registry.access.flush)).setServiceParent(top)
     TimerService(min(600.0, config.upload_expiry / 4), _every(registry.expire_uploads)).setServiceParent(top)
     if config.metrics_listen:
         health = Site(HealthResource(registry.metrics, registry.store.spool.check_writable))
-        for description in config.metrics_listen:
-            StreamServerEndpointService(endpoints.serverFromString(reactor, description), health).setServiceParent(top)
+        for listener in _listeners(config.metrics_listen, "metrics.listen", health, reactor):
+            top.addService(listener)
     if config.gc.interval:
         TimerService(config.gc.interval, _every(_PeriodicGc(reactor, registry, options["config"]))).setServiceParent(top)
     top.addService(_FlushAtStop(registry))

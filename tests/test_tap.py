@@ -172,3 +172,71 @@ def test_a_periodic_job_that_fails_is_logged_and_runs_again():
         globalLogPublisher.removeObserver(seen.append)
     assert len(calls) == 2
     assert any("bucket unreachable" in str(e.get("error", "")) for e in seen)
+
+
+class _Endpoint:
+    """A server endpoint whose listen() returns the Deferred the test holds."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def listen(self, factory):
+        return self.result
+
+
+def test_a_listener_that_cannot_open_stops_start_up_with_one_line(capsys):
+    """A listen failure while the service starts (before the reactor runs): SystemExit(2)
+    and one line naming the endpoint, its key and the reason."""
+    from twisted.internet.defer import fail
+    from twisted.internet.error import CannotListenError
+    from twisted.internet.testing import MemoryReactor
+
+    from mirror.tap import _Listener
+
+    error = CannotListenError("127.0.0.1", 5000, OSError(98, "Address already in use"))
+    listener = _Listener(_Endpoint(fail(error)), object(), "tcp:5000:interface=127.0.0.1", "listen[1]", MemoryReactor())
+    with pytest.raises(SystemExit) as info:
+        listener.privilegedStartService()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "mirror: cannot listen on tcp:5000:interface=127.0.0.1 (listen[1]): Address already in use\n"
+
+
+def test_a_listener_that_fails_after_start_up_stops_the_reactor_with_exit_code_2(capsys):
+    """An endpoint that opens later (not one Twisted ships) and fails: the same line, the
+    reactor stops and the process exits 2 after shutdown; stopping a pending listen is quiet."""
+    import os
+
+    from twisted.internet.defer import Deferred
+    from twisted.internet.testing import MemoryReactor
+
+    from mirror.tap import _Listener
+
+    reactor = MemoryReactor()
+    pending = Deferred()
+    listener = _Listener(_Endpoint(pending), object(), "onion:443", "listen", reactor)
+    listener.privilegedStartService()
+    assert not reactor.hasStopped
+    pending.errback(OSError(13, "Permission denied"))
+    assert capsys.readouterr().err == "mirror: cannot listen on onion:443 (listen): Permission denied\n"
+    assert reactor.hasStopped
+    assert reactor.triggers["after"]["shutdown"] == [(os._exit, (2,), {})]
+
+    quiet = _Listener(_Endpoint(Deferred()), object(), "onion:443", "listen", MemoryReactor())
+    quiet.privilegedStartService()
+    quiet.startService()
+    stopped = []
+    quiet.stopService().addBoth(stopped.append)
+    assert stopped == [None]
+    assert capsys.readouterr().err == ""
+
+
+def test_an_endpoint_that_cannot_be_parsed_stops_start_up_with_one_line(tmp_path, capsys):
+    """`listen: bogus:1` (a config the loader cannot judge) stops makeService with one line."""
+    path = write_config(tmp_path, f"listen: 'bogus:1'\nstorage: {{root: '{tmp_path}/store'}}\n")
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    with pytest.raises(SystemExit) as info:
+        makeService(options)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "mirror: cannot listen on bogus:1 (listen): Unknown endpoint type: 'bogus'\n"
