@@ -13,8 +13,11 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from resource import RLIMIT_NOFILE, getrlimit
 from types import FrameType
 from typing import ClassVar
+
+import attrs
 
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -37,10 +40,9 @@ from twisted.logger import Logger, LoggingFile
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from mirror import __version__
-from mirror.config import ConfigError, MirrorConfig, load_config
+from mirror.config import ConfigError, LimitsConfig, MirrorConfig, load_config
 from mirror.registry.cluster import Cluster
 from mirror.registry.registry import Registry
 from mirror.storage import StoreLayoutError, open_store
@@ -48,9 +50,9 @@ from mirror.upstream.client import Upstream
 from mirror.web.auth import Authenticator
 from mirror.web.health import HealthResource
 from mirror.web.resource import RegistryResource
-from mirror.web.site import build_site
+from mirror.web.site import DEFAULT_MAX_CONNECTIONS_CAP, METRICS_MAX_CONNECTIONS, LimitedSite, build_site, connection_budget
 
-__all__ = ["Options", "build_auth", "build_registry", "makeService", "reload_config"]
+__all__ = ["Options", "build_auth", "build_registry", "connection_limits", "makeService", "reload_config"]
 
 _log = Logger()
 
@@ -135,8 +137,14 @@ def build_auth(config: MirrorConfig, previous: Authenticator | None = None) -> A
         raise ConfigError(f"{config.source}: auth.htpasswd: {getattr(e, 'strerror', None) or e}") from None
 
 
-def reload_config(registry: Registry, path: str, resource: RegistryResource | None = None) -> bool:
-    """Re-read the config file and apply it; a bad file is refused and the old config kept."""
+def reload_config(
+    registry: Registry,
+    path: str,
+    resource: RegistryResource | None = None,
+    apply_limits: Callable[[LimitsConfig], None] | None = None,
+) -> bool:
+    """Re-read the config file and apply it; a bad file is refused and the old config kept.
+    ``apply_limits`` takes the new ``limits`` (to the listeners' sites: for new connections)."""
     try:
         new = load_config(path)
         auth = build_auth(new, resource.auth if resource is not None else None)
@@ -145,6 +153,8 @@ def reload_config(registry: Registry, path: str, resource: RegistryResource | No
         return False
     if resource is not None:
         resource.auth = auth
+    if apply_limits is not None:
+        apply_limits(new.limits)
     for key in registry.reconfigure(new):
         _log.warn("config reload: {key} changed; it takes effect only after a restart", key=key)
     _log.info("config reloaded from {path} (read_only={read_only})", path=path, read_only=new.read_only)
@@ -206,18 +216,26 @@ class _PeriodicGc:
 class _ReloadOnHangup(Service):
     """SIGHUP re-reads the config without dropping connections."""
 
-    def __init__(self, reactor: IReactorFromThreads, registry: Registry, path: str, resource: RegistryResource) -> None:
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        registry: Registry,
+        path: str,
+        resource: RegistryResource,
+        apply_limits: Callable[[LimitsConfig], None],
+    ) -> None:
         self._reactor = reactor
         self._registry = registry
         self._path = path
         self._resource = resource
+        self._apply_limits = apply_limits
 
     def startService(self) -> None:
         Service.startService(self)
         signal.signal(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(reload_config, self._registry, self._path, self._resource)
+        self._reactor.callFromThread(reload_config, self._registry, self._path, self._resource, self._apply_limits)
 
 
 def _fail(problems: Sequence[str]) -> SystemExit:
@@ -230,6 +248,26 @@ def _fail(problems: Sequence[str]) -> SystemExit:
         sys.__stderr__.writelines(lines)
         sys.__stderr__.flush()
     return SystemExit(2)
+
+
+def connection_limits(limits: LimitsConfig) -> LimitsConfig:
+    """``limits`` with ``max_connections`` set: when the config leaves it out, as many as
+    this process's open-file limit can hold (:func:`~mirror.web.site.connection_budget`,
+    at most :data:`~mirror.web.site.DEFAULT_MAX_CONNECTIONS_CAP`).  A configured value
+    above that is kept, with a warning."""
+    fd_limit = getrlimit(RLIMIT_NOFILE)[0]
+    budget = connection_budget(fd_limit)
+    if limits.max_connections is None:
+        return attrs.evolve(limits, max_connections=min(budget, DEFAULT_MAX_CONNECTIONS_CAP))
+    if limits.max_connections > budget:
+        _log.warn(
+            "limits.max_connections is {max_connections} but the open-file limit ({fd_limit}) holds about {budget} "
+            "connections: raise it (ulimit -n, systemd LimitNOFILE=) or lower max_connections",
+            max_connections=limits.max_connections,
+            fd_limit=fd_limit,
+            budget=budget,
+        )
+    return limits
 
 
 def _reason(error: BaseException) -> str:
@@ -314,28 +352,36 @@ def makeService(options: Options) -> IService:
     except ConfigError as e:
         raise _fail(e.problems) from None
     site = build_site(registry, auth, deferToThread)
+    health = LimitedSite(HealthResource(registry.metrics, registry.store.spool.check_writable), config.limits)
+
+    def apply_limits(limits: LimitsConfig) -> None:
+        limits = connection_limits(limits)
+        site.configure(limits)
+        health.configure(attrs.evolve(limits, max_connections=METRICS_MAX_CONNECTIONS))
+
+    apply_limits(config.limits)
     _log.info(
-        "mirror {version}: store {store}; upstreams: {upstreams}; hosted: {hosted}; listening on {listen}",
+        "mirror {version}: store {store}; upstreams: {upstreams}; hosted: {hosted}; listening on {listen} "
+        "(at most {connections} connections)",
         version=__version__,
         store=registry.store.description,
         upstreams=", ".join(f"{u.registry} ({'offline' if u.offline or config.offline else u.url})" for u in config.upstreams)
         or "none",
         hosted=", ".join(config.hosted) or "none",
         listen=", ".join(config.listen),
+        connections=site.limits.max_connections,
     )
     top = MultiService()
     for listener in _listeners(config.listen, "listen", site, reactor):
         top.addService(listener)
     TimerService(config.storage.access_flush_interval, _every(registry.access.flush)).setServiceParent(top)
     TimerService(min(600.0, config.upload_expiry / 4), _every(registry.expire_uploads)).setServiceParent(top)
-    if config.metrics_listen:
-        health = Site(HealthResource(registry.metrics, registry.store.spool.check_writable))
-        for listener in _listeners(config.metrics_listen, "metrics.listen", health, reactor):
-            top.addService(listener)
+    for listener in _listeners(config.metrics_listen, "metrics.listen", health, reactor):
+        top.addService(listener)
     if config.gc.interval:
         TimerService(config.gc.interval, _every(_PeriodicGc(reactor, registry, options["config"]))).setServiceParent(top)
     top.addService(_FlushAtStop(registry))
     resource = site.resource
     assert isinstance(resource, RegistryResource)
-    top.addService(_ReloadOnHangup(IReactorFromThreads(reactor), registry, options["config"], resource))
+    top.addService(_ReloadOnHangup(IReactorFromThreads(reactor), registry, options["config"], resource, apply_limits))
     return top

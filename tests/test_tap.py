@@ -45,6 +45,56 @@ def test_make_service_builds_listeners_and_flush_timer(tmp_path):
     assert (tmp_path / "store" / "blobs").is_dir()
 
 
+def test_listeners_get_limited_sites_and_a_reload_changes_their_limits(tmp_path, monkeypatch):
+    """Registry and metrics listeners serve LimitedSites: the registry's max_connections
+    comes from the fd limit when not configured, the metrics one takes a few of its own;
+    a reload (SIGHUP) gives both the new limits."""
+    import mirror.tap
+    from mirror.tap import _ReloadOnHangup, reload_config
+    from mirror.web.site import METRICS_MAX_CONNECTIONS, LimitedSite
+
+    monkeypatch.setattr(mirror.tap, "getrlimit", lambda which: (1024, 4096))
+    text = (
+        "listen: 'tcp:0:interface=127.0.0.1'\nmetrics: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        f"storage: {{root: '{tmp_path}/store'}}\nhosted: ['*']\nlimits: {{header_timeout: 10}}\n"
+    )
+    path = write_config(tmp_path, text)
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    services = list(makeService(options))
+    registry_site, health_site = (s.factory for s in services if isinstance(s, StreamServerEndpointService))
+    assert isinstance(registry_site, LimitedSite) and isinstance(health_site, LimitedSite)
+    assert (registry_site.limits.header_timeout, registry_site.limits.max_connections) == (10, 448)
+    assert (health_site.limits.header_timeout, health_site.limits.max_connections) == (10, METRICS_MAX_CONNECTIONS)
+
+    path.write_text(text.replace("header_timeout: 10", "header_timeout: 5, max_connections: 100"))
+    (hangup,) = (s for s in services if isinstance(s, _ReloadOnHangup))
+    assert reload_config(hangup._registry, str(path), hangup._resource, hangup._apply_limits)
+    assert (registry_site.limits.header_timeout, registry_site.limits.max_connections) == (5, 100)
+    assert (health_site.limits.header_timeout, health_site.limits.max_connections) == (5, METRICS_MAX_CONNECTIONS)
+
+
+def test_a_max_connections_the_fd_limit_cannot_hold_is_kept_with_a_warning(monkeypatch):
+    """A configured max_connections above what the open-file limit holds is a warning,
+    not an error (the operator may raise the limit); the default stays within it."""
+    from twisted.logger import globalLogPublisher
+
+    import mirror.tap
+    from mirror.config import LimitsConfig
+    from mirror.tap import connection_limits
+
+    monkeypatch.setattr(mirror.tap, "getrlimit", lambda which: (1024, 4096))
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        assert connection_limits(LimitsConfig(max_connections=5000)).max_connections == 5000
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert any(e.get("max_connections") == 5000 and e.get("budget") == 448 for e in seen)
+    monkeypatch.setattr(mirror.tap, "getrlimit", lambda which: (1 << 20, 1 << 20))
+    assert connection_limits(LimitsConfig()).max_connections == 10_000
+
+
 def test_bad_config_stops_with_one_line(tmp_path, capsys):
     """A config mistake stops start-up with exit code 2 and one line naming file and key."""
     path = write_config(
