@@ -223,8 +223,10 @@ class _Unavailable(Protocol):
     """A connection beyond ``max_connections``: a 503 at once, then closed.
 
     On plain TCP only the sending side is shut after the answer, and whatever the client
-    sends is read and dropped for :data:`_LINGER` seconds: a request arriving at a closed
-    socket would draw a reset, which can make the client lose the 503 it has not read.
+    sends is read and dropped: a request arriving at a closed socket would draw a reset,
+    which can make the client lose the 503 it has not read.  Either way the connection
+    is cut :data:`_LINGER` seconds on if the client has not closed it (or, on TLS, not
+    finished its handshake).
     """
 
     def __init__(self, clock: IReactorTime) -> None:
@@ -232,14 +234,15 @@ class _Unavailable(Protocol):
         self._linger: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(_UNAVAILABLE)
-        tcp = ITCPTransport(self.transport, None)
-        if tcp is not None and not ISSLTransport.providedBy(self.transport):
+        transport = self.transport
+        assert transport is not None
+        transport.write(_UNAVAILABLE)
+        tcp = ITCPTransport(transport, None)
+        if tcp is not None and not ISSLTransport.providedBy(transport):
             tcp.loseWriteConnection()
-            self._linger = self._clock.callLater(_LINGER, tcp.abortConnection)
-        else:
-            self.transport.loseConnection()
+        else:  # TLS (its close_notify is the half-close), or a transport without one
+            transport.loseConnection()
+        self._linger = self._clock.callLater(_LINGER, getattr(transport, "abortConnection", transport.loseConnection))
 
     def dataReceived(self, data: bytes) -> None:
         pass
