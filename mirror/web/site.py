@@ -29,8 +29,8 @@ header names or values.  Added here:
 :class:`LimitedSite` counts its open connections: beyond ``max_connections`` a new one
 is answered a canned 503 (OCI ``UNAVAILABLE``) and closed, without reading its request.
 Answering, rather than no longer accepting, tells clients at once (a paused listener
-leaves them in the kernel's backlog until they time out) and keeps ``/v2/`` probes
-meaningful; its cost is one descriptor for a moment per refused connection.
+leaves them in the kernel's backlog until they time out, and health checks with them);
+its cost is one descriptor per refused connection for at most :data:`_LINGER` seconds.
 
 The access log is Twisted's combined format, with the values of query parameters that
 carry a secret (:data:`mirror.web.auth.SECRET_PARAMETERS`) replaced: a client that puts
@@ -119,7 +119,9 @@ class RegistryChannel(HTTPChannel):
     """An HTTP/1.1 channel with a header timeout and the refusals described above.
 
     ``header_timeout`` and the limits Twisted reads (``totalHeadersSize``, ``maxHeaders``,
-    ``MAX_LENGTH``) are set by :meth:`LimitedSite.buildProtocol`, which counts it.
+    ``MAX_LENGTH``) are set by :meth:`LimitedSite.buildProtocol`, which counts it.  It
+    reads three private attributes of Twisted's parser (``_version``, ``_handlingRequest``
+    and LineReceiver's ``_buffer``); tests/test_site.py exercises each use.
     """
 
     header_timeout: float | None = None  # None: no header timer
