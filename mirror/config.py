@@ -29,6 +29,7 @@ __all__ = [
     "ClusterConfig",
     "ConfigError",
     "GcConfig",
+    "LimitsConfig",
     "MirrorConfig",
     "S3Config",
     "StorageConfig",
@@ -168,6 +169,17 @@ class GcConfig:
 
 
 @attrs.frozen
+class LimitsConfig:
+    """The ``limits`` section: what one client connection may hold (see :mod:`mirror.web.site`)."""
+
+    header_timeout: float = 30.0  # seconds from a request's first byte (a new connection's start) to its last header
+    idle_timeout: float = 120.0  # seconds a connection may wait for its next request, or stall in a request body
+    max_header_size: int = 64 * 1024  # bytes of request line and headers
+    max_headers: int = 100  # header lines in one request
+    max_connections: int | None = None  # open connections to the registry listeners; None: from the fd limit
+
+
+@attrs.frozen
 class MirrorConfig:
     """The whole service configuration."""
 
@@ -181,6 +193,7 @@ class MirrorConfig:
     offline: bool = False  # no upstream is ever contacted (per upstream: upstreams[].offline)
     gc: GcConfig = GcConfig()
     metrics_listen: tuple[str, ...] = ()  # endpoints serving /metrics, /healthz, /readyz
+    limits: LimitsConfig = LimitsConfig()  # timeouts and sizes of client connections
     auth: AuthConfig | None = None  # client authentication; None: open registry
     cluster: ClusterConfig | None = None  # several nodes on one s3 store
     max_manifest_size: int = 4 * 1024 * 1024
@@ -481,6 +494,31 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         r.finish()
         return endpoints or ()
 
+    def limits(key_path: str, value: object) -> LimitsConfig:
+        r = _Reader(found, key_path, value)
+        d = LimitsConfig()
+
+        def whole(p: str, v: object) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise r.error(p, "expected a whole number > 0")
+            return v
+
+        def header_size(p: str, v: object) -> int:
+            size = r.size(p, v)
+            if size < 1024:
+                raise r.error(p, "expected at least 1KiB (a request line and a few headers)")
+            return size
+
+        cfg = LimitsConfig(
+            header_timeout=r.take("header_timeout", r.positive, d.header_timeout),
+            idle_timeout=r.take("idle_timeout", r.positive, d.idle_timeout),
+            max_header_size=r.take("max_header_size", header_size, d.max_header_size),
+            max_headers=r.take("max_headers", whole, d.max_headers),
+            max_connections=r.optional("max_connections", whole),
+        )
+        r.finish()
+        return cfg
+
     def actions(key_path: str, value: object) -> frozenset[str]:
         if not isinstance(value, list) or not all(v in ACTIONS for v in value):
             raise top.error(key_path, f"expected a list of actions from {', '.join(ACTIONS)}")
@@ -590,6 +628,7 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         upload_expiry=top.take("upload_expiry", top.positive, 24 * 3600.0),
         gc=top.take("gc", gc, GcConfig()),
         metrics_listen=top.take("metrics", metrics, ()),
+        limits=top.take("limits", limits, LimitsConfig()),
         auth=top.optional("auth", auth),
         cluster=top.optional("cluster", cluster),
         max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024),

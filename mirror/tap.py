@@ -13,25 +13,36 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from resource import RLIMIT_NOFILE, getrlimit
 from types import FrameType
 from typing import ClassVar
+
+import attrs
 
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorProcess,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import Logger
+from twisted.logger import Logger, LoggingFile
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from mirror import __version__
-from mirror.config import ConfigError, MirrorConfig, load_config
+from mirror.config import ConfigError, LimitsConfig, MirrorConfig, load_config
 from mirror.registry.cluster import Cluster
 from mirror.registry.registry import Registry
 from mirror.storage import StoreLayoutError, open_store
@@ -39,9 +50,9 @@ from mirror.upstream.client import Upstream
 from mirror.web.auth import Authenticator
 from mirror.web.health import HealthResource
 from mirror.web.resource import RegistryResource
-from mirror.web.site import build_site
+from mirror.web.site import DEFAULT_MAX_CONNECTIONS_CAP, METRICS_MAX_CONNECTIONS, LimitedSite, build_site, connection_budget
 
-__all__ = ["Options", "build_auth", "build_registry", "makeService", "reload_config"]
+__all__ = ["Options", "build_auth", "build_registry", "connection_limits", "makeService", "reload_config"]
 
 _log = Logger()
 
@@ -126,8 +137,14 @@ def build_auth(config: MirrorConfig, previous: Authenticator | None = None) -> A
         raise ConfigError(f"{config.source}: auth.htpasswd: {getattr(e, 'strerror', None) or e}") from None
 
 
-def reload_config(registry: Registry, path: str, resource: RegistryResource | None = None) -> bool:
-    """Re-read the config file and apply it; a bad file is refused and the old config kept."""
+def reload_config(
+    registry: Registry,
+    path: str,
+    resource: RegistryResource | None = None,
+    apply_limits: Callable[[LimitsConfig], None] | None = None,
+) -> bool:
+    """Re-read the config file and apply it; a bad file is refused and the old config kept.
+    ``apply_limits`` takes the new ``limits`` (to the listeners' sites: for new connections)."""
     try:
         new = load_config(path)
         auth = build_auth(new, resource.auth if resource is not None else None)
@@ -136,6 +153,8 @@ def reload_config(registry: Registry, path: str, resource: RegistryResource | No
         return False
     if resource is not None:
         resource.auth = auth
+    if apply_limits is not None:
+        apply_limits(new.limits)
     for key in registry.reconfigure(new):
         _log.warn("config reload: {key} changed; it takes effect only after a restart", key=key)
     _log.info("config reloaded from {path} (read_only={read_only})", path=path, read_only=new.read_only)
@@ -197,24 +216,129 @@ class _PeriodicGc:
 class _ReloadOnHangup(Service):
     """SIGHUP re-reads the config without dropping connections."""
 
-    def __init__(self, reactor: IReactorFromThreads, registry: Registry, path: str, resource: RegistryResource) -> None:
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        registry: Registry,
+        path: str,
+        resource: RegistryResource,
+        apply_limits: Callable[[LimitsConfig], None],
+    ) -> None:
         self._reactor = reactor
         self._registry = registry
         self._path = path
         self._resource = resource
+        self._apply_limits = apply_limits
 
     def startService(self) -> None:
         Service.startService(self)
         signal.signal(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(reload_config, self._registry, self._path, self._resource)
+        self._reactor.callFromThread(reload_config, self._registry, self._path, self._resource, self._apply_limits)
 
 
 def _fail(problems: Sequence[str]) -> SystemExit:
     # One line per problem, each naming the file and key, then a clean exit: no traceback.
-    sys.stderr.writelines(f"mirror: {problem}\n" for problem in problems)
+    # Once twistd has begun logging (the listeners open then), sys.stderr feeds the log:
+    # the lines go to the log and to the real standard error.
+    lines = [f"mirror: {problem}\n" for problem in problems]
+    sys.stderr.writelines(lines)
+    if isinstance(sys.stderr, LoggingFile) and sys.__stderr__ is not None:
+        sys.__stderr__.writelines(lines)
+        sys.__stderr__.flush()
     return SystemExit(2)
+
+
+def connection_limits(limits: LimitsConfig) -> LimitsConfig:
+    """``limits`` with ``max_connections`` set: when the config leaves it out, as many as
+    this process's open-file limit can hold (:func:`~mirror.web.site.connection_budget`,
+    at most :data:`~mirror.web.site.DEFAULT_MAX_CONNECTIONS_CAP`).  A configured value
+    above that is kept, with a warning."""
+    fd_limit = getrlimit(RLIMIT_NOFILE)[0]
+    budget = connection_budget(fd_limit)
+    if limits.max_connections is None:
+        return attrs.evolve(limits, max_connections=min(budget, DEFAULT_MAX_CONNECTIONS_CAP))
+    if limits.max_connections > budget:
+        _log.warn(
+            "limits.max_connections is {max_connections} but the open-file limit ({fd_limit}) holds about {budget} "
+            "connections: raise it (ulimit -n, systemd LimitNOFILE=) or lower max_connections",
+            max_connections=limits.max_connections,
+            fd_limit=fd_limit,
+            budget=budget,
+        )
+    return limits
+
+
+def _reason(error: BaseException) -> str:
+    """Why an endpoint could not be built or opened, in a few words (no traceback)."""
+    if isinstance(error, CannotListenError) and isinstance(error.socketError, BaseException):
+        error = error.socketError
+    if isinstance(error, OSError) and error.strerror:
+        name = error.filename2 or error.filename
+        return f"{error.strerror}: {os.fsdecode(name)}" if isinstance(name, str | bytes) else error.strerror
+    if type(error).__module__.startswith("OpenSSL") and error.args and isinstance(error.args[0], list):
+        # [(library, function, reason), ...]: a key or certificate OpenSSL could not use
+        reasons = "; ".join(str(part[-1]) for part in error.args[0] if isinstance(part, tuple) and part)
+        return f"not a usable key or certificate ({reasons or 'OpenSSL error'})"
+    return str(error) or type(error).__name__
+
+
+class _Listener(StreamServerEndpointService):
+    """One ``listen`` or ``metrics.listen`` endpoint, opened in privilegedStartService:
+    before the reactor runs (and before twistd drops privileges).
+
+    An endpoint that cannot be opened ends the process with exit code 2 and one line
+    naming the endpoint and its config key, rather than a logged traceback and a
+    service listening on nothing.  The endpoints Twisted ships (tcp, ssl, unix, systemd)
+    open at once; one that opens later (a plugin's) and fails stops the reactor, and
+    the process exits 2 once it has shut down.
+    """
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, description: str, key: str, reactor: IReactorCore
+    ) -> None:
+        StreamServerEndpointService.__init__(self, endpoint, factory)
+        self.description = description
+        self.key = key
+        self._reactor = reactor
+        self._opening = False
+        self._failed: str | None = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        self._opening = True
+        listening: Deferred[IListeningPort | None] = self.endpoint.listen(self.factory)
+        self._waitingForPort = listening.addErrback(self._cannot_listen)  # stopService cancels or closes it
+        self._opening = False
+        if self._failed is not None:
+            raise _fail([self._failed])
+
+    def _cannot_listen(self, failure: Failure) -> None:
+        if failure.check(CancelledError):  # stopped before a late endpoint opened
+            return
+        assert failure.value is not None
+        message = f"cannot listen on {self.description} ({self.key}): {_reason(failure.value)}"
+        if self._opening:
+            self._failed = message  # raised by privilegedStartService, outside this Deferred
+            return
+        _fail([message])
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 2)
+        self._reactor.stop()
+
+
+def _listeners(descriptions: tuple[str, ...], key: str, factory: IProtocolFactory, reactor: IReactorCore) -> list[_Listener]:
+    """A :class:`_Listener` per endpoint string of the config key ``key``; one that
+    cannot be parsed (an unknown type, a missing key file) stops start-up with one line."""
+    result = []
+    for i, description in enumerate(descriptions):
+        where = key if len(descriptions) == 1 else f"{key}[{i}]"
+        try:
+            endpoint = endpoints.serverFromString(reactor, description)
+        except Exception as e:  # any endpoint parser's complaint: ValueError, OSError, OpenSSL's errors...
+            raise _fail([f"cannot listen on {description} ({where}): {_reason(e)}"]) from None
+        result.append(_Listener(endpoint, factory, description, where, reactor))
+    return result
 
 
 def makeService(options: Options) -> IService:
@@ -228,28 +352,36 @@ def makeService(options: Options) -> IService:
     except ConfigError as e:
         raise _fail(e.problems) from None
     site = build_site(registry, auth, deferToThread)
+    health = LimitedSite(HealthResource(registry.metrics, registry.store.spool.check_writable), config.limits)
+
+    def apply_limits(limits: LimitsConfig) -> None:
+        limits = connection_limits(limits)
+        site.configure(limits)
+        health.configure(attrs.evolve(limits, max_connections=METRICS_MAX_CONNECTIONS))
+
+    apply_limits(config.limits)
     _log.info(
-        "mirror {version}: store {store}; upstreams: {upstreams}; hosted: {hosted}; listening on {listen}",
+        "mirror {version}: store {store}; upstreams: {upstreams}; hosted: {hosted}; listening on {listen} "
+        "(at most {connections} connections)",
         version=__version__,
         store=registry.store.description,
         upstreams=", ".join(f"{u.registry} ({'offline' if u.offline or config.offline else u.url})" for u in config.upstreams)
         or "none",
         hosted=", ".join(config.hosted) or "none",
         listen=", ".join(config.listen),
+        connections=site.limits.max_connections,
     )
     top = MultiService()
-    for description in config.listen:
-        StreamServerEndpointService(endpoints.serverFromString(reactor, description), site).setServiceParent(top)
+    for listener in _listeners(config.listen, "listen", site, reactor):
+        top.addService(listener)
     TimerService(config.storage.access_flush_interval, _every(registry.access.flush)).setServiceParent(top)
     TimerService(min(600.0, config.upload_expiry / 4), _every(registry.expire_uploads)).setServiceParent(top)
-    if config.metrics_listen:
-        health = Site(HealthResource(registry.metrics, registry.store.spool.check_writable))
-        for description in config.metrics_listen:
-            StreamServerEndpointService(endpoints.serverFromString(reactor, description), health).setServiceParent(top)
+    for listener in _listeners(config.metrics_listen, "metrics.listen", health, reactor):
+        top.addService(listener)
     if config.gc.interval:
         TimerService(config.gc.interval, _every(_PeriodicGc(reactor, registry, options["config"]))).setServiceParent(top)
     top.addService(_FlushAtStop(registry))
     resource = site.resource
     assert isinstance(resource, RegistryResource)
-    top.addService(_ReloadOnHangup(IReactorFromThreads(reactor), registry, options["config"], resource))
+    top.addService(_ReloadOnHangup(IReactorFromThreads(reactor), registry, options["config"], resource, apply_limits))
     return top

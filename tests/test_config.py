@@ -31,6 +31,21 @@ def test_good_config_parses_with_defaults():
     assert cfg.max_manifest_size == 4 * 1024 * 1024
 
 
+def test_limits_section():
+    """`limits` defaults to bounded connections; sizes take units; max_connections is
+    left to the fd limit unless given."""
+    from mirror.config import LimitsConfig
+
+    cfg = parse_config(GOOD)
+    assert cfg.limits == LimitsConfig(
+        header_timeout=30.0, idle_timeout=120.0, max_header_size=65536, max_headers=100, max_connections=None
+    )
+    cfg = parse_config(
+        GOOD + "limits: {header_timeout: 5, idle_timeout: 75, max_header_size: 32KiB, max_headers: 50, max_connections: 900}"
+    )
+    assert cfg.limits == LimitsConfig(5.0, 75.0, 32768, 50, 900)
+
+
 def test_credentials_never_in_repr():
     """Upstream passwords stay out of reprs (and so out of logs)."""
     cfg = parse_config(GOOD)
@@ -155,6 +170,11 @@ def test_other_shipped_configs_are_valid(name):
             "m.yaml: auth.realm: expected an http:// or https:// URL",
         ),
         ("listen: x\nstorage: {root: x}\nauth: {htpasswd: h, realm: '/auth/token'}", "m.yaml: auth.realm: expected an http"),
+        ("listen: x\nstorage: {root: x}\nlimits: {header_timeout: 0}", "m.yaml: limits.header_timeout: expected a number > 0"),
+        ("listen: x\nstorage: {root: x}\nlimits: {max_headers: 2.5}", "m.yaml: limits.max_headers: expected a whole number > 0"),
+        ("listen: x\nstorage: {root: x}\nlimits: {max_connections: 0}", "m.yaml: limits.max_connections: expected a whole"),
+        ("listen: x\nstorage: {root: x}\nlimits: {max_header_size: 100}", "m.yaml: limits.max_header_size: expected at least"),
+        ("listen: x\nstorage: {root: x}\nlimits: {keepalive: 5}", "m.yaml: limits.keepalive: unknown key"),
         ("listen: [", "m.yaml: line 1: invalid YAML"),
         ("- a\n- b", "m.yaml: (top level): expected a mapping"),
     ],

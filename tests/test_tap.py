@@ -45,6 +45,56 @@ def test_make_service_builds_listeners_and_flush_timer(tmp_path):
     assert (tmp_path / "store" / "blobs").is_dir()
 
 
+def test_listeners_get_limited_sites_and_a_reload_changes_their_limits(tmp_path, monkeypatch):
+    """Registry and metrics listeners serve LimitedSites: the registry's max_connections
+    comes from the fd limit when not configured, the metrics one takes a few of its own;
+    a reload (SIGHUP) gives both the new limits."""
+    import mirror.tap
+    from mirror.tap import _ReloadOnHangup, reload_config
+    from mirror.web.site import METRICS_MAX_CONNECTIONS, LimitedSite
+
+    monkeypatch.setattr(mirror.tap, "getrlimit", lambda which: (1024, 4096))
+    text = (
+        "listen: 'tcp:0:interface=127.0.0.1'\nmetrics: {listen: 'tcp:0:interface=127.0.0.1'}\n"
+        f"storage: {{root: '{tmp_path}/store'}}\nhosted: ['*']\nlimits: {{header_timeout: 10}}\n"
+    )
+    path = write_config(tmp_path, text)
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    services = list(makeService(options))
+    registry_site, health_site = (s.factory for s in services if isinstance(s, StreamServerEndpointService))
+    assert isinstance(registry_site, LimitedSite) and isinstance(health_site, LimitedSite)
+    assert (registry_site.limits.header_timeout, registry_site.limits.max_connections) == (10, 448)
+    assert (health_site.limits.header_timeout, health_site.limits.max_connections) == (10, METRICS_MAX_CONNECTIONS)
+
+    path.write_text(text.replace("header_timeout: 10", "header_timeout: 5, max_connections: 100"))
+    (hangup,) = (s for s in services if isinstance(s, _ReloadOnHangup))
+    assert reload_config(hangup._registry, str(path), hangup._resource, hangup._apply_limits)
+    assert (registry_site.limits.header_timeout, registry_site.limits.max_connections) == (5, 100)
+    assert (health_site.limits.header_timeout, health_site.limits.max_connections) == (5, METRICS_MAX_CONNECTIONS)
+
+
+def test_a_max_connections_the_fd_limit_cannot_hold_is_kept_with_a_warning(monkeypatch):
+    """A configured max_connections above what the open-file limit holds is a warning,
+    not an error (the operator may raise the limit); the default stays within it."""
+    from twisted.logger import globalLogPublisher
+
+    import mirror.tap
+    from mirror.config import LimitsConfig
+    from mirror.tap import connection_limits
+
+    monkeypatch.setattr(mirror.tap, "getrlimit", lambda which: (1024, 4096))
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        assert connection_limits(LimitsConfig(max_connections=5000)).max_connections == 5000
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert any(e.get("max_connections") == 5000 and e.get("budget") == 448 for e in seen)
+    monkeypatch.setattr(mirror.tap, "getrlimit", lambda which: (1 << 20, 1 << 20))
+    assert connection_limits(LimitsConfig()).max_connections == 10_000
+
+
 def test_bad_config_stops_with_one_line(tmp_path, capsys):
     """A config mistake stops start-up with exit code 2 and one line naming file and key."""
     path = write_config(
@@ -172,3 +222,71 @@ def test_a_periodic_job_that_fails_is_logged_and_runs_again():
         globalLogPublisher.removeObserver(seen.append)
     assert len(calls) == 2
     assert any("bucket unreachable" in str(e.get("error", "")) for e in seen)
+
+
+class _Endpoint:
+    """A server endpoint whose listen() returns the Deferred the test holds."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def listen(self, factory):
+        return self.result
+
+
+def test_a_listener_that_cannot_open_stops_start_up_with_one_line(capsys):
+    """A listen failure while the service starts (before the reactor runs): SystemExit(2)
+    and one line naming the endpoint, its key and the reason."""
+    from twisted.internet.defer import fail
+    from twisted.internet.error import CannotListenError
+    from twisted.internet.testing import MemoryReactor
+
+    from mirror.tap import _Listener
+
+    error = CannotListenError("127.0.0.1", 5000, OSError(98, "Address already in use"))
+    listener = _Listener(_Endpoint(fail(error)), object(), "tcp:5000:interface=127.0.0.1", "listen[1]", MemoryReactor())
+    with pytest.raises(SystemExit) as info:
+        listener.privilegedStartService()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "mirror: cannot listen on tcp:5000:interface=127.0.0.1 (listen[1]): Address already in use\n"
+
+
+def test_a_listener_that_fails_after_start_up_stops_the_reactor_with_exit_code_2(capsys):
+    """An endpoint that opens later (not one Twisted ships) and fails: the same line, the
+    reactor stops and the process exits 2 after shutdown; stopping a pending listen is quiet."""
+    import os
+
+    from twisted.internet.defer import Deferred
+    from twisted.internet.testing import MemoryReactor
+
+    from mirror.tap import _Listener
+
+    reactor = MemoryReactor()
+    pending = Deferred()
+    listener = _Listener(_Endpoint(pending), object(), "onion:443", "listen", reactor)
+    listener.privilegedStartService()
+    assert not reactor.hasStopped
+    pending.errback(OSError(13, "Permission denied"))
+    assert capsys.readouterr().err == "mirror: cannot listen on onion:443 (listen): Permission denied\n"
+    assert reactor.hasStopped
+    assert reactor.triggers["after"]["shutdown"] == [(os._exit, (2,), {})]
+
+    quiet = _Listener(_Endpoint(Deferred()), object(), "onion:443", "listen", MemoryReactor())
+    quiet.privilegedStartService()
+    quiet.startService()
+    stopped = []
+    quiet.stopService().addBoth(stopped.append)
+    assert stopped == [None]
+    assert capsys.readouterr().err == ""
+
+
+def test_an_endpoint_that_cannot_be_parsed_stops_start_up_with_one_line(tmp_path, capsys):
+    """`listen: bogus:1` (a config the loader cannot judge) stops makeService with one line."""
+    path = write_config(tmp_path, f"listen: 'bogus:1'\nstorage: {{root: '{tmp_path}/store'}}\n")
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    with pytest.raises(SystemExit) as info:
+        makeService(options)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "mirror: cannot listen on bogus:1 (listen): Unknown endpoint type: 'bogus'\n"
