@@ -31,11 +31,12 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from mirror import __version__
-from mirror.config import ConfigError, MirrorConfig, load_config
+from mirror.config import ConfigError, MirrorConfig, UpstreamConfig, load_config
 from mirror.registry.cluster import Cluster
 from mirror.registry.registry import Registry
 from mirror.storage import StoreLayoutError, open_store
 from mirror.upstream.client import Upstream
+from mirror.upstream.redirects import RedirectAgent
 from mirror.web.auth import Authenticator
 from mirror.web.health import HealthResource
 from mirror.web.resource import RegistryResource
@@ -108,9 +109,14 @@ def build_registry(
     if pool is None:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
-    http = HTTPClient(Agent(reactor, pool=pool))
-    cluster = Cluster(config.cluster, store.leases, http, reactor)
-    return Registry(config, store, lambda u: Upstream(u, http, reactor), reactor, deferToThread, cluster)
+    agent = Agent(reactor, pool=pool)
+    cluster = Cluster(config.cluster, store.leases, HTTPClient(agent), reactor)
+
+    def upstream(u: UpstreamConfig) -> Upstream:
+        # blobs redirected to a CDN or a presigned URL: our RedirectAgent follows them
+        return Upstream(u, HTTPClient(RedirectAgent(agent)), reactor)
+
+    return Registry(config, store, upstream, reactor, deferToThread, cluster)
 
 
 def _report_cleaned(removed: int) -> None:

@@ -10,6 +10,7 @@ redirect chains are bounded; redirects to anything but http(s) are refused.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -20,8 +21,9 @@ from twisted.internet import reactor
 from twisted.web.server import Site
 
 from mirror.core.oci import DOCKER_MANIFEST, Digest
+from mirror.upstream.redirects import MAX_REDIRECTS
 from tests.fake_upstream import FakeOrigin
-from tests.integration.test_mirror_faults import CONFIG, LAYER, assert_client_fails, error_of, image, sleep
+from tests.integration.test_mirror_faults import CONFIG, LAYER, assert_client_fails, image, sleep
 from tests.storeutil import Sync
 
 
@@ -93,6 +95,21 @@ async def test_relative_redirect_within_the_upstream_then_to_another_origin(fake
 
 
 @pytest_twisted.ensureDeferred
+async def test_relative_redirect_on_the_other_origin(fake_upstream, cdn, make_mirror):
+    """A relative Location sent by the other origin is resolved against the other origin,
+    not against the upstream the chain started at."""
+    _, layer = image(fake_upstream)
+    fake_upstream.token_required = True
+    fake_upstream.blob_redirect = (307, cdn.url + "/signed/{digest}")
+    cdn.redirects[f"/signed/{layer}"] = (302, f"/blobs/{layer}")
+    m = make_mirror(fake_upstream.url)
+    assert await _pull_blob(m, layer) == LAYER
+    assert cdn.count(f"/blobs/{layer}") == 1
+    assert _authorized_at(cdn) == []
+    await _assert_cached_and_served_locally(m, fake_upstream, cdn, layer)
+
+
+@pytest_twisted.ensureDeferred
 async def test_redirect_chain_is_bounded(fake_upstream, cdn, make_mirror):
     """A redirect loop ends promptly in 503 UNAVAILABLE after a bounded number of hops; nothing
     is stored."""
@@ -103,9 +120,11 @@ async def test_redirect_chain_is_bounded(fake_upstream, cdn, make_mirror):
     m = make_mirror(fake_upstream.url)
     started = time.monotonic()
     r = await m.get(f"/v2/library/app/blobs/{layer}")
-    assert r.code == 503 and await error_of(r) == "UNAVAILABLE"
+    assert r.code == 503
+    body = json.loads(await r.content())["errors"][0]
+    assert body["code"] == "UNAVAILABLE" and f"more than {MAX_REDIRECTS} redirects" in body["message"]
     assert time.monotonic() - started < 5
-    assert 5 <= cdn.count("/loop/") <= 20  # Twisted's RedirectAgent: 20
+    assert cdn.count("/loop/") == MAX_REDIRECTS  # the upstream's redirect, then the loop's
     assert Sync(m.store).blobs.stat(_digest(layer)) is None
 
 
@@ -115,12 +134,17 @@ async def test_redirect_chain_is_bounded(fake_upstream, cdn, make_mirror):
 )
 @pytest_twisted.ensureDeferred
 async def test_redirect_to_a_non_http_url_is_refused(location, fake_upstream, cdn, make_mirror):
-    """Only http and https are followed: any other scheme is 503 UNAVAILABLE, nothing stored."""
+    """Only http and https are followed: any other scheme is 503 UNAVAILABLE, nothing stored;
+    the message names the hop without its query (a presigned URL's signature)."""
     _, layer = image(fake_upstream)
-    fake_upstream.blob_redirect = (307, location)
+    fake_upstream.blob_redirect = (307, cdn.url + "/signed?X-Amz-Signature=secret")
+    cdn.redirects["/signed"] = (302, location)
     m = make_mirror(fake_upstream.url)
     r = await m.get(f"/v2/library/app/blobs/{layer}")
-    assert r.code == 503 and await error_of(r) == "UNAVAILABLE"
+    assert r.code == 503
+    body = json.loads(await r.content())["errors"][0]
+    assert body["code"] == "UNAVAILABLE" and "only http and https are followed" in body["message"]
+    assert f"from {cdn.url}/signed:" in body["message"] and "secret" not in body["message"]
     assert Sync(m.store).blobs.stat(_digest(layer)) is None
 
 
