@@ -37,6 +37,7 @@ from mirror.registry.registry import Registry
 from mirror.storage import StoreLayoutError, open_store
 from mirror.upstream.client import Upstream
 from mirror.upstream.redirects import RedirectAgent
+from mirror.upstream.tls import upstream_agent
 from mirror.web.auth import Authenticator
 from mirror.web.health import HealthResource
 from mirror.web.resource import RegistryResource
@@ -113,8 +114,19 @@ def build_registry(
     cluster = Cluster(config.cluster, store.leases, HTTPClient(agent), reactor)
 
     def upstream(u: UpstreamConfig) -> Upstream:
+        try:
+            own = upstream_agent(u, reactor, pool)  # its own TLS settings: its own agent
+        except (OSError, ValueError) as e:  # the file changed since the config was read
+            raise ConfigError(f"{config.source}: upstream {u.registry}: ca_file: {getattr(e, 'strerror', None) or e}") from None
+        if not u.tls_verify:
+            _log.warn(
+                "upstream {registry} ({url}) has tls_verify: false: its TLS certificates and host names are NOT "
+                "verified; anyone on the network path can impersonate it and read the credentials sent to it",
+                registry=u.registry,
+                url=u.url,
+            )
         # blobs redirected to a CDN or a presigned URL: our RedirectAgent follows them
-        return Upstream(u, HTTPClient(RedirectAgent(agent)), reactor)
+        return Upstream(u, HTTPClient(RedirectAgent(own if own is not None else agent)), reactor)
 
     return Registry(config, store, upstream, reactor, deferToThread, cluster)
 
