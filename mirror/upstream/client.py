@@ -31,6 +31,7 @@ from mirror.core.errors import RegistryError
 from mirror.core.oci import OCI_INDEX
 from mirror.responses import Discard, read_capped
 from mirror.upstream.challenge import Challenge, TokenCache, parse_challenge, token_from_response
+from mirror.upstream.tls import describe_tls_failure
 
 __all__ = ["ManifestResponse", "Upstream", "UpstreamRefused", "UpstreamUnavailable"]
 
@@ -174,7 +175,7 @@ class Upstream:
         raise UpstreamRefused("UNKNOWN", f"upstream {self.name} answered {code} for {what}", status=502)
 
     def _unavailable(self, doing: str, error: BaseException) -> UpstreamUnavailable:
-        message = str(error) or type(error).__name__
+        message = describe_tls_failure(error) or str(error) or type(error).__name__
         return UpstreamUnavailable("UNAVAILABLE", f"upstream {self.name} unreachable while {doing}: {message}")
 
     def _url(self, name: str, tail: str) -> str:
