@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from mirror.upstream.tls import read_ca_bundle
+
 __all__ = [
     "ACTIONS",
     "AccessRule",
@@ -107,6 +109,8 @@ class UpstreamConfig:
     offline: bool = False  # never contact this upstream: serve what is cached, refuse misses
     retry_deadline: float = 15.0  # seconds within which a failed request is tried again; 0: never
     negative_ttl: float = 30.0  # seconds a 404 for a manifest or repository is remembered; 0: never
+    ca_file: Path | None = None  # PEM bundle of the CAs trusted for this upstream, instead of the platform's
+    tls_verify: bool = True  # False: no certificate or host name check (mirror.upstream.tls)
 
 
 @attrs.frozen
@@ -482,11 +486,32 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             offline=r.take("offline", r.boolean, False),
             retry_deadline=r.take("retry_deadline", r.number, 15.0),
             negative_ttl=r.take("negative_ttl", r.number, 30.0),
+            ca_file=Path(ca_file) if (ca_file := r.optional("ca_file", r.string)) is not None else None,
+            tls_verify=r.take("tls_verify", r.boolean, True),
         )
         r.finish()
         if r.valid("username", "password") and (cfg.username is None) != (cfg.password is None):
             raise r.error(key_path, "username and password go together")
+        if r.valid("url", "ca_file", "tls_verify"):
+            upstream_tls(key_path, cfg, urlsplit(cfg.url).scheme, r)
         return cfg
+
+    def upstream_tls(key_path: str, cfg: UpstreamConfig, scheme: str, r: _Reader) -> None:
+        """``ca_file`` and ``tls_verify: false`` apply to an https upstream, one at a time; the
+        bundle must be readable and hold certificates."""
+        for key, set_ in (("ca_file", cfg.ca_file is not None), ("tls_verify", not cfg.tls_verify)):
+            if set_ and scheme != "https":
+                raise r.error(f"{key_path}.{key}", "applies to an https:// url only")
+        if cfg.ca_file is None:
+            return
+        if not cfg.tls_verify:
+            raise r.error(f"{key_path}.ca_file", "give ca_file or tls_verify: false, not both")
+        try:
+            read_ca_bundle(cfg.ca_file)
+        except OSError as e:
+            raise r.error(f"{key_path}.ca_file", f"cannot read {cfg.ca_file}: {e.strerror}") from None
+        except ValueError as e:
+            raise r.error(f"{key_path}.ca_file", str(e)) from None
 
     def metrics(key_path: str, value: object) -> tuple[str, ...]:
         r = _Reader(found, key_path, value)

@@ -42,11 +42,14 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mirror import __version__
-from mirror.config import ConfigError, LimitsConfig, MirrorConfig, load_config
+from mirror.config import ConfigError, LimitsConfig, MirrorConfig, UpstreamConfig, load_config
+from mirror.metrics import Metrics
 from mirror.registry.cluster import Cluster
 from mirror.registry.registry import Registry
 from mirror.storage import StoreLayoutError, open_store
 from mirror.upstream.client import Upstream
+from mirror.upstream.redirects import RedirectAgent
+from mirror.upstream.tls import upstream_agent
 from mirror.web.auth import Authenticator
 from mirror.web.health import HealthResource
 from mirror.web.resource import RegistryResource
@@ -116,9 +119,25 @@ def build_registry(config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnec
     if pool is None:
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
-    http = HTTPClient(Agent(reactor, pool=pool))
-    cluster = Cluster(config.cluster, store.leases, http, reactor)
-    return Registry(config, store, lambda u, metrics: Upstream(u, http, reactor, metrics), reactor, deferToThread, cluster)
+    agent = Agent(reactor, pool=pool)
+    cluster = Cluster(config.cluster, store.leases, HTTPClient(agent), reactor)
+
+    def upstream(u: UpstreamConfig, metrics: Metrics) -> Upstream:
+        try:
+            own = upstream_agent(u, reactor, pool)  # its own TLS settings: its own agent
+        except (OSError, ValueError) as e:  # the file changed since the config was read
+            raise ConfigError(f"{config.source}: upstream {u.registry}: ca_file: {getattr(e, 'strerror', None) or e}") from None
+        if not u.tls_verify:
+            _log.warn(
+                "upstream {registry} ({url}) has tls_verify: false: its TLS certificates and host names are NOT "
+                "verified; anyone on the network path can impersonate it and read the credentials sent to it",
+                registry=u.registry,
+                url=u.url,
+            )
+        # blobs redirected to a CDN or a presigned URL: our RedirectAgent follows them
+        return Upstream(u, HTTPClient(RedirectAgent(own if own is not None else agent)), reactor, metrics)
+
+    return Registry(config, store, upstream, reactor, deferToThread, cluster)
 
 
 def _report_cleaned(removed: int) -> None:

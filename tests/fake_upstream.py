@@ -2,7 +2,9 @@
 
 It serves manifests and blobs from dicts and counts every request, and can be told to
 misbehave per blob: send corrupt bytes, drop the connection half-way, answer 429 or
-500, stall, or stream slowly.  Optionally it demands Bearer tokens from its own realm.
+500, stall, or stream slowly.  Optionally it demands Bearer tokens from its own realm, and
+redirects blob GETs elsewhere, as Docker Hub (to its CDN) and registries on object storage
+(to presigned URLs) do: :class:`FakeOrigin` is such another origin.
 Used by the in-process integration tests (real TCP on 127.0.0.1, real reactor) and, over
 treq's in-memory agent with a Clock as ``clock``, by the unit tests (tests/inmemory.py).
 """
@@ -54,6 +56,9 @@ class FakeRegistry(Resource):
         # False for tests that fetch blobs by any name).
         self.strict_repositories = True
         self.held: dict[str, set[str]] = {}  # repository -> digests of the images added to it
+        # (status, Location) answering every blob GET; "{digest}" in the Location is replaced
+        self.blob_redirect: tuple[int, str] | None = None
+        self.redirects: dict[str, tuple[int, str]] = {}  # other paths answered with (status, Location)
 
     # content --------------------------------------------------------------------------
     def add_blob(self, data: bytes, name: str | None = None) -> str:
@@ -104,6 +109,8 @@ class FakeRegistry(Resource):
                 f'Bearer realm="http://127.0.0.1:{port}/token",service="fake",scope="x"'.encode(),
             )
             return b'{"errors":[{"code":"UNAUTHORIZED","message":"auth"}]}'
+        if path in self.redirects:  # after the token check: a same-origin hop keeps Authorization
+            return _redirect(request, *self.redirects[path])
         parts = path.split("/")
         if path == "/v2/":
             return b"{}"
@@ -182,6 +189,9 @@ class FakeRegistry(Resource):
             self.faults.pop(digest, None)
         if fault == "corrupt":
             data = data[:-1] + bytes([data[-1] ^ 1])
+        if method == "GET" and self.blob_redirect is not None:
+            code, location = self.blob_redirect
+            return _redirect(request, code, location.replace("{digest}", digest))
         if method == "HEAD":
             request.setHeader(b"content-length", str(len(data)).encode())
             return b""
@@ -227,3 +237,53 @@ class FakeRegistry(Resource):
             if request.channel is not None:
                 request.transport.abortConnection()
         self.stalled.clear()
+
+
+def _redirect(request, code: int, location: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"location", location.encode())
+    return b""
+
+
+class FakeOrigin(Resource):
+    """Another origin a registry redirects blob GETs to: a CDN, or an object store's
+    presigned URLs.
+
+    ``GET /blobs/<digest>`` (any query) serves ``registry.blobs[digest]``.  Like a presigned
+    URL it refuses a request that brings its own ``Authorization`` (400: S3 allows one auth
+    mechanism).  ``redirects`` maps other paths to (status, Location), for chains and
+    loops; ``corrupt`` flips a bit of every blob it sends.  ``seen`` keeps each request's
+    path and headers (lower-cased names).
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: FakeRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+        self.url = ""  # set by whoever listens
+        self.redirects: dict[str, tuple[int, str]] = {}
+        self.corrupt = False
+        self.seen: list[tuple[str, dict[str, list[str]]]] = []
+
+    def count(self, fragment: str) -> int:
+        return sum(1 for path, _ in self.seen if fragment in path)
+
+    def render(self, request):
+        path = request.path.decode()
+        headers = {k.decode().lower(): [v.decode() for v in vs] for k, vs in request.requestHeaders.getAllRawHeaders()}
+        self.seen.append((path, headers))
+        if "authorization" in headers:
+            request.setResponseCode(400)
+            return b"<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed</Message></Error>"
+        if path in self.redirects:
+            return _redirect(request, *self.redirects[path])
+        parts = path.split("/")
+        data = self.registry.blobs.get(parts[-1]) if len(parts) == 3 and parts[1] == "blobs" else None
+        if data is None:
+            request.setResponseCode(404)
+            return b"<Error><Code>NoSuchKey</Code></Error>"
+        if self.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        request.setHeader(b"content-length", str(len(data)).encode())
+        return data

@@ -44,7 +44,9 @@ from mirror.metrics import Metrics
 from mirror.responses import Discard, drain, read_capped
 from mirror.upstream.challenge import Challenge, TokenCache, parse_challenge, token_from_response
 from mirror.upstream.misses import Misses
+from mirror.upstream.redirects import RedirectRefused
 from mirror.upstream.retry import Backoff, retry_after
+from mirror.upstream.tls import describe_tls_failure
 
 __all__ = ["ManifestResponse", "Upstream", "UpstreamRefused", "UpstreamUnavailable"]
 
@@ -377,8 +379,17 @@ class Upstream:
         raise UpstreamRefused("UNKNOWN", f"upstream {self.name} answered {code} for {what}", status=502)
 
     def _unavailable(self, doing: str, error: BaseException, reason: str = "connection") -> UpstreamUnavailable:
-        message = str(error) or type(error).__name__
-        return UpstreamUnavailable("UNAVAILABLE", f"upstream {self.name} unreachable while {doing}: {message}", reason=reason)
+        tls = describe_tls_failure(error)
+        message = tls or str(error) or type(error).__name__
+        # A certificate the upstream's settings do not trust stays untrusted, and a refused
+        # redirect stays refused: neither is worth asking again.
+        lasting = "tls" if tls else ("redirect" if isinstance(error, RedirectRefused) else None)
+        return UpstreamUnavailable(
+            "UNAVAILABLE",
+            f"upstream {self.name} unreachable while {doing}: {message}",
+            reason=lasting or reason,
+            transient=lasting is None,
+        )
 
     def _url(self, name: str, tail: str) -> str:
         return f"{self.config.url}/v2/{name}/{tail}"
@@ -386,7 +397,9 @@ class Upstream:
     async def _send(self, method: bytes, url: str, headers: Mapping[str, str]) -> IResponse:
         """One request; the body is left unread (callers read it with a cap, or stream it)."""
         self.requests += 1
-        sending = self._http.request(method.decode(), url, headers=Headers({k: [v] for k, v in headers.items()}), unbuffered=True)
+        sending = self._http.request(
+            method.decode(), url, headers=Headers({k: [v] for k, v in headers.items()}), unbuffered=True, allow_redirects=False
+        )
         timed_out: list[bool] = []
 
         def time_out() -> None:

@@ -93,6 +93,7 @@ async def test_manifest_and_blob_pulled_through_then_cached(fake_upstream, make_
     r = await m.get(f"/v2/library/app/manifests/{manifest_digest}")
     assert r.code == 200 and Digest.of(await r.content()) == Digest.of(fake_upstream.manifests[("library/app", "latest")][0])
     assert sum(fake_upstream.requests.values()) == before
+    await m.settled()  # (the blob's fetch is logged once it is stored, after its last byte went out)
     fetches = events.kinds("upstream_fetch")
     assert {e["kind"] for e in fetches} == {"manifest", "blob"}
     blob_fetch = next(e for e in fetches if e["kind"] == "blob")
