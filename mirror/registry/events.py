@@ -54,16 +54,17 @@ class Events:
             event_kind="upstream_fetch",
         )
 
-    def resumed(self, route: Route, reference: str, offset: int) -> None:
-        """A blob body from the upstream broke mid-way; it is asked for again from ``offset``."""
+    def resumed(self, route: Route, reference: str, offset: int, why: str) -> None:
+        """A blob body broke mid-way (``why``); the upstream is asked for it from ``offset``."""
         assert route.upstream is not None
         self.metrics.upstream_resumed(route.upstream.registry)
         self._log.info(
-            "upstream fetch: {upstream} blob {repository}@{digest} resumed from byte {offset}",
+            "upstream fetch: {upstream} blob {repository}@{digest} broke at byte {offset} ({why}); resuming from there",
             upstream=route.upstream.registry,
             repository=route.remote_name,
             digest=reference,
             offset=offset,
+            why=why,
             event_kind="upstream_resume",
         )
 

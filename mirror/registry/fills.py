@@ -40,9 +40,9 @@ from mirror.storage.sending import Responder
 
 __all__ = ["BlobFill", "FillFailed", "Fills", "Resume", "UntilStored"]
 
-#: Asks the upstream for a blob from an offset on: the response and how many of its
-#: first bytes come before the offset (to skip).
-Resume = Callable[[int], Coroutine[Any, Any, tuple[IResponse, int]]]
+#: Asks the upstream for a blob from an offset on (and says why: how the body broke): the
+#: response and how many of its first bytes come before the offset (to skip).
+Resume = Callable[[int, str], Coroutine[Any, Any, tuple[IResponse, int]]]
 
 #: A fill holding more than this in memory, waiting for the disk, pauses the upstream...
 QUEUE_HIGH = 8 * 1024 * 1024
@@ -191,15 +191,9 @@ class BlobFill(Protocol):
             self._lost = reason
             self._flush()
             return
-        self._log.info(
-            "blob {digest}: upstream body broke at byte {offset} ({why}); resuming from there",
-            digest=str(self.digest),
-            offset=self._received,
-            why=why,
-        )
         self._resuming, self._stalled, self._upstream_paused = True, False, False
         self.transport = None  # (the old body's: nothing to pause or stop any more)
-        d: Deferred[tuple[IResponse, int]] = Deferred.fromCoroutine(self._resume(self._received))
+        d: Deferred[tuple[IResponse, int]] = Deferred.fromCoroutine(self._resume(self._received, why))
         d.addCallbacks(self._resumed, self._resume_failed, errbackArgs=(reason, why))
 
     def _resumed(self, result: tuple[IResponse, int]) -> None:

@@ -361,9 +361,9 @@ class MirroredRepository(Repository):
         tail = max(timeout, FOLLOW_TAIL) if source is not None else None
         upstream = self._upstream
 
-        async def resume(offset: int) -> tuple[IResponse, int]:
+        async def resume(offset: int, why: str) -> tuple[IResponse, int]:
             # From the upstream, whoever sent the first bytes: the digest decides, not the source.
-            self._ctx.events.resumed(self.route, str(digest), offset)
+            self._ctx.events.resumed(self.route, str(digest), offset, why)
             return await upstream.resume_blob(self.route.remote_name, str(digest), offset)
 
         fill = BlobFill(

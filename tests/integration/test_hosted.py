@@ -94,6 +94,21 @@ async def test_push_to_mirrored_name_is_denied_naming_the_rule(fake_upstream, ma
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_pushed_tag_is_served_at_once_after_a_miss(fake_upstream, make_mirror):
+    """A hosted name never consults the upstream's negative cache: a tag asked for before
+    it was pushed (404) is served the moment it is pushed, within any negative_ttl."""
+    m = make_mirror(fake_upstream.url, hosted=("myorg/*",), negative_ttl=3600)
+    for _ in range(2):
+        r = await m.get("/v2/myorg/app/manifests/v1")
+        assert r.code == 404 and await code_of(r) == "MANIFEST_UNKNOWN"
+    digest, _ = await push_image(m, "myorg/app", "v1")
+    r = await m.get("/v2/myorg/app/manifests/v1")
+    assert r.code == 200 and r.headers.getRawHeaders("docker-content-digest") == [digest]
+    await r.content()
+    assert fake_upstream.requests == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_read_only_refuses_writes_but_serves_reads(make_mirror):
     """Read-only: POST, PUT and DELETE get 405 UNSUPPORTED; GET still works."""
     m = make_mirror(None, hosted=("*",))
