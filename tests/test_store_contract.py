@@ -28,6 +28,7 @@ from mirror.storage.base import DigestMismatch
 from mirror.storage.fs import LAYOUT_VERSION, StoreLayoutError, open_filesystem_store
 from mirror.storage.memory import open_memory_store
 from mirror.storage.sending import CachedSource
+from mirror.storage.spool import LocalSpool
 from tests.storeutil import Sync, blob_path
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
@@ -317,14 +318,38 @@ def test_fs_clean_spool_removes_leftovers_and_keeps_live_writes(tmp_path):
     store = Sync(open_filesystem_store(root))
     w = store.blobs.writer()
     w.write(b"half")
-    (root / "spool" / "0123456789abcdef").write_bytes(b"left by a crash")
+    (root / "spool" / ("0123456789abcdef" * 2)).write_bytes(b"left by a crash")
+    (root / "spool" / "lost+found").mkdir()  # what is not a spool file is not ours to remove
+    (root / "spool" / ".ready-1234").write_bytes(b"another process's readiness probe")
     assert store.spool.clean() == 1
-    assert os.listdir(root / "spool") == [w.path.name]
+    assert sorted(os.listdir(root / "spool")) == sorted([w.path.name, "lost+found", ".ready-1234"])
     w.write(b" and the rest")
     w.abort()
+    os.rmdir(root / "spool" / "lost+found")
+    os.unlink(root / "spool" / ".ready-1234")
     w = store.blobs.writer()
     w.abort()
     assert os.listdir(root / "spool") == []
+
+
+def test_fs_clean_up_at_the_moment_of_a_commit_leaves_the_blob(tmp_path, monkeypatch):
+    """Another process's clean-up running between a commit's fsync and its rename finds the
+    file still locked: the blob lands."""
+    root = tmp_path / "store"
+    store = Sync(open_filesystem_store(root))
+    other = LocalSpool(root / "spool")  # another process's view of the spool
+    removed = []
+    rename = os.replace
+
+    def replace(src, dst):
+        removed.append(Sync(other).clean())  # (runs to its end at once: no waits in it)
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    w = store.blobs.writer()
+    w.write(b"verified")
+    Sync(w).commit(Digest.of(b"verified"))
+    assert removed == [0] and store.blobs.stat(Digest.of(b"verified")) == 8
 
 
 def test_fs_readiness_fails_when_the_store_cannot_take_writes(tmp_path):

@@ -80,16 +80,18 @@ class StoreLayoutError(Exception):
 def _publish(path: Path, final: Path, fd: int | None = None) -> None:
     """Make ``path`` durable and visible as ``final``: fsync, then rename.
 
-    ``fd`` is the file's open descriptor when the caller has one (it is closed here).
+    ``fd`` is the file's open descriptor when the caller has one (it is closed here, after
+    the rename: a spool writer's descriptor holds the file's lock until it has left the
+    spool, so another process's clean-up never takes it in between).
     """
     if fd is None:
         fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, final)
     finally:
         os.close(fd)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, final)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

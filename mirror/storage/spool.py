@@ -7,26 +7,39 @@ renames it into ``blobs/``, object storage uploads it.  :class:`SpoolFile` is th
 part (:class:`SpoolWriter`, the writer without its commit); :class:`LocalSpool` is the
 directory (clean-up after a crash, readiness).
 
-A writer holds an exclusive ``flock`` on its file for as long as it has it open, and the
+A writer holds an exclusive ``flock`` on its file for as long as it has it open (until
+the file has left the spool: renamed into the store, or uploaded and removed), and the
 kernel lets go of it when the process dies, however it dies.  So the clean-up at start
 removes exactly the files no live process is writing — a ``kill -9`` leaves nothing
 behind once the service is up again — while the fills of a second service or a
-``mirror warm`` on the same store go on untouched.
+``mirror warm`` on the same store go on untouched.  The spool is local scratch space:
+on NFS, Linux emulates ``flock`` with POSIX locks, which a process drops when it closes
+*any* descriptor of the file (a follower's), so a spool shared over NFS is not protected;
+where locks are not supported at all, writers go on unlocked (and say so once) and the
+clean-up removes nothing it cannot lock.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
+import re
 import secrets
 from pathlib import Path
+
+from twisted.logger import Logger
 
 from mirror.core.oci import Digest, Hasher
 from mirror.storage.base import DigestMismatch
 from mirror.storage.sending import FileResponder, Responder, Source
 
 __all__ = ["Hashes", "LocalSpool", "SpoolFile", "SpoolWriter"]
+
+_log = Logger()
+#: The name of a spool file (what :class:`SpoolFile` creates; the clean-up touches no other).
+_SPOOL_NAME = re.compile(r"[0-9a-f]{32}")
 
 
 class Hashes:
@@ -79,10 +92,9 @@ class SpoolFile:
         while True:
             path = directory / secrets.token_hex(16)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # this process writes it: LocalSpool.clean leaves it be
-            if _names(path, fd):
+            if _lock(fd) and _names(path, fd):
                 break
-            os.close(fd)  # a clean-up took it between its creation and the lock: another name
+            os.close(fd)  # a clean-up holds or took it between its creation and the lock: another name
         self.path = path
         self._fd: int | None = fd
         self.hashes = Hashes()
@@ -125,6 +137,24 @@ class SpoolFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _lock(fd: int) -> bool:
+    """Lock a new spool file for this process: ``False`` if someone else holds it (a
+    clean-up about to remove it); ``True`` also where locks are not supported."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as e:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+        _warn_unlocked(e.strerror or str(e))
+    return True
+
+
+@functools.cache
+def _warn_unlocked(reason: str) -> None:
+    """Said once per process (and reason)."""
+    _log.warn("the spool's filesystem does not lock files ({reason}); writing unlocked", reason=reason)
 
 
 def _names(path: Path, fd: int) -> bool:
@@ -181,18 +211,18 @@ class LocalSpool:
         number removed.  Runs to its end without waiting: at start, before listening."""
         removed = 0
         for entry in os.scandir(self.directory):
+            if _SPOOL_NAME.fullmatch(entry.name) is None or not entry.is_file(follow_symlinks=False):
+                continue  # not a spool file (a readiness probe, lost+found, ...): not ours to remove
             try:
                 fd = os.open(entry.path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue  # committed or aborted meanwhile
+            except OSError:
+                continue  # committed or aborted meanwhile, or not readable: left alone
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.unlink(entry.path)  # (a writer's own open+lock sees its name gone: it takes another)
                 removed += 1
-            except BlockingIOError:
-                pass  # a live writer holds it
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # a live writer holds it (BlockingIOError), it went meanwhile, or no locks here
             finally:
                 os.close(fd)
         return removed

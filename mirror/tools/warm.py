@@ -9,9 +9,10 @@ store is a cache hit and is not downloaded again, so a run that was interrupted 
 where it stopped.
 
 ``jobs`` images are warmed at a time; a blob shared by several images is fetched once.
-The registry is built like the running service's (:func:`build_warm_registry`), but
-without cleaning the spool directory, so warming the store of a running service does not
-disturb it: spool names are unique and commits are atomic renames.
+The registry is the running service's (:func:`mirror.tap.build_registry`), so warming
+the store of a running service does not disturb it: spool names are unique, commits are
+atomic renames, and the start-up clean-up removes only spool files no live process holds
+(:mod:`mirror.storage.spool`).
 """
 
 from __future__ import annotations
@@ -47,16 +48,10 @@ from mirror.storage.sending import Source
 from mirror.tap import build_registry
 from mirror.tools.progress import Progress, format_bytes, format_rate
 
-__all__ = ["ImageResult", "WarmReport", "Warmer", "build_warm_registry", "read_image_list", "run_warm"]
+__all__ = ["ImageResult", "WarmReport", "Warmer", "read_image_list", "run_warm"]
 
 #: Every manifest type: warm takes whatever the upstream serves for a reference.
 ACCEPT = list(MANIFEST_MEDIA_TYPES)
-
-
-def build_warm_registry(config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnectionPool) -> Registry:
-    """The registry :func:`mirror.tap.build_registry` builds, minus its start-up spool
-    clean, which would delete the files of fills a running service has under way."""
-    return build_registry(config, reactor, pool)
 
 
 def read_image_list(lines: Iterable[str]) -> list[str]:
@@ -343,7 +338,7 @@ def run_warm(
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max(16, jobs)
     try:
-        registry = build_warm_registry(config, reactor, pool)
+        registry = build_registry(config, reactor, pool)
     except ConfigError as e:
         print(f"mirror warm: {e}", file=err)
         return 2

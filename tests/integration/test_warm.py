@@ -20,8 +20,9 @@ from twisted.web.client import HTTPConnectionPool
 from mirror.config import MirrorConfig, StorageConfig, UpstreamConfig
 from mirror.core.oci import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, parse_digest
 from mirror.core.platforms import PlatformChoice, parse_platforms
+from mirror.tap import build_registry
 from mirror.tools.progress import Progress
-from mirror.tools.warm import Warmer, build_warm_registry, read_image_list
+from mirror.tools.warm import Warmer, read_image_list
 from tests.storeutil import Sync
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +79,7 @@ def warm_service(tmp_path):
         )
         pool = HTTPConnectionPool(reactor, persistent=True)
         pools.append(pool)
-        return build_warm_registry(config, reactor, pool)
+        return build_registry(config, reactor, pool)
 
     yield make
     for pool in pools:
