@@ -234,16 +234,17 @@ async def test_warm_leaves_a_running_services_spool_alone(fake_upstream, warm_se
     add_image(fake_upstream, "library/app", "latest", [os.urandom(100)])
     spool = tmp_path / "store" / "spool"
     spool.mkdir(parents=True)
-    (spool / "fill-of-the-running-service").write_bytes(b"half a layer")
-    (spool / "fill-of-a-dead-process").write_bytes(b"half a layer")
-    fd = os.open(spool / "fill-of-the-running-service", os.O_WRONLY)
+    live, dead = "a" * 32, "d" * 32  # spool file names
+    (spool / live).write_bytes(b"half a layer")
+    (spool / dead).write_bytes(b"half a layer")
+    fd = os.open(spool / live, os.O_WRONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as the running service's writer does
         report = await warm(warm_service(fake_upstream.url), ["library/app"])
     finally:
         os.close(fd)
     assert report.images[0].ok
-    assert os.listdir(spool) == ["fill-of-the-running-service"]
+    assert os.listdir(spool) == [live]
 
 
 @pytest_twisted.ensureDeferred
