@@ -21,10 +21,12 @@ def test_backoff_gives_up_when_the_wait_would_pass_the_deadline():
     assert Backoff(deadline=0).delay(0, 0, lambda: 0.0) is None  # retries off
 
 
-def test_retry_after_replaces_the_backoff_and_may_end_the_retries():
-    b = Backoff(deadline=10)
-    assert b.delay(5, 1, lambda: 0.5, after=3) == 3
-    assert b.delay(0, 1, lambda: 0.5, after=30) is None  # past the deadline: the 429 goes to the client
+def test_retry_after_lengthens_the_backoff_and_may_end_the_retries():
+    b = Backoff(deadline=100)
+    assert b.delay(0, 1, lambda: 0.0, after=3) == 3
+    assert b.delay(0, 1, lambda: 0.0, after=0) == 0.125  # never a tight loop
+    assert b.delay(5, 1, lambda: 0.0, after=3) == 4.0  # the backoff, when it is longer
+    assert b.delay(0, 1, lambda: 0.5, after=300) is None  # past the deadline: the 429 goes to the client
 
 
 @pytest.mark.parametrize(

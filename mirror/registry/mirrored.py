@@ -50,8 +50,8 @@ _NAMED_CACHE = 1024
 #: Seconds a fill following another node waits for the last byte, which that node sends
 #: once it has uploaded the blob to the shared store (a large blob's upload takes a while).
 FOLLOW_TAIL = 600.0
-#: Seconds of retries when revalidating a cached tag: with a copy to serve, a failing
-#: upstream is not worth keeping the client waiting for (the stale tag is served).
+#: Seconds of retries when there is a local answer to fall back on (a cached tag to serve
+#: stale, a manifest naming the blob): a failing upstream is not worth waiting longer for.
 STALE_PATIENCE = 1.0
 _log = Logger()
 
@@ -285,10 +285,12 @@ class MirroredRepository(Repository):
             RegistryError: the upstream's answer otherwise (``BLOB_UNKNOWN`` for a 404),
                 the same as for a digest stored nowhere here.
         """
+        named = await self._named_by_a_manifest(digest)
         try:
-            size = await self._upstream.head_blob(self.route.remote_name, str(digest))
+            # With a manifest to fall back on, a failing upstream is not worth waiting for.
+            size = await self._upstream.head_blob(self.route.remote_name, str(digest), patience=STALE_PATIENCE if named else None)
         except UpstreamUnavailable:
-            if not await self._named_by_a_manifest(digest):
+            if not named:
                 raise
             size = None
         await self._link(digest)

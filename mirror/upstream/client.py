@@ -231,8 +231,8 @@ class Upstream:
 
         return await self._retrying(f"GET blob {name}@{digest} from byte {offset}", attempt)
 
-    async def head_blob(self, name: str, digest: str) -> int | None:
-        """HEAD a blob; its size if the upstream says."""
+    async def head_blob(self, name: str, digest: str, *, patience: float | None = None) -> int | None:
+        """HEAD a blob; its size if the upstream says (``patience`` as for :meth:`get_manifest`)."""
         self._refuse_if_offline("BLOB_UNKNOWN", name, digest)
 
         async def attempt() -> int | None:
@@ -241,7 +241,7 @@ class Upstream:
             length = _header(response, "Content-Length")
             return int(length) if length and length.isdigit() else None
 
-        return await self._retrying(f"HEAD blob {name}@{digest}", attempt)
+        return await self._retrying(f"HEAD blob {name}@{digest}", attempt, patience)
 
     async def referrers(self, name: str, digest: str, artifact_type: str | None) -> list[dict[str, object]]:
         """The upstream's referrers of ``digest`` (OCI 1.1), as descriptors.
@@ -353,30 +353,32 @@ class Upstream:
             return
         drain(response)
         what = _what(name, ref)
-        header = _header(response, "Retry-After")
-        headers = {"Retry-After": header} if header else {}
         if code == 404:
             raise UpstreamRefused(unknown_code, f"upstream {self.name} has no {what}")
         if code in (401, 403):
             raise UpstreamRefused("DENIED", f"upstream {self.name} refused access to {what} ({code})")
-        if code == 429:
-            raise UpstreamUnavailable(
-                "TOOMANYREQUESTS",
-                f"upstream {self.name} is rate limiting ({what})",
-                headers=headers,
-                reason="429",
-                wait=retry_after(header, self._clock.seconds()),
-            )
-        if code >= 500:
-            raise UpstreamUnavailable(
-                "UNAVAILABLE",
-                f"upstream {self.name} failed with {code} ({what})",
-                headers=headers,
-                reason=str(code) if code in TRANSIENT_STATUSES else "5xx",
-                transient=code in TRANSIENT_STATUSES,
-                wait=retry_after(header, self._clock.seconds()),
-            )
+        if code == 429 or code >= 500:
+            raise self._failed(response, what)
         raise UpstreamRefused("UNKNOWN", f"upstream {self.name} answered {code} for {what}", status=502)
+
+    def _failed(self, response: IResponse, what: str) -> UpstreamUnavailable:
+        """The error for a 429 or 5xx answer about ``what``: transient for 429 and
+        500/502/503/504, waiting at least the upstream's ``Retry-After`` if it sent one."""
+        code = response.code
+        header = _header(response, "Retry-After")
+        headers = {"Retry-After": header} if header else {}
+        wait = retry_after(header, self._clock.seconds())
+        if code == 429:
+            message = f"upstream {self.name} is rate limiting ({what})"
+            return UpstreamUnavailable("TOOMANYREQUESTS", message, headers=headers, reason="429", wait=wait)
+        return UpstreamUnavailable(
+            "UNAVAILABLE",
+            f"upstream {self.name} failed with {code} ({what})",
+            headers=headers,
+            reason=str(code) if code in TRANSIENT_STATUSES else "5xx",
+            transient=code in TRANSIENT_STATUSES,
+            wait=wait,
+        )
 
     def _unavailable(self, doing: str, error: BaseException, reason: str = "connection") -> UpstreamUnavailable:
         tls = describe_tls_failure(error)
@@ -462,14 +464,13 @@ class Upstream:
         headers = {"Authorization": self._basic_header()} if self.config.username is not None else {}
         response = await self._send(b"GET", url, headers)
         if response.code != 200:
-            response.deliverBody(Discard())
+            drain(response)
             if response.code in (401, 403):
                 raise UpstreamRefused("DENIED", f"upstream {self.name} token service refused {scope} ({response.code})")
+            if response.code == 429 or response.code >= 500:
+                raise self._failed(response, f"a token for {scope}")
             raise UpstreamUnavailable(
-                "UNAVAILABLE",
-                f"upstream {self.name} token service answered {response.code}",
-                reason=str(response.code) if response.code in TRANSIENT_STATUSES else "5xx",
-                transient=response.code in TRANSIENT_STATUSES,
+                "UNAVAILABLE", f"upstream {self.name} token service answered {response.code}", transient=False
             )
         try:
             body = await read_capped(response, SMALL_BODY, self._clock, self.config.timeout)

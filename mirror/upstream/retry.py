@@ -18,9 +18,11 @@ __all__ = ["Backoff", "retry_after"]
 @attrs.frozen
 class Backoff:
     """Waits of ``base * 2**attempt`` seconds (at most ``cap``), half of each wait random
-    ("equal jitter": clients that failed together do not retry together), all within
-    ``deadline`` seconds of the first attempt.  An upstream's ``Retry-After`` replaces the
-    computed wait; one that reaches past the deadline ends the retries at once."""
+    ("equal jitter": clients that failed together do not retry together), each begun
+    within ``deadline`` seconds of the first attempt (an attempt has its own timeout).  An
+    upstream's ``Retry-After`` lengthens the wait (it never shortens it: ``Retry-After: 0``
+    must not make a tight loop); one that reaches past the deadline ends the retries at
+    once."""
 
     deadline: float
     base: float = 0.25
@@ -34,11 +36,10 @@ class Backoff:
             random: a number in [0, 1) (``random.random``; tests pass a fixed one).
             after: the upstream's ``Retry-After``, in seconds, if it sent one.
         """
+        step = min(self.cap, self.base * 2**attempt)
+        wait: float = step / 2 + random() * step / 2
         if after is not None:
-            wait = max(0.0, after)
-        else:
-            step = min(self.cap, self.base * 2**attempt)
-            wait = step / 2 + random() * step / 2
+            wait = max(wait, after)
         if elapsed + wait > self.deadline:
             return None
         return wait
