@@ -12,12 +12,13 @@ from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.internet.error import ConnectionLost
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from mirror.core.oci import Digest
-from mirror.registry.fills import QUEUE_HIGH, BlobFill
+from mirror.registry.fills import FRUITLESS_RESUMES, QUEUE_HIGH, BlobFill
 from mirror.storage.fs import open_filesystem_store
 from mirror.storage.sending import ClientGone
 from tests.storeutil import Sync
@@ -80,10 +81,10 @@ def store(root):
     return Sync(open_filesystem_store(root))
 
 
-def make_fill(store, data=DATA, digest=None, size="auto", clock=None):
+def make_fill(store, data=DATA, digest=None, size="auto", clock=None, resume=None):
     digest = digest or Digest.of(data)
     fill = BlobFill(
-        store.blobs.writer(), digest, len(data) if size == "auto" else size, clock or Clock(), 30, run_now
+        store.blobs.writer(), digest, len(data) if size == "auto" else size, clock or Clock(), 30, run_now, resume=resume
     )
     transport = StringTransport()
     fill.makeConnection(transport)
@@ -292,3 +293,132 @@ def test_a_follower_waits_longer_for_the_held_back_last_byte(store):
     stalled.dataReceived(DATA[:100])
     clock.advance(31)
     assert stalled_transport.producerState == "stopped"
+
+
+# resuming a body that broke ------------------------------------------------------------------
+class Body:
+    """The upstream's answer to a resume request; the test feeds its body."""
+
+    def __init__(self):
+        self.transport = StringTransport()
+        self.protocol = None
+
+    def deliverBody(self, protocol):
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+
+class Resumer:
+    """Stands in for the upstream's Range request: records what was asked, answers with a
+    Body (whose first ``skip`` bytes come before the offset), or fails, or waits on ``hold``."""
+
+    def __init__(self, skip=0, fail=None):
+        self.asked, self.bodies = [], []
+        self.skip, self.fail, self.hold = skip, fail, None
+
+    async def __call__(self, offset, why):
+        self.asked.append(offset)
+        if self.hold is not None:
+            await self.hold
+        if self.fail is not None:
+            raise self.fail
+        body = Body()
+        self.bodies.append(body)
+        return body, self.skip
+
+
+def broken():
+    return Failure(ResponseFailed([Failure(ConnectionLost())]))
+
+
+def test_a_broken_body_is_resumed_and_the_client_gets_every_byte(store):
+    resumer = Resumer()
+    fill, _ = make_fill(store, resume=resumer)
+    client = Consumer()
+    sent = fill.follower().send(client)
+    fill.dataReceived(DATA[:1000])
+    fill.connectionLost(broken())
+    assert resumer.asked == [1000] and not fill.done.called
+    body = resumer.bodies[0].protocol
+    body.dataReceived(DATA[1000:])
+    body.connectionLost(Failure(ResponseDone()))
+    assert fill.stored and bytes(client.data) == DATA and sent.called
+    assert store.blobs.stat(Digest.of(DATA)) == len(DATA)
+
+
+def test_a_resume_answered_whole_skips_the_bytes_before_the_offset(store):
+    resumer = Resumer(skip=1000)  # an upstream that ignores Range: 200, from byte 0
+    fill, _ = make_fill(store, resume=resumer)
+    fill.dataReceived(DATA[:1000])
+    fill.connectionLost(broken())
+    body = resumer.bodies[0].protocol
+    body.dataReceived(DATA[:700])  # all before the offset
+    body.dataReceived(DATA[700:])
+    body.connectionLost(Failure(ResponseDone()))
+    assert fill.stored and store.blobs.stat(Digest.of(DATA)) == len(DATA)
+
+
+def test_a_stalled_body_and_a_short_one_are_resumed_too(store):
+    clock = Clock()
+    resumer = Resumer()
+    fill, transport = make_fill(store, clock=clock, resume=resumer)
+    fill.dataReceived(DATA[:1000])
+    clock.advance(31)  # the idle timeout stops the stalled body...
+    assert transport.producerState == "stopped"
+    fill.connectionLost(broken())  # ...which ends as an aborted body does
+    assert resumer.asked == [1000]
+    body = resumer.bodies[0].protocol
+    body.dataReceived(DATA[1000:200_000])
+    body.connectionLost(Failure(ResponseDone()))  # a 206 shorter than asked
+    assert resumer.asked == [1000, 200_000]
+    body = resumer.bodies[1].protocol
+    body.dataReceived(DATA[200_000:])
+    body.connectionLost(Failure(ResponseDone()))
+    assert fill.stored
+
+
+def test_a_body_that_keeps_breaking_without_progress_fails_and_cuts_the_client_off(store):
+    resumer = Resumer()
+    fill, _ = make_fill(store, resume=resumer)
+    client = Consumer()
+    sent = fill.follower().send(client)
+    fill.dataReceived(DATA[:100_000])
+    fill.connectionLost(broken())
+    for body in iter(lambda: resumer.bodies[-1] if not fill.done.called else None, None):
+        body.protocol.dataReceived(DATA[len(client.data) : len(client.data) + 10])
+        body.protocol.connectionLost(broken())
+    assert len(resumer.asked) == 1 + FRUITLESS_RESUMES
+    assert "kept breaking" in outcome(fill.done).getErrorMessage()
+    assert isinstance(outcome(sent), Failure) and len(client.data) < len(DATA)
+    assert store.blobs.stat(Digest.of(DATA)) is None
+
+
+def test_a_resume_the_upstream_refuses_fails_the_fill(store, root):
+    resumer = Resumer(fail=RuntimeError("416 Range Not Satisfiable"))
+    fill, _ = make_fill(store, resume=resumer)
+    fill.dataReceived(DATA[:1000])
+    fill.connectionLost(broken())
+    message = outcome(fill.done).getErrorMessage()
+    assert "broke at byte 1000" in message and "416" in message
+    assert list((root / "spool").iterdir()) == []
+
+
+def test_a_fill_abandoned_while_resuming_takes_no_more_bytes(store):
+    resumer = Resumer()
+    resumer.hold = Deferred()
+    fill, _ = make_fill(store, resume=resumer)
+    fill.dataReceived(DATA[:1000])
+    fill.connectionLost(broken())
+    fill.abandon("the store is full")
+    resumer.hold.callback(None)
+    assert resumer.bodies[0].transport.producerState == "stopped"  # the new body is not read
+    assert "the store is full" in outcome(fill.done).getErrorMessage()
+
+
+def test_a_body_of_unknown_length_read_to_its_close_is_not_resumed(store):
+    """Read-until-close is how such a body ends: the digest decides, no Range request."""
+    resumer = Resumer()
+    fill, _ = make_fill(store, size=None, resume=resumer)
+    fill.dataReceived(DATA)
+    fill.connectionLost(Failure(PotentialDataLoss()))
+    assert fill.stored and resumer.asked == []

@@ -30,6 +30,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from mirror.core.oci import Digest
@@ -174,13 +175,23 @@ class BlobFill(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
-        if self._problem is None and self._resume is not None and (self._stalled or not reason.check(ResponseDone)):
+        if self._problem is None and self._resume is not None and self._broke(reason):
             self._resume_after(reason)
             return
         self._lost = reason
         self._flush()
 
     # resuming a body that broke -----------------------------------------------------------
+    def _broke(self, reason: Failure) -> bool:
+        """Whether the body ended before its end (so the rest is worth asking for)."""
+        if self._stalled:
+            return True
+        if reason.check(ResponseDone):  # (a 206 may end short of what was asked)
+            return self.expected_size is not None and self._received < self.expected_size
+        # A body of unknown length read until the connection closed ends like this: its
+        # end, as far as anyone can tell; the digest decides.
+        return not (self.expected_size is None and reason.check(PotentialDataLoss))
+
     def _resume_after(self, reason: Failure) -> None:
         assert self._resume is not None
         why = "it stalled" if self._stalled else reason.getErrorMessage()
@@ -192,9 +203,18 @@ class BlobFill(Protocol):
             self._flush()
             return
         self._resuming, self._stalled, self._upstream_paused = True, False, False
+        self._tail_timeout = None  # (a followed node's held-back last byte: the upstream holds none back)
         self.transport = None  # (the old body's: nothing to pause or stop any more)
         d: Deferred[tuple[IResponse, int]] = Deferred.fromCoroutine(self._resume(self._received, why))
         d.addCallbacks(self._resumed, self._resume_failed, errbackArgs=(reason, why))
+        d.addErrback(self._broken_resume)
+
+    def _broken_resume(self, failure: Failure) -> None:
+        # A bug in the lines above, not an upstream's doing: the fill fails rather than hang.
+        self._log.failure("resuming the fill of {digest} failed", failure, digest=str(self.digest))
+        if not self.done.called:
+            self.writer.abort()
+            self._fail(failure)
 
     def _resumed(self, result: tuple[IResponse, int]) -> None:
         response, skip = result
@@ -248,7 +268,8 @@ class BlobFill(Protocol):
 
     def _complete(self, reason: Failure) -> None:
         self._completed = True
-        if self._problem is None and not reason.check(ResponseDone):
+        ended = reason.check(ResponseDone) or (self.expected_size is None and reason.check(PotentialDataLoss))
+        if self._problem is None and not ended:
             self._problem = f"upstream body ended early: {reason.getErrorMessage()}"
         if self._problem is None and self.expected_size is not None and self.writer.size != self.expected_size:
             self._problem = f"upstream sent {self.writer.size} of {self.expected_size} bytes"
