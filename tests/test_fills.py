@@ -8,11 +8,11 @@ consumer that records writes and can be paused, as a full socket would.
 import pytest
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.internet.error import ConnectionLost
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
