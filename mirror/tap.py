@@ -104,7 +104,8 @@ def build_registry(config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnec
 
     ``pool`` holds the upstream connections; the caller may pass one to close it later.
     Spool files a dead process left are removed before this returns (so before the
-    service listens); the fills of live processes sharing the store are kept
+    service listens), except the fills it noted, which are resumed from their bytes on
+    disk once the reactor runs; the fills of live processes sharing the store are kept
     (:mod:`mirror.storage.spool`).
 
     Raises:
@@ -114,6 +115,7 @@ def build_registry(config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnec
         store = open_store(config.storage, deferToThread, reactor)
     except (OSError, StoreLayoutError) as e:
         raise ConfigError(f"{config.source}: {config.storage.where}: {getattr(e, 'strerror', None) or e}") from None
+    orphans = store.spool.take_orphans()  # fills a dead process left, to resume (locked: clean leaves them)
     cleaning = Deferred.fromCoroutine(store.spool.clean())  # (no waits in it: done on return)
     cleaning.addCallbacks(_report_cleaned, lambda f: _log.failure("could not clean the spool", f))
     if pool is None:
@@ -137,7 +139,11 @@ def build_registry(config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnec
         # blobs redirected to a CDN or a presigned URL: our RedirectAgent follows them
         return Upstream(u, HTTPClient(RedirectAgent(own if own is not None else agent)), reactor, metrics)
 
-    return Registry(config, store, upstream, reactor, deferToThread, cluster)
+    registry = Registry(config, store, upstream, reactor, deferToThread, cluster)
+    if orphans:
+        _log.info("resuming {count} fills a previous run left unfinished", count=len(orphans))
+        reactor.callLater(0, lambda: Deferred.fromCoroutine(registry.resume_fills(orphans)))
+    return registry
 
 
 def _report_cleaned(removed: int) -> None:

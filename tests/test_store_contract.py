@@ -28,7 +28,7 @@ from mirror.storage.base import DigestMismatch
 from mirror.storage.fs import LAYOUT_VERSION, StoreLayoutError, open_filesystem_store
 from mirror.storage.memory import open_memory_store
 from mirror.storage.sending import CachedSource
-from mirror.storage.spool import LocalSpool
+from mirror.storage.spool import FillNote, LocalSpool
 from tests.storeutil import Sync, blob_path
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
@@ -113,6 +113,37 @@ async def test_writer_abort_is_idempotent(store):
     w.abort()
     w.abort()
     assert await store.blobs.stat(Digest.of(b"x")) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_process_s_noted_fill_is_taken_over_and_finished(store):
+    """What a fill leaves in the spool when its process dies — its file and its note — is
+    taken by the next process (the clean-up leaves it), re-hashed, written on from its end
+    and committed; an unnoted file, a garbled note and a note without a file are cleaned."""
+    probe = store.blobs.writer()
+    if not hasattr(probe, "path"):
+        pytest.skip("the in-memory store: nothing outlives its process")
+    spool = probe.path.parent
+    probe.abort()
+    data = os.urandom(300_000)
+    digest = Digest.of(data)
+    (spool / ("a" * 32)).write_bytes(data[:100_000])  # as a killed process left them
+    (spool / ("a" * 32 + ".fill")).write_bytes(FillNote(str(digest), "docker.io", "library/app").dumps())
+    (spool / ("b" * 32)).write_bytes(b"unnoted")
+    (spool / ("c" * 32)).write_bytes(b"garbled note")
+    (spool / ("c" * 32 + ".fill")).write_bytes(b"{")
+    (spool / ("d" * 32 + ".fill")).write_bytes(b"a note whose file is gone")
+    orphans = store.spool.take_orphans()
+    assert [(o.path.name, o.note.repository) for o in orphans] == [("a" * 32, "library/app")]
+    assert await store.spool.clean() == 2
+    assert sorted(os.listdir(spool)) == ["a" * 32, "a" * 32 + ".fill"]
+    assert store.spool.take_orphans() == []  # (held by this process now)
+    w = store.blobs.writer(orphans[0])
+    assert w.size == 100_000
+    w.write(data[100_000:])
+    await w.commit(digest)
+    assert await store.blobs.read(digest, len(data)) == data
+    assert os.listdir(spool) == []
 
 
 @pytest_twisted.ensureDeferred

@@ -79,6 +79,9 @@ class BlobFill(Protocol):
             arrived (a node being followed holds the last byte back until it stored the blob).
         resume: asks for the rest of a body that broke (see :data:`Resume`); without it a
             broken body fails the fill.
+        received: bytes of the blob the writer holds already (a fill resumed after a
+            restart: the body starts there).
+        skip: bytes at the start of the body from before ``received``.
     """
 
     _log = Logger()
@@ -94,13 +97,15 @@ class BlobFill(Protocol):
         *,
         tail_timeout: float | None = None,
         resume: Resume | None = None,
+        received: int = 0,
+        skip: int = 0,
     ) -> None:
         self.writer = writer
         self._resume = resume
         self._resuming = False  # between a break and the resumed body's first byte
-        self._resumed_at = 0  # bytes received when the body last (re)started
+        self._resumed_at = received  # bytes received when the body last (re)started
         self._fruitless = 0  # resumes in a row that broke again without progress
-        self._skip = 0  # bytes of a resumed body from before the offset asked for
+        self._skip = skip  # bytes of a resumed body from before the offset asked for
         self._stalled = False  # the idle timeout stopped the body: resume it
         self._tail_timeout = tail_timeout
         self.digest = digest
@@ -111,7 +116,7 @@ class BlobFill(Protocol):
         self._idle: IDelayedCall | None = None
         self._listeners: list[Callable[[], None]] = []
         self._problem: str | None = None
-        self._received = 0  # bytes from the upstream
+        self._received = received  # bytes from the upstream (and, resumed after a restart, on disk)
         self._queue: list[bytes] = []  # received, not yet handed to the writer thread
         self._queued = 0  # bytes received and not yet on disk
         self._writing = False

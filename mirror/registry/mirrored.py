@@ -40,7 +40,8 @@ from mirror.registry.fills import BlobFill, Fills
 from mirror.registry.repository import BlobBody, Context, Repository, StoredManifest
 from mirror.registry.singleflight import SingleFlight
 from mirror.responses import Discard
-from mirror.storage.base import DigestMismatch
+from mirror.storage.base import BlobWriter, DigestMismatch
+from mirror.storage.spool import FillNote, Orphan
 from mirror.upstream.client import Upstream, UpstreamRefused, UpstreamUnavailable
 
 __all__ = ["MirrorState", "MirroredRepository"]
@@ -321,32 +322,61 @@ class MirroredRepository(Repository):
         self._state.named[self.key] = (manifests, frozenset(named))
         return digest in named
 
-    async def _start_fill(self, digest: Digest) -> BlobFill | None:
+    async def resume_fill(self, orphan: Orphan) -> None:
+        """Resume a fill a dead process left (see :mod:`mirror.storage.spool`): from the
+        bytes on disk on, unless the blob is stored or being fetched meanwhile."""
+        digest = parse_digest(orphan.note.digest)
+        _, started = await self._state.fills.join_or_start(digest, lambda: self._start_fill(digest, orphan), self.key)
+        if not started:
+            orphan.discard()
+
+    async def _start_fill(self, digest: Digest, orphan: Orphan | None = None) -> BlobFill | None:
         """Start fetching ``digest``; ``None`` if it was stored meanwhile (a fill that
         committed between this request's store lookup and its turn here).  With other
         nodes on the store, the node holding the blob's fill lease fetches it and the
-        others follow its fill (:mod:`mirror.registry.cluster`)."""
+        others follow its fill (:mod:`mirror.registry.cluster`).  With ``orphan`` (a dead
+        process's unfinished fill of it), the upstream is asked only for the rest."""
         if await self._ctx.store.blobs.stat(digest) is not None:
+            if orphan is not None:
+                orphan.discard()
             return None
         started = self._ctx.clock.seconds()
         cluster = self._state.cluster
         assert self.route.upstream is not None
         peer = await cluster.claim(digest)
         source: str | None = None  # the node whose fill this follows; None: the upstream's body
-        response = None
+        response: IResponse | None = None
+        writer: BlobWriter | None = None
+        skip = 0  # bytes of the body from before what the writer holds
         try:
             if peer is None and cluster.enabled and await self._ctx.store.blobs.stat(digest) is not None:
                 await cluster.release(digest)  # another node stored it and let go of the lease meanwhile
+                if orphan is not None:
+                    orphan.discard()
                 return None
             if peer is not None:
                 await self._confirm(digest)  # this repository holds it upstream (the peer's fill may be for another)
                 response = await cluster.follow(peer, digest, self.route.upstream.timeout)
                 source = peer if response is not None else None
+            if source is not None and orphan is not None:
+                orphan.discard()  # another node's fill is followed instead
+                orphan = None
+            if response is None and orphan is not None:
+                # (re-hashes what is on disk, in a thread; the writer then owns the file)
+                writer, orphan = await self._state.run_blocking(self._ctx.store.blobs.writer, orphan), None
+                self._ctx.events.resumed(self.route, str(digest), writer.size, "a fill interrupted by a restart")
+                response, skip = await self._upstream.resume_blob(self.route.remote_name, str(digest), writer.size)
+                await self._link(digest)
             if response is None:
                 response = await self._upstream.get_blob(self.route.remote_name, str(digest))
                 await self._link(digest)  # the upstream's 200 says its repository has the digest
-            writer = self._ctx.store.blobs.writer()
+            if writer is None:
+                writer = self._ctx.store.blobs.writer()
         except BaseException as e:
+            if orphan is not None:
+                orphan.discard()
+            if writer is not None:
+                writer.abort()
             if response is not None:
                 response.deliverBody(Discard())
             if peer is None:
@@ -356,7 +386,9 @@ class MirroredRepository(Repository):
             raise
         if digest.algorithm != "sha256":
             writer.hash_also(digest)
-        length = response.length if isinstance(response.length, int) else None
+        writer.note(FillNote(str(digest), self.route.upstream.registry, self.route.remote_name))
+        held = writer.size - skip  # where the body starts in the blob
+        length = held + response.length if isinstance(response.length, int) else None
         timeout = self.route.upstream.timeout
         # A node followed holds back the last byte until it has stored the blob (its upload):
         # wait that long, not an idle upstream's timeout.
@@ -369,7 +401,16 @@ class MirroredRepository(Repository):
             return await upstream.resume_blob(self.route.remote_name, str(digest), offset)
 
         fill = BlobFill(
-            writer, digest, length, self._ctx.clock, timeout, self._state.run_blocking, tail_timeout=tail, resume=resume
+            writer,
+            digest,
+            length,
+            self._ctx.clock,
+            timeout,
+            self._state.run_blocking,
+            tail_timeout=tail,
+            resume=resume,
+            received=writer.size,
+            skip=skip,
         )
 
         def finished(result: Failure | None) -> None:

@@ -19,8 +19,11 @@ import attrs
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mirror.config import MirrorConfig, UpstreamConfig
+from mirror.core.errors import RegistryError
 from mirror.core.oci import Digest
 from mirror.core.routing import Router
 from mirror.metrics import Metrics
@@ -33,9 +36,23 @@ from mirror.registry.mirrored import MirroredRepository, MirrorState
 from mirror.registry.repository import BlobBody, Context, LocalContent, Repository
 from mirror.registry.uploads import UploadSessions
 from mirror.storage.base import Store
+from mirror.storage.spool import Orphan
 from mirror.upstream.client import Upstream
 
 __all__ = ["Registry"]
+
+_log = Logger()
+
+
+def _resume_failed(failure: Failure, orphan: Orphan) -> None:
+    # (the fill's own failure is logged as an upstream fetch; this is for what came before it)
+    _log.warn(
+        "could not resume the fill of {digest} from {upstream}/{repository}: {error}",
+        digest=orphan.note.digest,
+        upstream=orphan.note.registry,
+        repository=orphan.note.repository,
+        error=failure.getErrorMessage(),
+    )
 
 
 def _effective(upstream: UpstreamConfig, config: MirrorConfig) -> UpstreamConfig:
@@ -123,6 +140,21 @@ class Registry:
     async def expire_uploads(self) -> int:
         """Remove upload sessions idle for longer than ``upload_expiry``."""
         return await self.uploads.expire(self.config.upload_expiry)
+
+    async def resume_fills(self, orphans: list[Orphan]) -> None:
+        """Resume the fills a dead process left (taken from the spool at start), each from
+        its bytes on disk; one whose upstream or repository is no longer configured, or
+        that cannot go on, is removed."""
+        for orphan in orphans:
+            try:
+                repository = self.repository(orphan.note.repository, ns=orphan.note.registry)
+            except RegistryError:
+                repository = None
+            if not isinstance(repository, MirroredRepository):  # (ns= names the upstream, or fails)
+                orphan.discard()
+                continue
+            resuming = Deferred.fromCoroutine(repository.resume_fill(orphan))
+            resuming.addErrback(_resume_failed, orphan)
 
     async def peer_fill(self, digest: Digest) -> BlobBody | None:
         """What another node following this one's fill of ``digest`` gets: the fill as it

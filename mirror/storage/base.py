@@ -31,12 +31,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import attrs
 
 from mirror.core.oci import Digest
 from mirror.storage.sending import Responder, Source
+
+if TYPE_CHECKING:
+    from mirror.storage.spool import FillNote, Orphan
 
 __all__ = [
     "AccessRecord",
@@ -93,6 +96,9 @@ class BlobWriter(Protocol):
     def hash_also(self, digest: Digest) -> None:
         """Also hash with ``digest``'s algorithm when it is not sha256 (before writing)."""
 
+    def note(self, note: FillNote) -> None:
+        """Record what this is the fill of, so that a restarted process can resume it."""
+
     def write(self, data: bytes) -> None:
         """Append ``data`` to the spool and hash it (blocking: callers batch it in a thread)."""
 
@@ -137,8 +143,10 @@ class BlobStore(Protocol):
         """Store small, already verified bytes under ``digest`` (durably); an existing blob
         counts as just written (garbage collection's grace period)."""
 
-    def writer(self) -> BlobWriter:
-        """A writer for a new blob."""
+    def writer(self, adopt: Orphan | None = None) -> BlobWriter:
+        """A writer for a new blob; or, with ``adopt``, for a dead process's unfinished
+        one, to be written on from its end (its bytes are hashed again: blocking, so a
+        caller adopting runs this in a thread)."""
 
     async def scan(self) -> list[BlobInfo]:
         """Every stored blob (garbage collection's inventory)."""
@@ -151,9 +159,13 @@ class BlobStore(Protocol):
 class Spool(Protocol):
     """This node's scratch space, where writers put content before it is verified."""
 
+    def take_orphans(self) -> list[Orphan]:
+        """Dead processes' unfinished fills that can be resumed, taken for this process
+        (before :meth:`clean`)."""
+
     async def clean(self) -> int:
         """Remove partial writes left by dead processes (never one a live process sharing
-        the store is writing); how many."""
+        the store is writing, nor one taken to resume); how many."""
 
     async def check_writable(self) -> str | None:
         """``None`` when new content can be taken, else why not (readiness)."""

@@ -25,6 +25,8 @@ from mirror.storage.sending import CachedSource, FileResponder, Responder, Sourc
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
+    from mirror.storage.spool import FillNote, Orphan
+
 __all__ = ["open_memory_store"]
 
 
@@ -111,6 +113,9 @@ class _Writer:
     def hash_also(self, digest: Digest) -> None:
         pass  # every algorithm is computed on demand
 
+    def note(self, note: FillNote) -> None:
+        pass  # nothing survives the process to resume
+
     def write(self, data: bytes) -> None:
         assert self._open, "write after commit or abort"
         self._buffer += data
@@ -169,7 +174,8 @@ class _Blobs:
         else:
             self._s.publish(digest, data)
 
-    def writer(self) -> _Writer:
+    def writer(self, adopt: Orphan | None = None) -> _Writer:
+        assert adopt is None, "nothing survives the process to adopt"
         return _Writer(self._s)
 
     async def scan(self) -> list[BlobInfo]:
@@ -185,6 +191,9 @@ class _Blobs:
 
 
 class _Spool:
+    def take_orphans(self) -> list[Orphan]:
+        return []
+
     async def clean(self) -> int:
         return 0  # nothing survives the process
 

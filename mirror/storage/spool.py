@@ -17,6 +17,12 @@ on NFS, Linux emulates ``flock`` with POSIX locks, which a process drops when it
 *any* descriptor of the file (a follower's), so a spool shared over NFS is not protected;
 where locks are not supported at all, writers go on unlocked (and say so once) and the
 clean-up removes nothing it cannot lock.
+
+A fill from an upstream leaves a note beside its file (``<name>.fill``: the digest, the
+upstream and the repository, :class:`FillNote`).  A restarted service takes the dead
+process's noted files (:meth:`LocalSpool.take_orphans`, locking them) before the
+clean-up, and resumes each fill from the bytes on disk, re-hashed
+(:meth:`SpoolFile.adopted`), instead of downloading them again.
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import re
 import secrets
 from pathlib import Path
+
+import attrs
 
 from twisted.logger import Logger
 
@@ -35,11 +44,61 @@ from mirror.core.oci import Digest, Hasher
 from mirror.storage.base import DigestMismatch
 from mirror.storage.sending import FileResponder, Responder, Source
 
-__all__ = ["Hashes", "LocalSpool", "SpoolFile", "SpoolWriter"]
+__all__ = ["FillNote", "Hashes", "LocalSpool", "Orphan", "SpoolFile", "SpoolWriter"]
 
 _log = Logger()
 #: The name of a spool file (what :class:`SpoolFile` creates; the clean-up touches no other).
 _SPOOL_NAME = re.compile(r"[0-9a-f]{32}")
+#: The name of a spool file's note.
+_NOTE_NAME = re.compile(r"([0-9a-f]{32})\.fill")
+
+
+def _note_path(path: Path) -> Path:
+    return path.with_name(path.name + ".fill")
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@attrs.frozen
+class FillNote:
+    """What a spool file is the fill of: enough for a restarted process to resume it."""
+
+    digest: str
+    registry: str  # the upstream's registry name
+    repository: str  # the repository as the upstream names it
+
+    def dumps(self) -> bytes:
+        return json.dumps(attrs.asdict(self)).encode()
+
+    @classmethod
+    def loads(cls, data: bytes) -> FillNote | None:
+        try:
+            doc = json.loads(data)
+            note = cls(doc["digest"], doc["registry"], doc["repository"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return note if all(isinstance(v, str) for v in attrs.astuple(note)) else None
+
+
+@attrs.frozen
+class Orphan:
+    """A dead process's unfinished fill, taken by this one: ``fd`` is open read-write and
+    holds the file's lock."""
+
+    path: Path
+    fd: int
+    note: FillNote
+
+    def discard(self) -> None:
+        """Not to be resumed after all: remove it."""
+        _unlink(_note_path(self.path))
+        _unlink(self.path)
+        os.close(self.fd)
 
 
 class Hashes:
@@ -99,9 +158,24 @@ class SpoolFile:
         self._fd: int | None = fd
         self.hashes = Hashes()
 
+    @classmethod
+    def adopted(cls, orphan: Orphan, algorithm: str) -> SpoolFile:
+        """A dead process's file, to be written on from its end: its bytes are hashed
+        again (blocking: run it in a thread), with ``algorithm`` too when not sha256."""
+        file = cls.__new__(cls)
+        file.path = orphan.path
+        file.hashes = Hashes.of_file(orphan.path, algorithm)
+        file._fd = orphan.fd
+        os.lseek(orphan.fd, 0, os.SEEK_END)
+        return file
+
     @property
     def size(self) -> int:
         return self.hashes.size
+
+    def note(self, note: FillNote) -> None:
+        """Say beside the file what it is the fill of (see the module docstring)."""
+        _note_path(self.path).write_bytes(note.dumps())
 
     def write(self, data: bytes) -> None:
         assert self._fd is not None, "write after commit or abort"
@@ -125,6 +199,7 @@ class SpoolFile:
     def take_fd(self) -> int:
         """The open descriptor, for the caller to publish and close (after :meth:`verify`)."""
         assert self._fd is not None, "commit after commit or abort"
+        _unlink(_note_path(self.path))  # (leaving the spool: nothing to resume any more)
         fd, self._fd = self._fd, None
         return fd
 
@@ -133,10 +208,8 @@ class SpoolFile:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        _unlink(_note_path(self.path))
+        _unlink(self.path)
 
 
 def _lock(fd: int) -> bool:
@@ -169,8 +242,8 @@ class SpoolWriter:
     """A :class:`~mirror.storage.base.BlobWriter` over one spool file: everything but
     :meth:`commit`, which each backend writes (how a verified file is published)."""
 
-    def __init__(self, spool: LocalSpool) -> None:
-        self._file = spool.new_file()
+    def __init__(self, spool: LocalSpool, adopt: SpoolFile | None = None) -> None:
+        self._file = adopt if adopt is not None else spool.new_file()
 
     @property
     def path(self) -> Path:
@@ -182,6 +255,9 @@ class SpoolWriter:
 
     def hash_also(self, digest: Digest) -> None:
         self._file.hashes.also(digest.algorithm)
+
+    def note(self, note: FillNote) -> None:
+        self._file.note(note)
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
@@ -206,11 +282,40 @@ class LocalSpool:
     def new_file(self) -> SpoolFile:
         return SpoolFile(self.directory)
 
+    def take_orphans(self) -> list[Orphan]:
+        """The noted files no live process holds, locked for this one to resume (before
+        :meth:`clean`, which then leaves them be)."""
+        orphans = []
+        for entry in os.scandir(self.directory):
+            match = _NOTE_NAME.fullmatch(entry.name)
+            if match is None:
+                continue
+            path = self.directory / match[1]
+            try:
+                note = FillNote.loads(Path(entry.path).read_bytes())
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue  # its file is gone: clean removes the note
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)  # a live writer's
+                continue
+            if note is None:
+                os.close(fd)  # unreadable: clean removes both
+                continue
+            orphans.append(Orphan(path, fd, note))
+        return orphans
+
     async def clean(self) -> int:
         """Remove the files no live process is writing (see the module docstring); the
         number removed.  Runs to its end without waiting: at start, before listening."""
         removed = 0
         for entry in os.scandir(self.directory):
+            note = _NOTE_NAME.fullmatch(entry.name)
+            if note is not None and not (self.directory / note[1]).exists():
+                _unlink(Path(entry.path))  # its file was committed, or removed below
+                continue
             if _SPOOL_NAME.fullmatch(entry.name) is None or not entry.is_file(follow_symlinks=False):
                 continue  # not a spool file (a readiness probe, lost+found, ...): not ours to remove
             try:
@@ -220,6 +325,7 @@ class LocalSpool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.unlink(entry.path)  # (a writer's own open+lock sees its name gone: it takes another)
+                _unlink(_note_path(Path(entry.path)))
                 removed += 1
             except OSError:
                 pass  # a live writer holds it (BlockingIOError), it went meanwhile, or no locks here

@@ -2,14 +2,17 @@
 
 Two real ``twistd mirror`` processes share one filesystem store, in front of an
 in-process upstream that trickles its blobs (so fills stay under way for seconds).  One
-process is killed with SIGKILL mid-fill and started again: when it answers, the spool
-holds only the file the other, live, process is still writing; that fill goes on and
-completes, verified.  (The spool's writers hold an flock on their files; the clean-up at
-start removes only files no live process holds: mirror/storage/spool.py.)
+process is killed with SIGKILL mid-fill and started again: when it answers, every file
+in the spool is held by a live process — the other process's fill, and the killed one's,
+which the restarted process took over and resumes from the bytes on disk (a Range request
+from where it stopped) — and both fills complete, verified.  (The spool's writers hold an
+flock on their files; the clean-up at start removes only files no live process holds,
+after the restarted process took the ones it can resume: mirror/storage/spool.py.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import signal
@@ -25,6 +28,22 @@ from tests.storeutil import blob_path
 
 CHUNK = 64 * 1024
 SIZE = 4 * 1024 * 1024  # 64 chunks: about 6 s at the upstream's pace below
+
+
+def spool_files(spool) -> list[str]:
+    """The blobs being written (not their notes)."""
+    return [n for n in os.listdir(spool) if not n.endswith(".fill")]
+
+
+def held_by_a_live_process(path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 async def _until(check, seconds: float, what: str) -> None:
@@ -52,8 +71,8 @@ async def test_kill_mid_fill_leaves_no_partial_file_and_spares_a_live_fill(fake_
     try:
         doomed = treq.get(f"{a.url}/v2/library/app/blobs/{killed}", unbuffered=True, persistent=False)
         surviving = treq.get(f"{b.url}/v2/library/app/blobs/{live}", unbuffered=True, persistent=False)
-        await _until(lambda: len(os.listdir(spool)) == 2, 10, "both fills under way")
-        await _until(lambda: all(os.path.getsize(spool / n) > CHUNK for n in os.listdir(spool)), 10, "bytes spooled")
+        await _until(lambda: len(spool_files(spool)) == 2, 10, "both fills under way")
+        await _until(lambda: all(os.path.getsize(spool / n) > CHUNK for n in spool_files(spool)), 10, "bytes spooled")
         assert a.proc is not None
         os.kill(a.proc.pid, signal.SIGKILL)
         await _until(lambda: not a.proc.alive(), 10, "the killed process gone")
@@ -62,19 +81,26 @@ async def test_kill_mid_fill_leaves_no_partial_file_and_spares_a_live_fill(fake_
         except Exception:
             pass  # the client of the killed process lost its connection: as it must
         left = sorted(os.listdir(spool))
-        assert len(left) == 2  # the dead process's partial file is still there...
+        files = spool_files(spool)
+        assert len(files) == 2  # the dead process's partial file is still there...
+        (dead,) = [n for n in files if not held_by_a_live_process(spool / n)]
+        assert dead + ".fill" in left  # (its note: what it was the fill of)
+        on_disk = os.path.getsize(spool / dead)
         a.proc = None
         a.start()  # (blocks: the live fill waits meanwhile, well within its timeout)
-        # ...and gone once the restarted service answers; the live process's fill is kept.
-        remaining = os.listdir(spool)
-        assert len(remaining) == 1 and remaining[0] in left
-        assert "removed 1 unfinished spool files" in a.log_text()
+        # ...and once the restarted service answers, no file is left that no live process holds.
+        for name in spool_files(spool):
+            assert held_by_a_live_process(spool / name), name
+        assert "resuming 1 fills a previous run left unfinished" in a.log_text()
         response = await surviving
         body = await response.content()
         assert response.code == 200 and hashlib.sha256(body).hexdigest() == live.split(":")[1]
-        await _until(lambda: not os.listdir(spool), 10, "the live fill committed")
+        await _until(lambda: not os.listdir(spool), 15, "both fills committed")
         assert blob_path(tmp_path / "store", live).read_bytes() == live_blob
-        assert not blob_path(tmp_path / "store", killed).exists()
+        assert blob_path(tmp_path / "store", killed).read_bytes() == killed_blob
+        # The killed process's fill went on from the bytes it had written, not from the start.
+        resumed_from = [int(r) for r in fake_upstream.ranges_asked]
+        assert resumed_from and on_disk - CHUNK <= resumed_from[0] <= on_disk + CHUNK
     finally:
         a.stop()
         b.stop()

@@ -32,6 +32,7 @@ from mirror.storage.s3.client import S3Error, ensure_bucket
 # The contract's tests, collected here again with this module's `store` fixture.
 from tests.test_store_contract import (  # noqa: F401
     Collect,
+    test_a_dead_process_s_noted_fill_is_taken_over_and_finished,
     test_blob_links_and_referrers,
     test_delete_if_idle_keeps_recent_blobs_and_needs_the_exclusive_lock,
     test_fetched_links_are_kept_apart_from_pushed_ones,

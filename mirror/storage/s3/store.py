@@ -64,7 +64,7 @@ from mirror.storage.leases import Renewal
 from mirror.storage.s3.client import FileSlice, ObjectInfo, S3Client, S3Error
 from mirror.storage.s3.responder import ObjectResponder
 from mirror.storage.sending import Responder
-from mirror.storage.spool import LocalSpool, SpoolWriter
+from mirror.storage.spool import LocalSpool, Orphan, SpoolFile, SpoolWriter
 
 __all__ = ["open_s3_store"]
 
@@ -138,8 +138,8 @@ KEYS = _Keys()
 class S3BlobWriter(SpoolWriter):
     """A spool file that commit uploads to ``blobs/`` (create-only) once verified."""
 
-    def __init__(self, client: S3Client, spool: LocalSpool, access: S3AccessRecord) -> None:
-        super().__init__(spool)
+    def __init__(self, client: S3Client, spool: LocalSpool, access: S3AccessRecord, adopt: SpoolFile | None = None) -> None:
+        super().__init__(spool, adopt)
         self._client = client
         self._access = access
 
@@ -229,8 +229,9 @@ class S3BlobStore:
             await self._access.record({digest: time.time()})  # already there: counts as just written
         self._remember(digest, data)
 
-    def writer(self) -> S3BlobWriter:
-        return S3BlobWriter(self._client, self._spool, self._access)
+    def writer(self, adopt: Orphan | None = None) -> S3BlobWriter:
+        file = SpoolFile.adopted(adopt, parse_digest(adopt.note.digest).algorithm) if adopt is not None else None
+        return S3BlobWriter(self._client, self._spool, self._access, file)
 
     async def scan(self) -> list[BlobInfo]:
         objects, _ = await self._client.list("blobs/")
