@@ -99,14 +99,17 @@ class _FlushAtStop(Service):
         return Deferred.fromCoroutine(self._registry.access.flush())
 
 
-def build_registry(config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnectionPool | None = None) -> Registry:
+def build_registry(
+    config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnectionPool | None = None, *, resume_fills: bool = True
+) -> Registry:
     """The registry for ``config`` on ``reactor`` (a real one).
 
     ``pool`` holds the upstream connections; the caller may pass one to close it later.
     Spool files a dead process left are removed before this returns (so before the
     service listens), except the fills it noted, which are resumed from their bytes on
     disk once the reactor runs; the fills of live processes sharing the store are kept
-    (:mod:`mirror.storage.spool`).
+    (:mod:`mirror.storage.spool`).  ``resume_fills`` False (``mirror warm``, which exits
+    when its own images are done) leaves the noted fills for the service to resume.
 
     Raises:
         ConfigError: the store cannot be opened (naming ``storage.root`` or ``storage.s3``).
@@ -140,7 +143,10 @@ def build_registry(config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnec
         return Upstream(u, HTTPClient(RedirectAgent(own if own is not None else agent)), reactor, metrics)
 
     registry = Registry(config, store, upstream, reactor, deferToThread, cluster)
-    if orphans:
+    if not resume_fills:
+        for orphan in orphans:
+            orphan.release()
+    elif orphans:
         _log.info("resuming {count} fills a previous run left unfinished", count=len(orphans))
         reactor.callLater(0, lambda: Deferred.fromCoroutine(registry.resume_fills(orphans)))
     return registry

@@ -325,10 +325,13 @@ class MirroredRepository(Repository):
     async def resume_fill(self, orphan: Orphan) -> None:
         """Resume a fill a dead process left (see :mod:`mirror.storage.spool`): from the
         bytes on disk on, unless the blob is stored or being fetched meanwhile."""
-        digest = parse_digest(orphan.note.digest)
-        _, started = await self._state.fills.join_or_start(digest, lambda: self._start_fill(digest, orphan), self.key)
-        if not started:
-            orphan.discard()
+        try:
+            if self._upstream.config.offline:
+                return  # nothing to resume from
+            digest = parse_digest(orphan.note.digest)
+            await self._state.fills.join_or_start(digest, lambda: self._start_fill(digest, orphan), self.key)
+        finally:
+            orphan.discard()  # (unless a fill adopted it: then nothing to do)
 
     async def _start_fill(self, digest: Digest, orphan: Orphan | None = None) -> BlobFill | None:
         """Start fetching ``digest``; ``None`` if it was stored meanwhile (a fill that
@@ -337,8 +340,6 @@ class MirroredRepository(Repository):
         others follow its fill (:mod:`mirror.registry.cluster`).  With ``orphan`` (a dead
         process's unfinished fill of it), the upstream is asked only for the rest."""
         if await self._ctx.store.blobs.stat(digest) is not None:
-            if orphan is not None:
-                orphan.discard()
             return None
         started = self._ctx.clock.seconds()
         cluster = self._state.cluster
@@ -351,19 +352,19 @@ class MirroredRepository(Repository):
         try:
             if peer is None and cluster.enabled and await self._ctx.store.blobs.stat(digest) is not None:
                 await cluster.release(digest)  # another node stored it and let go of the lease meanwhile
-                if orphan is not None:
-                    orphan.discard()
                 return None
             if peer is not None:
                 await self._confirm(digest)  # this repository holds it upstream (the peer's fill may be for another)
                 response = await cluster.follow(peer, digest, self.route.upstream.timeout)
                 source = peer if response is not None else None
-            if source is not None and orphan is not None:
-                orphan.discard()  # another node's fill is followed instead
-                orphan = None
-            if response is None and orphan is not None:
+            if response is None and orphan is not None:  # (following another node: the orphan goes)
                 # (re-hashes what is on disk, in a thread; the writer then owns the file)
-                writer, orphan = await self._state.run_blocking(self._ctx.store.blobs.writer, orphan), None
+                writer = await self._state.run_blocking(self._ctx.store.blobs.writer, orphan)
+                if writer.actual_digest(digest.algorithm) == digest:  # died between the last byte and the commit
+                    await writer.commit(digest)
+                    if peer is None:
+                        await cluster.release(digest)
+                    return None
                 self._ctx.events.resumed(self.route, str(digest), writer.size, "a fill interrupted by a restart")
                 response, skip = await self._upstream.resume_blob(self.route.remote_name, str(digest), writer.size)
                 await self._link(digest)
@@ -372,9 +373,8 @@ class MirroredRepository(Repository):
                 await self._link(digest)  # the upstream's 200 says its repository has the digest
             if writer is None:
                 writer = self._ctx.store.blobs.writer()
+            writer.note(FillNote(str(digest), self.route.upstream.registry, self.route.remote_name))
         except BaseException as e:
-            if orphan is not None:
-                orphan.discard()
             if writer is not None:
                 writer.abort()
             if response is not None:
@@ -386,7 +386,6 @@ class MirroredRepository(Repository):
             raise
         if digest.algorithm != "sha256":
             writer.hash_also(digest)
-        writer.note(FillNote(str(digest), self.route.upstream.registry, self.route.remote_name))
         held = writer.size - skip  # where the body starts in the blob
         length = held + response.length if isinstance(response.length, int) else None
         timeout = self.route.upstream.timeout

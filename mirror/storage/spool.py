@@ -85,20 +85,37 @@ class FillNote:
         return note if all(isinstance(v, str) for v in attrs.astuple(note)) else None
 
 
-@attrs.frozen
 class Orphan:
-    """A dead process's unfinished fill, taken by this one: ``fd`` is open read-write and
-    holds the file's lock."""
+    """A dead process's unfinished fill, taken by this one: its file is open read-write
+    and locked until a writer adopts it (:meth:`SpoolFile.adopted`), or this process lets
+    it go (:meth:`discard`, :meth:`release`)."""
 
-    path: Path
-    fd: int
-    note: FillNote
+    def __init__(self, path: Path, fd: int, note: FillNote) -> None:
+        self.path = path
+        self.note = note
+        self._fd: int | None = fd
+
+    def take_fd(self) -> int:
+        """The descriptor, for a writer that takes the file over (and its lock) from here."""
+        assert self._fd is not None, "an orphan adopted or let go already"
+        fd, self._fd = self._fd, None
+        return fd
 
     def discard(self) -> None:
-        """Not to be resumed after all: remove it."""
+        """Not to be resumed after all: remove it.  Does nothing once a writer adopted it
+        (or it was let go), so callers may call it on every path."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
         _unlink(_note_path(self.path))
         _unlink(self.path)
-        os.close(self.fd)
+        os.close(fd)
+
+    def release(self) -> None:
+        """Let it go, file and note kept, for another process to resume."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 class Hashes:
@@ -165,8 +182,8 @@ class SpoolFile:
         file = cls.__new__(cls)
         file.path = orphan.path
         file.hashes = Hashes.of_file(orphan.path, algorithm)
-        file._fd = orphan.fd
-        os.lseek(orphan.fd, 0, os.SEEK_END)
+        file._fd = orphan.take_fd()
+        os.lseek(file._fd, 0, os.SEEK_END)
         return file
 
     @property
@@ -205,11 +222,11 @@ class SpoolFile:
 
     def abort(self) -> None:
         """Close and remove the file.  Safe to call more than once, and after publishing."""
+        _unlink(_note_path(self.path))
+        _unlink(self.path)  # (before the close, which lets go of the lock: no one takes it between)
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-        _unlink(_note_path(self.path))
-        _unlink(self.path)
 
 
 def _lock(fd: int) -> bool:

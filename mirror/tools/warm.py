@@ -12,7 +12,8 @@ where it stopped.
 The registry is the running service's (:func:`mirror.tap.build_registry`), so warming
 the store of a running service does not disturb it: spool names are unique, commits are
 atomic renames, and the start-up clean-up removes only spool files no live process holds
-(:mod:`mirror.storage.spool`).
+(:mod:`mirror.storage.spool`).  Fills a dead service left to resume are left to the
+service (warm exits when its own images are done).
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ def run_warm(
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max(16, jobs)
     try:
-        registry = build_registry(config, reactor, pool)
+        registry = build_registry(config, reactor, pool, resume_fills=False)
     except ConfigError as e:
         print(f"mirror warm: {e}", file=err)
         return 2

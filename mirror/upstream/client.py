@@ -213,6 +213,8 @@ class Upstream:
             UpstreamRefused: the upstream answered the range with other bytes than asked.
         """
 
+        self._refuse_if_offline("BLOB_UNKNOWN", name, digest)
+
         async def attempt() -> tuple[IResponse, int]:
             response = await self._request(b"GET", name, f"blobs/{digest}", {"Range": f"bytes={offset}-"})
             self._check(response, name, "BLOB_UNKNOWN", digest)
