@@ -60,7 +60,7 @@ from mirror.core.errors import RegistryError
 from mirror.core.oci import Digest, parse_digest
 from mirror.storage.base import BlobInfo, RepositoryRecord, Store
 from mirror.storage.sending import CachedSource, FileResponder, Responder
-from mirror.storage.spool import Hashes, LocalSpool, Orphan, SpoolFile, SpoolWriter
+from mirror.storage.spool import Hashes, LocalSpool, Orphan, SpoolWriter
 
 __all__ = ["LAYOUT_VERSION", "StoreLayoutError", "open_filesystem_store"]
 
@@ -151,7 +151,7 @@ class _Layout:
 class FsBlobWriter(SpoolWriter):
     """A spool file that commit publishes into ``blobs/`` (rename) once verified."""
 
-    def __init__(self, layout: _Layout, spool: LocalSpool, run_blocking: RunBlocking, adopt: SpoolFile | None = None) -> None:
+    def __init__(self, layout: _Layout, spool: LocalSpool, run_blocking: RunBlocking, adopt: Orphan | None = None) -> None:
         super().__init__(spool, adopt)
         self._layout = layout
         self._run_blocking = run_blocking
@@ -207,8 +207,7 @@ class FsBlobStore:
             _write_atomic(path, data)
 
     def writer(self, adopt: Orphan | None = None) -> FsBlobWriter:
-        file = SpoolFile.adopted(adopt, parse_digest(adopt.note.digest).algorithm) if adopt is not None else None
-        return FsBlobWriter(self._layout, self._spool, self._run_blocking, file)
+        return FsBlobWriter(self._layout, self._spool, self._run_blocking, adopt)
 
     async def scan(self) -> list[BlobInfo]:
         return list(self._scan())

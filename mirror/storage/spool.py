@@ -176,12 +176,12 @@ class SpoolFile:
         self.hashes = Hashes()
 
     @classmethod
-    def adopted(cls, orphan: Orphan, algorithm: str) -> SpoolFile:
+    def adopted(cls, orphan: Orphan) -> SpoolFile:
         """A dead process's file, to be written on from its end: its bytes are hashed
-        again (blocking: run it in a thread), with ``algorithm`` too when not sha256."""
+        again (blocking: run it in a thread), with its digest's algorithm too."""
         file = cls.__new__(cls)
         file.path = orphan.path
-        file.hashes = Hashes.of_file(orphan.path, algorithm)
+        file.hashes = Hashes.of_file(orphan.path, orphan.note.digest.partition(":")[0])
         file._fd = orphan.take_fd()
         os.lseek(file._fd, 0, os.SEEK_END)
         return file
@@ -259,8 +259,9 @@ class SpoolWriter:
     """A :class:`~mirror.storage.base.BlobWriter` over one spool file: everything but
     :meth:`commit`, which each backend writes (how a verified file is published)."""
 
-    def __init__(self, spool: LocalSpool, adopt: SpoolFile | None = None) -> None:
-        self._file = adopt if adopt is not None else spool.new_file()
+    def __init__(self, spool: LocalSpool, adopt: Orphan | None = None) -> None:
+        """A new spool file; or, with ``adopt``, a dead process's (re-hashed: blocking)."""
+        self._file = SpoolFile.adopted(adopt) if adopt is not None else spool.new_file()
 
     @property
     def path(self) -> Path:

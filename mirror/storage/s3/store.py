@@ -64,7 +64,7 @@ from mirror.storage.leases import Renewal
 from mirror.storage.s3.client import FileSlice, ObjectInfo, S3Client, S3Error
 from mirror.storage.s3.responder import ObjectResponder
 from mirror.storage.sending import Responder
-from mirror.storage.spool import LocalSpool, Orphan, SpoolFile, SpoolWriter
+from mirror.storage.spool import LocalSpool, Orphan, SpoolWriter
 
 __all__ = ["open_s3_store"]
 
@@ -138,7 +138,7 @@ KEYS = _Keys()
 class S3BlobWriter(SpoolWriter):
     """A spool file that commit uploads to ``blobs/`` (create-only) once verified."""
 
-    def __init__(self, client: S3Client, spool: LocalSpool, access: S3AccessRecord, adopt: SpoolFile | None = None) -> None:
+    def __init__(self, client: S3Client, spool: LocalSpool, access: S3AccessRecord, adopt: Orphan | None = None) -> None:
         super().__init__(spool, adopt)
         self._client = client
         self._access = access
@@ -230,8 +230,7 @@ class S3BlobStore:
         self._remember(digest, data)
 
     def writer(self, adopt: Orphan | None = None) -> S3BlobWriter:
-        file = SpoolFile.adopted(adopt, parse_digest(adopt.note.digest).algorithm) if adopt is not None else None
-        return S3BlobWriter(self._client, self._spool, self._access, file)
+        return S3BlobWriter(self._client, self._spool, self._access, adopt)
 
     async def scan(self) -> list[BlobInfo]:
         objects, _ = await self._client.list("blobs/")
