@@ -99,12 +99,15 @@ def outcome(d):
 
 def test_fill_commits_and_follower_gets_every_byte(store):
     """A follower receives the bytes as they arrive, and the last one only after commit."""
-    fill, _ = make_fill(store)
+    clock = Clock()
+    fill, _ = make_fill(store, clock=clock)
     client = Consumer()
     sent = fill.follower().send(client)
-    fill.dataReceived(DATA[:1000])
+    fill.dataReceived(DATA[:1000])  # the first bytes go to the disk at once...
     assert bytes(client.data) == DATA[:1000]
     fill.dataReceived(DATA[1000:])
+    assert len(client.data) == 1000  # ...then a batch waits for the reactor's turn to end
+    clock.advance(0)
     assert len(client.data) == len(DATA) - 1  # last byte held until verified
     assert outcome(sent) is None and not sent.called
     fill.connectionLost(Failure(ResponseDone()))
@@ -164,6 +167,7 @@ def test_idle_upstream_times_out(store):
     clock.advance(29)
     assert transport.producerState == "producing"
     fill.dataReceived(DATA[10:20])  # activity resets the timer
+    clock.advance(0)  # (the reactor's turn ends: the batch is written)
     clock.advance(29)
     assert transport.producerState == "producing"
     clock.advance(2)
@@ -422,3 +426,58 @@ def test_a_body_of_unknown_length_read_to_its_close_is_not_resumed(store):
     fill.dataReceived(DATA)
     fill.connectionLost(Failure(PotentialDataLoss()))
     assert fill.stored and resumer.asked == []
+
+
+def test_small_chunks_go_to_the_writer_once_per_reactor_turn(store):
+    """A TLS upstream hands its body on record by record (16 KiB): the chunks of one
+    reactor turn go to the writer thread together, not one hand-off each; the first
+    bytes go at once (time to first byte), and a full batch goes without waiting."""
+    from mirror.registry.fills import BATCH
+
+    data = DATA * 3
+    clock = Clock()
+    later = Later()
+    fill = BlobFill(store.blobs.writer(), Digest.of(data), len(data), clock, 30, later)
+    fill.makeConnection(StringTransport())
+    record = 16 * 1024
+    fill.dataReceived(data[:record])
+    assert len(later.pending) == 1  # the first bytes: at once
+    later.run_all()
+    for offset in range(record, 8 * record, record):
+        fill.dataReceived(data[offset : offset + record])
+    assert later.pending == []  # the rest of the turn waits...
+    clock.advance(0)
+    assert len(later.pending) == 1 and len(later.pending[0][2]) == 7  # ...and goes as one batch
+    later.run_all()
+    assert fill.writer.size == 8 * record
+    step = BATCH // 4
+    for offset in range(8 * record, 8 * record + BATCH, step):  # a batch's worth in one turn
+        fill.dataReceived(data[offset : offset + step])
+    assert len(later.pending) == 1  # goes without waiting for the turn to end
+    later.run_all()
+    fill.dataReceived(data[8 * record + BATCH :])
+    fill.connectionLost(Failure(ResponseDone()))
+    later.run_all()
+    clock.advance(0)
+    assert fill.stored and store.blobs.stat(Digest.of(data)) == len(data)
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_socket_under_a_body_is_read_in_large_chunks():
+    """The body's transport proxies the connection's (a TLS layer, then the socket): the
+    socket's read size is raised; anything without a socket under it is left alone."""
+    from twisted.internet import tcp
+    from twisted.web._newclient import TransportProxyProducer
+
+    from mirror.responses import LARGE_READ, read_in_large_chunks
+
+    socket = tcp.Connection.__new__(tcp.Connection)  # (no real socket: only its read size matters)
+    assert socket.bufferSize == 64 * 1024
+
+    class TLSLayer:
+        transport = socket
+
+    assert read_in_large_chunks(TransportProxyProducer(TLSLayer()))
+    assert socket.bufferSize == LARGE_READ
+    assert not read_in_large_chunks(TransportProxyProducer(StringTransport()))
+    assert not read_in_large_chunks(None)

@@ -429,3 +429,34 @@ async def test_tag_record_says_when_a_tag_was_last_set(store):
     record = await store.metadata.tag_record("team/a", "v1")
     assert record is not None and record[0] == d and record[1] > 0
     assert await store.metadata.get_tag("team/a", "v1") == d
+
+
+def test_spool_file_writes_many_chunks_in_order_and_hashes_them(tmp_path, monkeypatch):
+    """Chunks go to the file by writev in groups (more than IOV_MAX chunks, groups over
+    WRITE_GROUP bytes), a short writev is finished byte-exact, and the hash covers all."""
+    import hashlib
+
+    from mirror.storage import spool as spool_module
+    from mirror.storage.spool import WRITE_GROUP, SpoolFile
+
+    chunks = [bytes([i % 251]) * (1 + i % 700) for i in range(3000)]  # ~1 MiB in 3000 chunks
+    chunks.append(b"x" * (WRITE_GROUP + 5))
+    real_writev = os.writev
+    calls = []
+
+    def short_writev(fd, buffers):
+        calls.append(len(buffers))
+        if len(calls) == 2:  # the second group only gets in part
+            first = bytes(buffers[0])
+            return os.write(fd, first[: max(1, len(first) // 2)])
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(spool_module.os, "writev", short_writev)
+    file = SpoolFile(tmp_path)
+    file.write(*chunks)
+    data = b"".join(chunks)
+    assert file.path.read_bytes() == data
+    assert file.hashes.digest() == Digest("sha256", hashlib.sha256(data).hexdigest())
+    assert file.size == len(data)
+    assert max(calls) <= 1024 and len(calls) > 3
+    file.abort()

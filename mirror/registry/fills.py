@@ -1,10 +1,12 @@
 """Blob fills: one upstream download per blob, verified on its way into the store.
 
-:class:`BlobFill` is the protocol that receives one upstream blob body.  It hands the
-chunks, batch by batch, to a thread that writes them to a
-:class:`~mirror.storage.base.BlobWriter` spool and hashes them (both release the GIL, so
-this runs beside the reactor on another core), pausing the upstream socket if the disk
-falls 8 MiB behind; when the body ends it verifies the digest and commits.  It never
+:class:`BlobFill` is the protocol that receives one upstream blob body, read from the
+socket 1 MiB at a time.  It hands the chunks, batch by batch, to a thread that writes
+them to a :class:`~mirror.storage.base.BlobWriter` spool and hashes them (both release
+the GIL, so this runs beside the reactor on another core): a batch is what arrived in
+one turn of the reactor (or 1 MiB), so a TLS body's 16 KiB records do not each cost a
+hand-off.  It pauses the upstream socket if the disk falls 8 MiB behind; when the body
+ends it verifies the digest and commits.  It never
 waits for clients: a slow or departed client cannot stall or cancel a fill.  It is the
 :class:`~mirror.storage.sending.Source` its followers' responders follow, and it holds
 back the last byte until the digest has verified, so a client never receives a
@@ -35,7 +37,7 @@ from twisted.web.iweb import IResponse
 
 from mirror.core.oci import Digest
 from mirror.registry.singleflight import Shared
-from mirror.responses import Discard, stop_body
+from mirror.responses import Discard, read_in_large_chunks, stop_body
 from mirror.storage.base import BlobWriter, DigestMismatch
 from mirror.storage.sending import Responder
 
@@ -45,6 +47,10 @@ __all__ = ["BlobFill", "FillFailed", "Fills", "Resume", "UntilStored"]
 #: response and how many of its first bytes come before the offset (to skip).
 Resume = Callable[[int, str], Coroutine[Any, Any, tuple[IResponse, int]]]
 
+#: Bytes received that go to the writer thread at once; less waits for the end of the
+#: reactor's turn (a TLS upstream's body arrives 16 KiB record by record: one hand-off
+#: per record would cost more than the hashing), except the first bytes of a body.
+BATCH = 1024 * 1024
 #: A fill holding more than this in memory, waiting for the disk, pauses the upstream...
 QUEUE_HIGH = 8 * 1024 * 1024
 #: ...and resumes it below this.
@@ -53,12 +59,6 @@ QUEUE_LOW = 2 * 1024 * 1024
 RESUME_PROGRESS = 64 * 1024
 #: ...and after this many such resumes in a row the fill fails.
 FRUITLESS_RESUMES = 3
-
-
-def _write_all(writer: BlobWriter, chunks: list[bytes]) -> None:
-    """Write and hash a batch of chunks (in a thread: os.write and hashlib release the GIL)."""
-    for chunk in chunks:
-        writer.write(chunk)
 
 
 class FillFailed(Exception):
@@ -118,8 +118,10 @@ class BlobFill(Protocol):
         self._problem: str | None = None
         self._received = received  # bytes from the upstream (and, resumed after a restart, on disk)
         self._queue: list[bytes] = []  # received, not yet handed to the writer thread
+        self._pending = 0  # ...its bytes
         self._queued = 0  # bytes received and not yet on disk
         self._writing = False
+        self._turn_end: IDelayedCall | None = None  # hands the queue over once the reactor's turn ends
         self._upstream_paused = False
         self._lost: Failure | None = None  # how the body ended, once it has
         self._completed = False
@@ -152,6 +154,7 @@ class BlobFill(Protocol):
 
     # IProtocol ----------------------------------------------------------------------------
     def connectionMade(self) -> None:
+        read_in_large_chunks(self.transport)
         self._reset_idle()
 
     def dataReceived(self, data: bytes) -> None:
@@ -169,12 +172,16 @@ class BlobFill(Protocol):
             return
         self._received += len(data)
         self._queue.append(data)
+        self._pending += len(data)
         self._queued += len(data)
         self._reset_idle()
         if self._queued > QUEUE_HIGH and not self._upstream_paused and self.transport is not None:
             self._upstream_paused = True  # the disk is behind: let TCP hold the rest
             IPushProducer(self.transport).pauseProducing()
-        self._flush()
+        if self._pending >= BATCH or self.writer.size == 0:
+            self._flush()
+        elif self._turn_end is None:
+            self._turn_end = self._clock.callLater(0, self._flush_at_turn_end)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._idle is not None and self._idle.active():
@@ -242,14 +249,18 @@ class BlobFill(Protocol):
         self._flush()
 
     # writing: the disk write and the hash run in a thread, batch after batch --------------
+    def _flush_at_turn_end(self) -> None:
+        self._turn_end = None
+        self._flush()
+
     def _flush(self) -> None:
         if self._writing or self._completed:
             return
         if self._queue and self._problem is None:
-            batch, self._queue = self._queue, []
+            batch, count, self._queue, self._pending = self._queue, self._pending, [], 0
             self._writing = True
-            d = self._run_blocking(_write_all, self.writer, batch)
-            d.addCallbacks(self._wrote, self._write_failed, callbackArgs=(sum(map(len, batch)),))
+            d = self._run_blocking(self.writer.write, *batch)
+            d.addCallbacks(self._wrote, self._write_failed, callbackArgs=(count,))
         elif self._lost is not None:
             self._complete(self._lost)
 
@@ -266,13 +277,15 @@ class BlobFill(Protocol):
 
     def _write_failed(self, failure: Failure) -> None:
         self._writing = False
-        self._queue, self._queued = [], 0
+        self._queue, self._pending, self._queued = [], 0, 0
         error = failure.value
         self._give_up(f"cannot write to the store: {getattr(error, 'strerror', None) or error}")
         self._flush()
 
     def _complete(self, reason: Failure) -> None:
         self._completed = True
+        if self._turn_end is not None and self._turn_end.active():
+            self._turn_end.cancel()
         ended = reason.check(ResponseDone) or (self.expected_size is None and reason.check(PotentialDataLoss))
         if self._problem is None and not ended:
             self._problem = f"upstream body ended early: {reason.getErrorMessage()}"

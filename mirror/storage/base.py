@@ -99,8 +99,8 @@ class BlobWriter(Protocol):
     def note(self, note: FillNote) -> None:
         """Record what this is the fill of, so that a restarted process can resume it."""
 
-    def write(self, data: bytes) -> None:
-        """Append ``data`` to the spool and hash it (blocking: callers batch it in a thread)."""
+    def write(self, *chunks: bytes) -> None:
+        """Append ``chunks`` to the spool and hash them (blocking: callers batch it in a thread)."""
 
     def actual_digest(self, algorithm: str = "sha256") -> Digest:
         """The digest of what was written so far."""

@@ -116,9 +116,10 @@ class _Writer:
     def note(self, note: FillNote) -> None:
         pass  # nothing survives the process to resume
 
-    def write(self, data: bytes) -> None:
+    def write(self, *chunks: bytes) -> None:
         assert self._open, "write after commit or abort"
-        self._buffer += data
+        for chunk in chunks:
+            self._buffer += chunk
 
     def actual_digest(self, algorithm: str = "sha256") -> Digest:
         return _hash(self._buffer, algorithm)
