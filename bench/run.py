@@ -68,6 +68,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -284,18 +285,26 @@ def seed_upstream(upstream: DistributionRegistry, workdir: Path, sizes: dict[str
 # --------------------------------------------------------------------------------------
 
 class Client:
-    """One keep-alive HTTP/1.1 connection to host:port that reads bodies and discards them."""
+    """One keep-alive HTTP/1.1 connection to host:port that reads bodies and discards them.
 
-    def __init__(self, port: int, timeout: float = HTTP_TIMEOUT) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    With ``ssl_context`` the connection is HTTPS (the context says which CA to trust).
+    """
+
+    def __init__(self, port: int, timeout: float = HTTP_TIMEOUT, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ssl_context)
+                     if ssl_context is not None else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout))
         self.buf = bytearray(CHUNK)
 
     def close(self) -> None:
         self.conn.close()
 
     def get(self, path: str, headers: dict[str, str] | None = None, *, expect_size: int | None = None,
-            keep: bool = False) -> tuple[int, float, bytes]:
-        """GET ``path``; returns (body bytes, seconds to the first body byte, body if ``keep``)."""
+            expect_digest: str | None = None, keep: bool = False) -> tuple[int, float, bytes]:
+        """GET ``path``; returns (body bytes, seconds to the first body byte, body if ``keep``).
+
+        With ``expect_digest`` (``sha256:<hex>``) every chunk is hashed as it is read, like a
+        real client (docker, containerd) verifies a blob, and a mismatch raises.
+        """
         t0 = time.perf_counter()
         self.conn.request("GET", path, headers=headers or {})
         resp = self.conn.getresponse()
@@ -304,18 +313,27 @@ class Client:
             raise BenchError(f"GET {path} -> {resp.status}: {body[:200]!r}")
         if keep:
             body = resp.read()
+            if expect_digest is not None and images.sha256_digest(body) != expect_digest:
+                raise BenchError(f"GET {path}: body does not match {expect_digest}")
             return len(body), time.perf_counter() - t0, body
         view = memoryview(self.buf)
         n = resp.readinto(view[:1])  # the first byte alone, for the time to first byte
         ttfb = time.perf_counter() - t0
+        sha = hashlib.sha256() if expect_digest is not None else None
+        if sha is not None:
+            sha.update(view[:n])
         total = n
         for _ in range(1 << 30):  # bounded by the body's length; each read is <= 1 MiB
             n = resp.readinto(view)
             if not n:
                 break
+            if sha is not None:
+                sha.update(view[:n])
             total += n
         if expect_size is not None and total != expect_size:
             raise BenchError(f"GET {path}: {total} bytes, expected {expect_size}")
+        if sha is not None and f"sha256:{sha.hexdigest()}" != expect_digest:
+            raise BenchError(f"GET {path}: body does not hash to {expect_digest}")
         return total, ttfb, b""
 
 
@@ -334,38 +352,48 @@ def store_blob_path(digest: str) -> str:
 
 
 def pull(port: int, image: Image, *, parallel: int = 1, registry: bool = True,
-         path_for: Callable[[str], str] | None = None) -> dict[str, float]:
+         path_for: Callable[[str], str] | None = None, verify: bool = False,
+         ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
     """Pull ``image``: manifest by tag, config, layers (``parallel`` connections).
 
     ``registry=False`` skips manifest and config (for nginx, which only has files).
-    Returns wall seconds, MB/s of layer bytes, and the first layer's time to first byte.
+    ``verify`` hashes every body as it is read and checks it against its digest (the
+    manifest's against the upstream's, the config's and the layers' against the
+    manifest's descriptors), as a real client does; otherwise only lengths are checked.
+    ``ssl_context``: pull over HTTPS, trusting what the context trusts.
+    Returns wall seconds, MB/s of layer bytes, the first layer's time to first byte,
+    and (sequential pulls) the CPU seconds the client's thread spent per GB of layers.
     """
     path_for = path_for or (lambda d: blob_path(image, d))
     t0 = time.perf_counter()
-    client = Client(port)
+    cpu0 = time.thread_time()
+    client = Client(port, ssl_context=ssl_context)
     try:
         layers = list(image.layers)
         if registry:
-            _, _, body = client.get(manifest_path(image), {"Accept": ACCEPT}, keep=True)
+            _, _, body = client.get(manifest_path(image), {"Accept": ACCEPT}, keep=True,
+                                    expect_digest=image.manifest_digest if verify else None)
             doc = json.loads(body)
             got = [(layer["digest"], int(layer["size"])) for layer in doc["layers"]]
             if got != layers:
                 raise BenchError(f"{image.repo}: manifest layers differ from the upstream's")
-            client.get(path_for(doc["config"]["digest"]), expect_size=int(doc["config"]["size"]))
+            client.get(path_for(doc["config"]["digest"]), expect_size=int(doc["config"]["size"]),
+                       expect_digest=doc["config"]["digest"] if verify else None)
         ttfbs: dict[str, float] = {}
         if parallel <= 1:
             for digest, size in layers:
-                _, ttfb, _ = client.get(path_for(digest), expect_size=size)
+                _, ttfb, _ = client.get(path_for(digest), expect_size=size, expect_digest=digest if verify else None)
                 ttfbs[digest] = ttfb
         else:
             errors: list[BaseException] = []
             lock = threading.Lock()
 
             def worker(part: list[tuple[str, int]]) -> None:
-                c = Client(port)
+                c = Client(port, ssl_context=ssl_context)
                 try:
                     for digest, size in part:
-                        _, ttfb, _ = c.get(path_for(digest), expect_size=size)
+                        _, ttfb, _ = c.get(path_for(digest), expect_size=size,
+                                           expect_digest=digest if verify else None)
                         with lock:
                             ttfbs[digest] = ttfb
                 except BaseException as e:
@@ -386,7 +414,11 @@ def pull(port: int, image: Image, *, parallel: int = 1, registry: bool = True,
     finally:
         client.close()
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "mb_s": image.layer_bytes / wall / 1e6, "ttfb_first_layer_ms": ttfbs[layers[0][0]] * 1e3}
+    out: dict[str, Any] = {"wall_s": wall, "mb_s": image.layer_bytes / wall / 1e6,
+                           "ttfb_first_layer_ms": ttfbs[layers[0][0]] * 1e3, "verified": verify}
+    if parallel <= 1:  # one thread did all the work
+        out["client_cpu_s_per_gb"] = (time.thread_time() - cpu0) / (image.layer_bytes / 1e9)
+    return out
 
 
 def fan_in(port: int, image: Image, clients: int) -> dict[str, float]:
@@ -720,6 +752,70 @@ class RssWatch:
 
 
 # --------------------------------------------------------------------------------------
+# CPU time
+# --------------------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3, the state, is [0])."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    return data[data.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+
+
+def tree_cpu_s(pid: int) -> tuple[float, int]:
+    """CPU seconds (user + system) used so far by ``pid`` and every process below it.
+
+    For each process of the tree (found through the parent PIDs of /proc/*/stat): utime +
+    stime, which count all its threads, plus cutime + cstime, which count the children it
+    has already reaped (so a worker that exits between two readings is not lost).
+    Returns (seconds, number of processes counted).
+    """
+    stats: dict[int, list[str]] = {}
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks, counted, todo = 0, set[int](), [pid]
+    for _ in range(len(stats) + 1):  # a tree has at most that many members
+        if not todo:
+            break
+        p = todo.pop()
+        if p in counted or p not in stats:
+            continue
+        counted.add(p)
+        ticks += sum(int(x) for x in stats[p][11:15])  # utime stime cutime cstime: fields 14-17
+        todo += children.get(p, [])
+    return ticks / CLK_TCK, len(counted)
+
+
+class CpuWatch:
+    """CPU seconds used by a process tree between ``__enter__`` and ``__exit__``."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.cpu_s: float | None = None
+        self.procs = 0
+
+    def __enter__(self) -> CpuWatch:
+        self._start = tree_cpu_s(self.pid)[0] if self.pid is not None else 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid is not None:
+            end, self.procs = tree_cpu_s(self.pid)
+            self.cpu_s = end - self._start if self.procs else None  # None: the process is gone
+
+    def per_gb(self, nbytes: int) -> float | None:
+        return None if self.cpu_s is None else self.cpu_s / (nbytes / 1e9)
+
+
+# --------------------------------------------------------------------------------------
 # upstream access log
 # --------------------------------------------------------------------------------------
 
@@ -871,6 +967,40 @@ class Options:
     quiet_wait: float
 
 
+def measured_cold_pull(server: Server, image: Image, upstream: DistributionRegistry, *, verify: bool) -> dict[str, Any]:
+    """A sequential pull of ``image`` from ``server`` and the wait until its store holds it,
+    with the CPU time the server (its whole process tree) and the upstream used meanwhile."""
+    with CpuWatch(server.pid) as cpu, CpuWatch(upstream.pid) as up_cpu:
+        r = pull(server.port, image, verify=verify)
+        r["cache_complete_after_s"] = wait_cached(server, image)
+    r.update({"server_cpu_s": cpu.cpu_s, "server_cpu_s_per_gb": cpu.per_gb(image.layer_bytes),
+              "server_processes": cpu.procs, "upstream_cpu_s_per_gb": up_cpu.per_gb(image.layer_bytes)})
+    return r
+
+
+def direct_pull(upstream: DistributionRegistry, image: Image, *, verify: bool = False,
+                ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """A sequential pull of ``image`` straight from ``upstream``, with the upstream's CPU time."""
+    with CpuWatch(upstream.pid) as up_cpu:
+        r = pull(upstream.port, image, verify=verify, ssl_context=ssl_context)
+    r["upstream_cpu_s_per_gb"] = up_cpu.per_gb(image.layer_bytes)
+    return r
+
+
+def fresh_cold_pull(server: Server, image: Image, upstream: DistributionRegistry, opts: Options, run_no: int,
+                    name: str, *, verify: bool, spy_out: Path | None = None) -> dict[str, Any]:
+    """Start ``server`` on an empty store and measure one cold pull (:func:`measured_cold_pull`);
+    the result carries the peak RSS meanwhile as ``rss_mib``."""
+    opts.deadline.check(f"{server.name} {name}")
+    settle()
+    with running(server):
+        log(f"run {run_no} {server.name}: {name}")
+        with RssWatch(server.pid) as w, py_spy(server.pid, spy_out):
+            r = measured_cold_pull(server, image, upstream, verify=verify)
+    r["rss_mib"] = w.peak_mib
+    return r
+
+
 def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionRegistry, opts: Options,
                  run_no: int, scratch: Path) -> dict[str, Any]:
     """All phases for one server, on fresh stores."""
@@ -893,8 +1023,7 @@ def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionR
     with running(server):
         phase("cold pull A")
         with RssWatch(server.pid) as w, py_spy(server.pid, spy("cold")):
-            r["cold"] = pull(server.port, a)
-            r["cold"]["cache_complete_after_s"] = wait_cached(server, a)
+            r["cold"] = measured_cold_pull(server, a, upstream, verify=False)
         rss["cold"] = w.peak_mib
 
         phase("warm pull A")
@@ -929,6 +1058,11 @@ def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionR
                 r[key]["upstream_requests"] = len(upstream.access_log(mark))
                 r[key]["upstream_v2_pings"] = sum(1 for e in upstream.access_log(mark) if e.path in ("/v2/", "/v2"))
         rss["wrk"] = w.peak_mib
+
+    r["cold_verified"] = fresh_cold_pull(server, a, upstream, opts, run_no,
+                                         "cold pull A, client-verified (fresh store)", verify=True,
+                                         spy_out=spy("cold_verified"))
+    rss["cold_verified"] = r["cold_verified"].pop("rss_mib")
 
     phase_name = "cold pull A, 3 layers in parallel (fresh store)"
     opts.deadline.check(phase_name)
@@ -1026,7 +1160,8 @@ def one_run(run_no: int, servers: list[Server], imgs: dict[str, Image], upstream
                            "loadavg_start": os.getloadavg(), **quiet}
     settle()
     log(f"run {run_no}: direct pull from the upstream")
-    out["upstream_direct"] = pull(upstream.port, imgs["a"])
+    out["upstream_direct"] = direct_pull(upstream, imgs["a"])
+    out["upstream_direct_verified"] = direct_pull(upstream, imgs["a"], verify=True)
     out["upstream_direct_par3"] = pull(upstream.port, imgs["a"], parallel=3)
     c = imgs["c"]
     out["upstream_wrk_digest"] = run_wrk(f"{upstream.url}/v2/{c.repo}/manifests/{c.manifest_digest}", scratch,
@@ -1050,6 +1185,13 @@ METRICS: list[tuple[str, str, tuple[str, ...], bool]] = [
     ("cold_ttfb", "cold pull A: TTFB of first layer, ms", ("cold", "ttfb_first_layer_ms"), False),
     ("cold_settle", "cold pull A: s until the cache holds A after the client is done",
      ("cold", "cache_complete_after_s"), False),
+    ("cold_cpu_gb", "cold pull A: server CPU-s per GB (its process tree, until the cache holds A)",
+     ("cold", "server_cpu_s_per_gb"), False),
+    ("cold_verified_mbs", "cold pull A, client-verified (fresh store): MB/s", ("cold_verified", "mb_s"), True),
+    ("cold_verified_ttfb", "cold pull A, client-verified: TTFB of first layer, ms",
+     ("cold_verified", "ttfb_first_layer_ms"), False),
+    ("cold_verified_cpu_gb", "cold pull A, client-verified: server CPU-s per GB",
+     ("cold_verified", "server_cpu_s_per_gb"), False),
     ("cold_par3_mbs", "cold pull A, 3 layers in parallel: MB/s", ("cold_par3", "mb_s"), True),
     ("warm_mbs", "warm pull A, sequential: MB/s", ("warm", "mb_s"), True),
     ("warm_par3_mbs", "warm pull A, 3 layers in parallel: MB/s", ("warm_par3", "mb_s"), True),
@@ -1071,6 +1213,7 @@ METRICS: list[tuple[str, str, tuple[str, ...], bool]] = [
     ("digest_upstream", "manifest by digest: upstream requests during it (all kinds)",
      ("wrk_digest", "upstream_requests"), False),
     ("rss_cold", "peak RSS, cold pull A: MiB", ("rss_mib", "cold"), False),
+    ("rss_cold_verified", "peak RSS, cold pull A, client-verified: MiB", ("rss_mib", "cold_verified"), False),
     ("rss_cold_par3", "peak RSS, cold pull A, 3 in parallel: MiB", ("rss_mib", "cold_par3"), False),
     ("rss_warm", "peak RSS, warm pull A: MiB", ("rss_mib", "warm"), False),
     ("rss_fanin_b", "peak RSS, fan-in B: MiB", ("rss_mib", "fanin_b"), False),
@@ -1081,6 +1224,11 @@ METRICS: list[tuple[str, str, tuple[str, ...], bool]] = [
 
 REFERENCES: list[tuple[str, str, tuple[str, ...]]] = [
     ("upstream_mbs", "upstream Distribution direct, sequential: MB/s", ("upstream_direct", "mb_s")),
+    ("upstream_verified_mbs", "upstream Distribution direct, client-verified (sha256 as it reads), sequential: MB/s",
+     ("upstream_direct_verified", "mb_s")),
+    ("upstream_client_cpu", "client CPU-s per GB, direct pull: unverified", ("upstream_direct", "client_cpu_s_per_gb")),
+    ("upstream_verified_client_cpu", "client CPU-s per GB, direct pull: client-verified",
+     ("upstream_direct_verified", "client_cpu_s_per_gb")),
     ("upstream_par3_mbs", "upstream Distribution direct, 3 in parallel: MB/s", ("upstream_direct_par3", "mb_s")),
     ("upstream_ttfb", "upstream Distribution direct: TTFB of first layer, ms", ("upstream_direct", "ttfb_first_layer_ms")),
     ("nginx_mbs", "nginx sendfile on the mirror's store, sequential: MB/s", ("mirror", "nginx", "mb_s")),
@@ -1141,6 +1289,15 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
     rd = _per_run_ratio(runs, ("distribution", "cold", "mb_s"), ("upstream_direct", "mb_s"))
     add("cold pull within 10% of a direct pull from the upstream",
         f"mirror cold = {fmt(r)} x direct (Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.9)
+    r = _per_run_ratio(runs, ("mirror", "cold_verified", "mb_s"), ("upstream_direct_verified", "mb_s"))
+    rd = _per_run_ratio(runs, ("distribution", "cold_verified", "mb_s"), ("upstream_direct_verified", "mb_s"))
+    add("cold pull >= 0.6 x a direct client-verified pull (plain-HTTP upstream; both clients verify)",
+        f"mirror cold = {fmt(r)} x direct ({fmt(m['cold_verified_mbs']['mirror'])} MB/s; "
+        f"Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.6)
+    c, cv = m["cold_cpu_gb"], m["cold_verified_cpu_gb"]
+    add("mirror CPU-s per cold GB <= 1.3 (plain-HTTP upstream)",
+        f"{fmt(c['mirror'])} (client-verified pull: {fmt(cv['mirror'])}; Distribution proxy {fmt(c['distribution'])})",
+        None if c["mirror"] is None else c["mirror"] <= 1.3)
     gets = [v for key in ("fanin_b", "fanin_a") for run in runs
             for v in (dig(run, ("mirror", key, "blob_gets_min")), dig(run, ("mirror", key, "blob_gets_max")))
             if v is not None]
