@@ -1163,6 +1163,13 @@ def one_run(run_no: int, servers: list[Server], imgs: dict[str, Image], upstream
     out["upstream_direct"] = direct_pull(upstream, imgs["a"])
     out["upstream_direct_verified"] = direct_pull(upstream, imgs["a"], verify=True)
     out["upstream_direct_par3"] = pull(upstream.port, imgs["a"], parallel=3)
+    log(f"run {run_no}: fan-in B straight from the upstream ({FANIN_CLIENTS} clients)")
+    out["upstream_fanin_b"] = fan_in(upstream.port, imgs["b"], FANIN_CLIENTS)
+    if opts.fanin_a:
+        opts.deadline.check("direct fan-in A")
+        settle()
+        log(f"run {run_no}: fan-in A straight from the upstream ({FANIN_CLIENTS} clients)")
+        out["upstream_fanin_a"] = fan_in(upstream.port, imgs["a"], FANIN_CLIENTS)
     c = imgs["c"]
     out["upstream_wrk_digest"] = run_wrk(f"{upstream.url}/v2/{c.repo}/manifests/{c.manifest_digest}", scratch,
                                          opts.wrk_seconds)
@@ -1231,6 +1238,8 @@ REFERENCES: list[tuple[str, str, tuple[str, ...]]] = [
      ("upstream_direct_verified", "client_cpu_s_per_gb")),
     ("upstream_par3_mbs", "upstream Distribution direct, 3 in parallel: MB/s", ("upstream_direct_par3", "mb_s")),
     ("upstream_ttfb", "upstream Distribution direct: TTFB of first layer, ms", ("upstream_direct", "ttfb_first_layer_ms")),
+    ("upstream_fanin_b_wall", "upstream Distribution direct: fan-in B, 20 clients: wall s", ("upstream_fanin_b", "wall_s")),
+    ("upstream_fanin_a_wall", "upstream Distribution direct: fan-in A, 20 clients: wall s", ("upstream_fanin_a", "wall_s")),
     ("nginx_mbs", "nginx sendfile on the mirror's store, sequential: MB/s", ("mirror", "nginx", "mb_s")),
     ("upstream_digest_rps", "upstream Distribution (not a proxy): manifest by digest, 16 conns: req/s",
      ("upstream_wrk_digest", "rps")),
@@ -1307,6 +1316,13 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
         f"mirror min {fmt(min(gets)) if gets else '–'}, max {fmt(max(gets)) if gets else '–'} over all fan-ins "
         f"(Distribution proxy, fan-in B mean: {fmt(statistics.median(dgets)) if dgets else '–'})",
         None if not gets else min(gets) == max(gets) == 1)
+    rb = _per_run_ratio(runs, ("mirror", "fanin_b", "wall_s"), ("upstream_fanin_b", "wall_s"))
+    ra = _per_run_ratio(runs, ("mirror", "fanin_a", "wall_s"), ("upstream_fanin_a", "wall_s"))
+    rdb = _per_run_ratio(runs, ("distribution", "fanin_b", "wall_s"), ("upstream_fanin_b", "wall_s"))
+    fan = [x for x in (rb, ra) if x is not None]
+    add("fan-in wall time no slower than the same 20 clients pulling the same image straight from the upstream",
+        f"mirror / direct: B {fmt(rb)} x, A {fmt(ra)} x (Distribution proxy, B: {fmt(rdb)} x)",
+        None if not fan else max(fan) <= 1)
     rss = [v for run in runs for v in (dig(run, ("mirror", "rss_mib", "fanin_a")),) if v is not None]
     add("peak RSS <= 150 MiB while 20 clients pull 256 MiB layers",
         f"max {fmt(max(rss)) if rss else '–'} MiB over runs (median {fmt(m['rss_fanin_a']['mirror'])}; "
