@@ -77,7 +77,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,8 +254,13 @@ class Image:
         return sum(size for _, size in self.layers)
 
 
-def seed_upstream(upstream: DistributionRegistry, workdir: Path, sizes: dict[str, Sequence[int]]) -> dict[str, Image]:
-    """Build the images in an OCI layout under ``workdir``, push them, read them back."""
+def seed_upstream(upstream: DistributionRegistry, workdir: Path, sizes: dict[str, Sequence[int]],
+                  tls_upstream: DistributionRegistry | None = None) -> tuple[dict[str, Image], Image | None]:
+    """Build the images in an OCI layout under ``workdir``, push them, read them back.
+
+    With ``tls_upstream`` (an HTTPS registry) image A is pushed there too, skopeo
+    verifying its certificate against the registry's CA; returns (images, A there).
+    """
     layout_dir = workdir / "layout"
     layout = images.OciLayout(layout_dir)
     for key, layer_sizes in sizes.items():
@@ -263,21 +268,33 @@ def seed_upstream(upstream: DistributionRegistry, workdir: Path, sizes: dict[str
         add_random_image(layout, key, layer_sizes)
         log(f"generated image {key}: {len(layer_sizes)} layers, {sum(layer_sizes) / MIB:.0f} MiB "
             f"in {time.monotonic() - t0:.1f}s")
-    out: dict[str, Image] = {}
-    client = upstream.client()
-    for key in sizes:
-        t0 = time.monotonic()
-        images.push(layout_dir, key, upstream.host_port, f"bench/{key}", "latest", fmt="v2s2", timeout=900)
-        log(f"pushed bench/{key}:latest in {time.monotonic() - t0:.1f}s")
-        resp = client.get_manifest(f"bench/{key}", "latest")
-        if resp.status != 200:
-            raise BenchError(f"upstream GET manifest bench/{key}:latest -> {resp.status}")
-        doc = json.loads(resp.body)
-        out[key] = Image(f"bench/{key}", "latest", images.sha256_digest(resp.body),
-                         (doc["config"]["digest"], int(doc["config"]["size"])),
-                         tuple((layer["digest"], int(layer["size"])) for layer in doc["layers"]))
-    proc_util.remove_tree(layout_dir)  # the upstream has its own copy
-    return out
+    out = {key: push_image(upstream, layout_dir, key) for key in sizes}
+    tls_a = None
+    if tls_upstream is not None:
+        assert tls_upstream.ca_cert_path is not None
+        cert_dir = workdir / "tls-upstream-certs"  # skopeo's --dest-cert-dir: *.crt are CAs
+        cert_dir.mkdir()
+        shutil.copyfile(tls_upstream.ca_cert_path, cert_dir / "ca.crt")
+        tls_a = push_image(tls_upstream, layout_dir, "a", cert_dir=cert_dir)
+        if tls_a.layers != out["a"].layers or tls_a.config != out["a"].config:
+            raise BenchError("image A differs between the two upstreams")
+    proc_util.remove_tree(layout_dir)  # the upstreams have their own copies
+    return out, tls_a
+
+
+def push_image(upstream: DistributionRegistry, layout_dir: Path, key: str, cert_dir: Path | None = None) -> Image:
+    """Push ``key`` from the layout as ``bench/<key>:latest`` and read its manifest back."""
+    t0 = time.monotonic()
+    images.push(layout_dir, key, upstream.host_port, f"bench/{key}", "latest", fmt="v2s2", timeout=900,
+                tls_verify=cert_dir is not None, cert_dir=cert_dir)
+    log(f"pushed bench/{key}:latest to {upstream.url} in {time.monotonic() - t0:.1f}s")
+    resp = upstream.client().get_manifest(f"bench/{key}", "latest")
+    if resp.status != 200:
+        raise BenchError(f"upstream GET manifest bench/{key}:latest -> {resp.status}")
+    doc = json.loads(resp.body)
+    return Image(f"bench/{key}", "latest", images.sha256_digest(resp.body),
+                 (doc["config"]["digest"], int(doc["config"]["size"])),
+                 tuple((layer["digest"], int(layer["size"])) for layer in doc["layers"]))
 
 
 # --------------------------------------------------------------------------------------
@@ -463,8 +480,8 @@ def fan_in(port: int, image: Image, clients: int) -> dict[str, float]:
 class ProxyRegistry(DistributionRegistry):
     """Distribution as a pull-through cache (``proxy.remoteurl``) with its own storage."""
 
-    def __init__(self, workdir: Path, remote_url: str) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, remote_url: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(workdir, env=env)
         self.remote_url = remote_url
 
     def config(self) -> dict[str, object]:
@@ -476,7 +493,7 @@ class ProxyRegistry(DistributionRegistry):
 class Server:
     """A server under test, started fresh (empty store) by :meth:`start`."""
 
-    name = ""
+    name = ""  # its key in the results
     label = ""
 
     def __init__(self, root: Path, upstream: DistributionRegistry) -> None:
@@ -484,6 +501,11 @@ class Server:
         self.upstream = upstream
         self.generation = 0
         self.workdir: Path | None = None
+
+    @property
+    def title(self) -> str:
+        """Its name in the log (and its work dirs'): the name, and which upstream if HTTPS."""
+        return f"{self.name}-https" if self.upstream.tls else self.name
 
     @property
     def pid(self) -> int: ...
@@ -501,7 +523,7 @@ class Server:
 
     def new_workdir(self) -> Path:
         self.generation += 1
-        self.workdir = self.root / f"{self.name}-{self.generation}"
+        self.workdir = self.root / f"{self.title}-{self.generation}"
         self.workdir.mkdir(parents=True)
         return self.workdir
 
@@ -537,7 +559,8 @@ class MirrorServer(Server):
     """``twistd -n mirror`` run from ``src`` (a ``git archive`` of one commit, or the checkout).
 
     The config is the shipped defaults plus the listen address, the store's path and one
-    upstream ``docker.io`` whose ``url`` is the upstream Distribution.
+    upstream ``docker.io`` whose ``url`` is the upstream Distribution (for an HTTPS
+    upstream, with ``ca_file`` its CA certificate).
     """
 
     name = "mirror"
@@ -553,8 +576,11 @@ class MirrorServer(Server):
         CODE_SEEN.add(mirror_code_hash(self.src))  # the checkout may change under a long run
         w = self.new_workdir()
         self._port = free_port()
+        upstream: dict[str, str] = {"registry": "docker.io", "url": self.upstream.url}
+        if self.upstream.ca_cert_path is not None:
+            upstream["ca_file"] = str(self.upstream.ca_cert_path)
         config = {"listen": f"tcp:{self._port}:interface=127.0.0.1", "storage": {"root": str(w / "store")},
-                  "upstreams": [{"registry": "docker.io", "url": self.upstream.url}]}
+                  "upstreams": [upstream]}
         (w / "mirror.yaml").write_text(json.dumps(config, indent=1))  # JSON is YAML
         argv = [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(w / "mirror.log"), "mirror",
                 "--config", str(w / "mirror.yaml")]
@@ -655,7 +681,10 @@ class DistributionProxyServer(Server):
         self.reg: ProxyRegistry | None = None
 
     def start(self) -> None:
-        self.reg = ProxyRegistry(self.new_workdir(), self.upstream.url)
+        env = None
+        if self.upstream.ca_cert_path is not None:  # Go on Linux reads extra roots from SSL_CERT_FILE
+            env = {**os.environ, "SSL_CERT_FILE": str(self.upstream.ca_cert_path)}
+        self.reg = ProxyRegistry(self.new_workdir(), self.upstream.url, env)
         self.reg.start()
 
     def stop(self) -> None:
@@ -685,7 +714,7 @@ class DistributionProxyServer(Server):
 @contextmanager
 def running(server: Server) -> Iterator[Server]:
     """A fresh instance of ``server`` (empty store), stopped and wiped afterwards."""
-    remove = REAPER.add(server.name, server.stop)
+    remove = REAPER.add(server.title, server.stop)
     try:
         server.start()
         yield server
@@ -961,6 +990,7 @@ class Options:
     runs: int
     quick: bool
     fanin_a: bool
+    https: bool
     wrk_seconds: int
     spy_dir: Path | None
     deadline: Deadline
@@ -991,10 +1021,10 @@ def fresh_cold_pull(server: Server, image: Image, upstream: DistributionRegistry
                     name: str, *, verify: bool, spy_out: Path | None = None) -> dict[str, Any]:
     """Start ``server`` on an empty store and measure one cold pull (:func:`measured_cold_pull`);
     the result carries the peak RSS meanwhile as ``rss_mib``."""
-    opts.deadline.check(f"{server.name} {name}")
+    opts.deadline.check(f"{server.title} {name}")
     settle()
     with running(server):
-        log(f"run {run_no} {server.name}: {name}")
+        log(f"run {run_no} {server.title}: {name}")
         with RssWatch(server.pid) as w, py_spy(server.pid, spy_out):
             r = measured_cold_pull(server, image, upstream, verify=verify)
     r["rss_mib"] = w.peak_mib
@@ -1091,6 +1121,39 @@ def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionR
     return r
 
 
+@dataclass
+class HttpsSetup:
+    """The HTTPS upstream (Distribution with a certificate made at start), image A on it,
+    the servers in front of it, and an SSL context that trusts it (for direct pulls)."""
+
+    upstream: DistributionRegistry
+    image: Image
+    servers: list[Server]
+    context: ssl.SSLContext
+
+
+def bench_https(run_no: int, https: HttpsSetup, opts: Options, out: dict[str, Any]) -> None:
+    """The HTTPS-upstream phases of one run, into ``out``: the direct pulls of A from the
+    upstream (``https_upstream_direct*``), then per server, each on a fresh store, a cold
+    pull of A with the verifying client and one without (``<server>.https_cold*``)."""
+    up, a = https.upstream, https.image
+    opts.deadline.check("the HTTPS phase")
+    settle()
+    log(f"run {run_no}: direct pull from the HTTPS upstream")
+    out["https_upstream_direct"] = direct_pull(up, a, ssl_context=https.context)
+    out["https_upstream_direct_verified"] = direct_pull(up, a, verify=True, ssl_context=https.context)
+    order = https.servers if run_no % 2 == 1 else list(reversed(https.servers))
+    for server in order:
+        r = out.setdefault(server.name, {})
+        rss = r.setdefault("rss_mib", {})
+        for key, verify, what in (("https_cold_verified", True, "client-verified"),
+                                  ("https_cold", False, "unverified client")):
+            r[key] = fresh_cold_pull(server, a, up, opts, run_no, f"cold pull A from the HTTPS upstream, {what} "
+                                     "(fresh store)", verify=verify)
+            rss[key] = r[key].pop("rss_mib")
+        rss["max"] = max(rss.values())
+
+
 def cpu_busy(interval: float = 2.0) -> float:
     """Fraction of the machine's CPU time that was busy over ``interval`` seconds (/proc/stat)."""
     def sample() -> tuple[int, int]:
@@ -1153,7 +1216,7 @@ def wait_cached(server: Server, image: Image, timeout: float = 180.0) -> float:
 
 
 def one_run(run_no: int, servers: list[Server], imgs: dict[str, Image], upstream: DistributionRegistry,
-            opts: Options, scratch: Path) -> dict[str, Any]:
+            opts: Options, scratch: Path, https: HttpsSetup | None) -> dict[str, Any]:
     opts.deadline.check(f"run {run_no}")
     quiet = wait_quiet(opts) if opts.quiet_wait > 0 else {"cpu_busy_at_start": cpu_busy(1.0)}
     out: dict[str, Any] = {"run": run_no, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -1177,6 +1240,8 @@ def one_run(run_no: int, servers: list[Server], imgs: dict[str, Image], upstream
     order = servers if run_no % 2 == 1 else list(reversed(servers))
     for server in order:
         out[server.name] = bench_server(server, imgs, upstream, opts, run_no, scratch)
+    if https is not None:
+        bench_https(run_no, https, opts, out)
     out["loadavg_end"] = os.getloadavg()
     return out
 
@@ -1220,7 +1285,18 @@ METRICS: list[tuple[str, str, tuple[str, ...], bool]] = [
     ("digest_upstream", "manifest by digest: upstream requests during it (all kinds)",
      ("wrk_digest", "upstream_requests"), False),
     ("rss_cold", "peak RSS, cold pull A: MiB", ("rss_mib", "cold"), False),
+    ("https_cold_verified_mbs", "HTTPS upstream: cold pull A, client-verified (fresh store): MB/s",
+     ("https_cold_verified", "mb_s"), True),
+    ("https_cold_verified_ttfb", "HTTPS upstream: cold pull A, client-verified: TTFB of first layer, ms",
+     ("https_cold_verified", "ttfb_first_layer_ms"), False),
+    ("https_cold_verified_cpu_gb", "HTTPS upstream: cold pull A, client-verified: server CPU-s per GB",
+     ("https_cold_verified", "server_cpu_s_per_gb"), False),
+    ("https_cold_mbs", "HTTPS upstream: cold pull A, unverified client (fresh store): MB/s", ("https_cold", "mb_s"), True),
+    ("https_cold_cpu_gb", "HTTPS upstream: cold pull A, unverified client: server CPU-s per GB",
+     ("https_cold", "server_cpu_s_per_gb"), False),
     ("rss_cold_verified", "peak RSS, cold pull A, client-verified: MiB", ("rss_mib", "cold_verified"), False),
+    ("rss_https_cold_verified", "peak RSS, HTTPS upstream: cold pull A, client-verified: MiB",
+     ("rss_mib", "https_cold_verified"), False),
     ("rss_cold_par3", "peak RSS, cold pull A, 3 in parallel: MiB", ("rss_mib", "cold_par3"), False),
     ("rss_warm", "peak RSS, warm pull A: MiB", ("rss_mib", "warm"), False),
     ("rss_fanin_b", "peak RSS, fan-in B: MiB", ("rss_mib", "fanin_b"), False),
@@ -1240,6 +1316,13 @@ REFERENCES: list[tuple[str, str, tuple[str, ...]]] = [
     ("upstream_ttfb", "upstream Distribution direct: TTFB of first layer, ms", ("upstream_direct", "ttfb_first_layer_ms")),
     ("upstream_fanin_b_wall", "upstream Distribution direct: fan-in B, 20 clients: wall s", ("upstream_fanin_b", "wall_s")),
     ("upstream_fanin_a_wall", "upstream Distribution direct: fan-in A, 20 clients: wall s", ("upstream_fanin_a", "wall_s")),
+    ("https_upstream_mbs", "HTTPS upstream Distribution direct, sequential: MB/s", ("https_upstream_direct", "mb_s")),
+    ("https_upstream_verified_mbs", "HTTPS upstream Distribution direct, client-verified, sequential: MB/s",
+     ("https_upstream_direct_verified", "mb_s")),
+    ("https_upstream_ttfb", "HTTPS upstream Distribution direct, client-verified: TTFB of first layer, ms",
+     ("https_upstream_direct_verified", "ttfb_first_layer_ms")),
+    ("https_upstream_verified_client_cpu", "client CPU-s per GB, direct pull from the HTTPS upstream: client-verified",
+     ("https_upstream_direct_verified", "client_cpu_s_per_gb")),
     ("nginx_mbs", "nginx sendfile on the mirror's store, sequential: MB/s", ("mirror", "nginx", "mb_s")),
     ("upstream_digest_rps", "upstream Distribution (not a proxy): manifest by digest, 16 conns: req/s",
      ("upstream_wrk_digest", "rps")),
@@ -1303,10 +1386,27 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
     add("cold pull >= 0.6 x a direct client-verified pull (plain-HTTP upstream; both clients verify)",
         f"mirror cold = {fmt(r)} x direct ({fmt(m['cold_verified_mbs']['mirror'])} MB/s; "
         f"Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.6)
+    r = _per_run_ratio(runs, ("mirror", "https_cold_verified", "mb_s"), ("https_upstream_direct_verified", "mb_s"))
+    rd = _per_run_ratio(runs, ("distribution", "https_cold_verified", "mb_s"),
+                        ("https_upstream_direct_verified", "mb_s"))
+    if r is not None or rd is not None:
+        add("cold pull >= 0.6 x a direct client-verified pull (HTTPS upstream; both clients verify)",
+            f"mirror cold = {fmt(r)} x direct ({fmt(m['https_cold_verified_mbs']['mirror'])} MB/s; "
+            f"Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.6)
     c, cv = m["cold_cpu_gb"], m["cold_verified_cpu_gb"]
     add("mirror CPU-s per cold GB <= 1.3 (plain-HTTP upstream)",
         f"{fmt(c['mirror'])} (client-verified pull: {fmt(cv['mirror'])}; Distribution proxy {fmt(c['distribution'])})",
         None if c["mirror"] is None else c["mirror"] <= 1.3)
+    c, cv = m["https_cold_cpu_gb"], m["https_cold_verified_cpu_gb"]
+    if c["mirror"] is not None or cv["mirror"] is not None:
+        add("mirror CPU-s per cold GB <= 1.3 (HTTPS upstream: TLS decryption included)",
+            f"{fmt(c['mirror'])} (client-verified pull: {fmt(cv['mirror'])}; "
+            f"Distribution proxy {fmt(c['distribution'])})", None if c["mirror"] is None else c["mirror"] <= 1.3)
+    add("time to first byte of a cold pull unchanged (judge against an earlier recorded run)",
+        f"mirror {fmt(m['cold_ttfb']['mirror'])} ms, client-verified {fmt(m['cold_verified_ttfb']['mirror'])} ms, "
+        f"HTTPS upstream {fmt(m['https_cold_verified_ttfb']['mirror'])} ms (direct from the upstream: "
+        f"{fmt(summary['references']['upstream_ttfb']['median'])} ms, HTTPS "
+        f"{fmt(summary['references']['https_upstream_ttfb']['median'])} ms)", None)
     gets = [v for key in ("fanin_b", "fanin_a") for run in runs
             for v in (dig(run, ("mirror", key, "blob_gets_min")), dig(run, ("mirror", key, "blob_gets_max")))
             if v is not None]
@@ -1408,6 +1508,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small images (3 x 32 MiB, 30 x 1 MiB) for a dry run")
     p.add_argument("--no-fanin-a", dest="fanin_a", action="store_false",
                    help="skip the 20-client fan-in of image A (the slowest phase)")
+    p.add_argument("--no-https", dest="https", action="store_false",
+                   help="skip the HTTPS-upstream phase (a second upstream with TLS, image A pushed to it)")
     p.add_argument("--wrk-seconds", type=int, default=None, help="duration of each wrk run (default 10, quick 3)")
     p.add_argument("--max-minutes", type=float, default=40.0,
                    help="time budget; phases not started by then are skipped (default 40)")
@@ -1449,7 +1551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes: dict[str, Sequence[int]] = (
         {"a": [32 * MIB] * 3, "b": [1 * MIB] * 30, "c": [64]} if args.quick else
         {"a": [256 * MIB] * 3, "b": [4 * MIB] * 30, "c": [64]})
-    opts = Options(runs=args.runs, quick=args.quick, fanin_a=args.fanin_a,
+    opts = Options(runs=args.runs, quick=args.quick, fanin_a=args.fanin_a, https=args.https,
                    wrk_seconds=args.wrk_seconds or (3 if args.quick else 10),
                    spy_dir=args.spy_dir.resolve() if args.spy_dir else None, deadline=Deadline(args.max_minutes),
                    quiet_wait=args.quiet_wait)
@@ -1469,10 +1571,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     REAPER.add("workdir", work.cleanup)
     try:
         upstream = DistributionRegistry(work.path / "upstream")
-        with tracked("upstream", upstream.close):
+        tls_upstream = DistributionRegistry(work.path / "upstream-tls", tls=True) if args.https else None
+        with ExitStack() as stack:
+            stack.enter_context(tracked("upstream", upstream.close))
             upstream.start()
             log(f"upstream Distribution on {upstream.url}")
-            imgs = seed_upstream(upstream, work.path, sizes)
+            if tls_upstream is not None:
+                stack.enter_context(tracked("upstream-tls", tls_upstream.close))
+                tls_upstream.start()
+                log(f"HTTPS upstream Distribution on {tls_upstream.url}")
+            imgs, tls_a = seed_upstream(upstream, work.path, sizes, tls_upstream)
             result["images"] = {k: {"repo": i.repo, "layers": len(i.layers), "layer_bytes": i.layer_bytes}
                                 for k, i in imgs.items()}
             if args.mirror_ref == "worktree":
@@ -1484,9 +1592,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"mirror code: {result['mirror_code'].get('commit')} {result['mirror_code'].get('subject', '')}")
             servers: list[Server] = [MirrorServer(work.path, upstream, src),
                                      DistributionProxyServer(work.path, upstream)]
+            https = None
+            if tls_upstream is not None and tls_a is not None:
+                assert tls_upstream.ca_cert_path is not None
+                https = HttpsSetup(tls_upstream, tls_a,
+                                   [MirrorServer(work.path, tls_upstream, src),
+                                    DistributionProxyServer(work.path, tls_upstream)],
+                                   ssl.create_default_context(cafile=str(tls_upstream.ca_cert_path)))
+                result["https_upstream"] = {"url": tls_upstream.url, "certificate": "self-signed P-256, "
+                                            "SAN 127.0.0.1, made at start (tests/integration/upstream_registry.py)"}
             for run_no in range(1, args.runs + 1):
                 try:
-                    result["runs"].append(one_run(run_no, servers, imgs, upstream, opts, work.path))
+                    result["runs"].append(one_run(run_no, servers, imgs, upstream, opts, work.path, https))
                 except BenchError as e:
                     log(f"run {run_no} failed: {e}")
                     result.setdefault("errors", []).append(f"run {run_no}: {e}")
