@@ -796,13 +796,13 @@ def _proc_stat(pid: int) -> list[str] | None:
     return data[data.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
 
 
-def tree_cpu_s(pid: int) -> tuple[float, int]:
+def tree_cpu(pid: int) -> tuple[float, frozenset[int]]:
     """CPU seconds (user + system) used so far by ``pid`` and every process below it.
 
     For each process of the tree (found through the parent PIDs of /proc/*/stat): utime +
     stime, which count all its threads, plus cutime + cstime, which count the children it
     has already reaped (so a worker that exits between two readings is not lost).
-    Returns (seconds, number of processes counted).
+    Returns (seconds, the PIDs counted).
     """
     stats: dict[int, list[str]] = {}
     children: dict[int, list[int]] = {}
@@ -820,7 +820,28 @@ def tree_cpu_s(pid: int) -> tuple[float, int]:
         counted.add(p)
         ticks += sum(int(x) for x in stats[p][11:15])  # utime stime cutime cstime: fields 14-17
         todo += children.get(p, [])
-    return ticks / CLK_TCK, len(counted)
+    return ticks / CLK_TCK, frozenset(counted)
+
+
+def wait_idle(pid: int, timeout: float = 15.0, window: float = 0.5) -> float:
+    """Seconds until ``pid``'s process tree is idle: over ``window`` seconds it used at most
+    one clock tick of CPU and no process joined or left it.
+
+    A server just started may still be busy with start-up work (the mirror's first periodic
+    GC runs at once, as a child process); that is not the cost of the phase that follows.
+    After ``timeout`` it gives up and the phase is measured anyway.
+    """
+    t0 = time.monotonic()
+    cpu, pids = tree_cpu(pid)
+    while time.monotonic() - t0 < timeout:
+        time.sleep(window)
+        cpu2, pids2 = tree_cpu(pid)
+        if cpu2 - cpu <= 1.5 / CLK_TCK and pids2 == pids:
+            break
+        cpu, pids = cpu2, pids2
+    else:
+        log(f"process {pid} still busy after {timeout:.0f}s; measuring anyway")
+    return time.monotonic() - t0
 
 
 class CpuWatch:
@@ -832,13 +853,14 @@ class CpuWatch:
         self.procs = 0
 
     def __enter__(self) -> CpuWatch:
-        self._start = tree_cpu_s(self.pid)[0] if self.pid is not None else 0.0
+        self._start = tree_cpu(self.pid)[0] if self.pid is not None else 0.0
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.pid is not None:
-            end, self.procs = tree_cpu_s(self.pid)
-            self.cpu_s = end - self._start if self.procs else None  # None: the process is gone
+            end, pids = tree_cpu(self.pid)
+            self.procs = len(pids)
+            self.cpu_s = end - self._start if pids else None  # None: the process is gone
 
     def per_gb(self, nbytes: int) -> float | None:
         return None if self.cpu_s is None else self.cpu_s / (nbytes / 1e9)
@@ -999,11 +1021,13 @@ class Options:
 
 def measured_cold_pull(server: Server, image: Image, upstream: DistributionRegistry, *, verify: bool) -> dict[str, Any]:
     """A sequential pull of ``image`` from ``server`` and the wait until its store holds it,
-    with the CPU time the server (its whole process tree) and the upstream used meanwhile."""
+    with the CPU time the server (its whole process tree) and the upstream used meanwhile.
+    It starts once the server is idle (:func:`wait_idle`)."""
+    idle_after = wait_idle(server.pid)
     with CpuWatch(server.pid) as cpu, CpuWatch(upstream.pid) as up_cpu:
         r = pull(server.port, image, verify=verify)
         r["cache_complete_after_s"] = wait_cached(server, image)
-    r.update({"server_cpu_s": cpu.cpu_s, "server_cpu_s_per_gb": cpu.per_gb(image.layer_bytes),
+    r.update({"server_idle_wait_s": idle_after, "server_cpu_s": cpu.cpu_s, "server_cpu_s_per_gb": cpu.per_gb(image.layer_bytes),
               "server_processes": cpu.procs, "upstream_cpu_s_per_gb": up_cpu.per_gb(image.layer_bytes)})
     return r
 
