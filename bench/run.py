@@ -1331,28 +1331,38 @@ METRICS: list[tuple[str, str, tuple[str, ...], bool]] = [
 
 REFERENCES: list[tuple[str, str, tuple[str, ...]]] = [
     ("upstream_mbs", "upstream Distribution direct, sequential: MB/s", ("upstream_direct", "mb_s")),
-    ("upstream_verified_mbs", "upstream Distribution direct, client-verified (sha256 as it reads), sequential: MB/s",
-     ("upstream_direct_verified", "mb_s")),
-    ("upstream_client_cpu", "client CPU-s per GB, direct pull: unverified", ("upstream_direct", "client_cpu_s_per_gb")),
-    ("upstream_verified_client_cpu", "client CPU-s per GB, direct pull: client-verified",
-     ("upstream_direct_verified", "client_cpu_s_per_gb")),
     ("upstream_par3_mbs", "upstream Distribution direct, 3 in parallel: MB/s", ("upstream_direct_par3", "mb_s")),
     ("upstream_ttfb", "upstream Distribution direct: TTFB of first layer, ms", ("upstream_direct", "ttfb_first_layer_ms")),
     ("upstream_fanin_b_wall", "upstream Distribution direct: fan-in B, 20 clients: wall s", ("upstream_fanin_b", "wall_s")),
     ("upstream_fanin_a_wall", "upstream Distribution direct: fan-in A, 20 clients: wall s", ("upstream_fanin_a", "wall_s")),
-    ("https_upstream_mbs", "HTTPS upstream Distribution direct, sequential: MB/s", ("https_upstream_direct", "mb_s")),
-    ("https_upstream_verified_mbs", "HTTPS upstream Distribution direct, client-verified, sequential: MB/s",
-     ("https_upstream_direct_verified", "mb_s")),
-    ("https_upstream_ttfb", "HTTPS upstream Distribution direct, client-verified: TTFB of first layer, ms",
-     ("https_upstream_direct_verified", "ttfb_first_layer_ms")),
-    ("https_upstream_verified_client_cpu", "client CPU-s per GB, direct pull from the HTTPS upstream: client-verified",
-     ("https_upstream_direct_verified", "client_cpu_s_per_gb")),
     ("nginx_mbs", "nginx sendfile on the mirror's store, sequential: MB/s", ("mirror", "nginx", "mb_s")),
     ("upstream_digest_rps", "upstream Distribution (not a proxy): manifest by digest, 16 conns: req/s",
      ("upstream_wrk_digest", "rps")),
     ("upstream_digest_p50", "upstream Distribution (not a proxy): manifest by digest: p50 ms",
      ("upstream_wrk_digest", "p50_ms")),
 ]
+
+
+def _cold_rows() -> list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]]:
+    """The cold path side by side: every sequential pull of A by one client, each compared
+    with the direct pull from the same upstream by the same kind of client (unverified or
+    verifying) in the same run.  Rows: (upstream, from, client, path in a run, direct's path)."""
+    rows = []
+    for upstream, prefix in (("plain HTTP", ""), ("HTTPS", "https_")):
+        for client, suffix in (("unverified", ""), ("verifies sha256", "_verified")):
+            direct = (f"{prefix}upstream_direct{suffix}",)
+            rows.append((upstream, "direct", client, direct, direct))
+            for who, server in (("mirror", "mirror"), ("Distribution proxy", "distribution")):
+                rows.append((upstream, who, client, (server, f"{prefix}cold{suffix}"), direct))
+    return rows
+
+
+COLD_ROWS = _cold_rows()
+
+# metrics shown in the cold-path table rather than in the main one
+COLD_TABLE_METRICS = {"cold_cpu_gb", "cold_verified_mbs", "cold_verified_ttfb", "cold_verified_cpu_gb",
+                      "https_cold_verified_mbs", "https_cold_verified_ttfb", "https_cold_verified_cpu_gb",
+                      "https_cold_mbs", "https_cold_cpu_gb"}
 
 
 def dig(d: Any, path: Sequence[str]) -> float | None:
@@ -1379,8 +1389,24 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key, label, path in REFERENCES:
         v, vs = median_of(runs, path)
         summary["references"][key] = {"label": label, "median": v, "runs": vs}
+    summary["cold_path"] = []
+    for up, who, client, path, direct in COLD_ROWS:
+        row: dict[str, Any] = {"upstream": up, "from": who, "client": client,
+                               "x_direct": _per_run_ratio(runs, (*path, "mb_s"), (*direct, "mb_s"))}
+        for key in ("mb_s", "ttfb_first_layer_ms", "server_cpu_s_per_gb", "upstream_cpu_s_per_gb",
+                    "client_cpu_s_per_gb"):
+            row[key] = median_of(runs, (*path, key))[0]
+        summary["cold_path"].append(row)
     summary["targets"] = targets(runs, summary)
     return summary
+
+
+def cold_row(summary: dict[str, Any], upstream: str, who: str, client: str) -> dict[str, Any]:
+    """A row of the summary's cold-path table (all None if it is not there)."""
+    for row in summary.get("cold_path", []):
+        if (row["upstream"], row["from"], row["client"]) == (upstream, who, client):
+            return dict(row)
+    return {}
 
 
 def _per_run_ratio(runs: list[dict[str, Any]], num: Sequence[str], den: Sequence[str]) -> float | None:
@@ -1394,8 +1420,8 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
     m = summary["metrics"]
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: str, met: bool | None) -> None:
-        out.append({"target": name, "measured": value, "met": met})
+    def add(name: str, value: str, met: bool | None, no_data: bool = False) -> None:
+        out.append({"target": name, "measured": value, "met": met, "no_data": no_data})
 
     r = m["warm_mbs"]["ratio"]
     add("warm throughput >= Distribution's",
@@ -1409,28 +1435,26 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
     rd = _per_run_ratio(runs, ("distribution", "cold_verified", "mb_s"), ("upstream_direct_verified", "mb_s"))
     add("cold pull >= 0.6 x a direct client-verified pull (plain-HTTP upstream; both clients verify)",
         f"mirror cold = {fmt(r)} x direct ({fmt(m['cold_verified_mbs']['mirror'])} MB/s; "
-        f"Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.6)
+        f"Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.6, no_data=r is None and rd is None)
     r = _per_run_ratio(runs, ("mirror", "https_cold_verified", "mb_s"), ("https_upstream_direct_verified", "mb_s"))
     rd = _per_run_ratio(runs, ("distribution", "https_cold_verified", "mb_s"),
                         ("https_upstream_direct_verified", "mb_s"))
-    if r is not None or rd is not None:
-        add("cold pull >= 0.6 x a direct client-verified pull (HTTPS upstream; both clients verify)",
-            f"mirror cold = {fmt(r)} x direct ({fmt(m['https_cold_verified_mbs']['mirror'])} MB/s; "
-            f"Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.6)
+    add("cold pull >= 0.6 x a direct client-verified pull (HTTPS upstream; both clients verify)",
+        f"mirror cold = {fmt(r)} x direct ({fmt(m['https_cold_verified_mbs']['mirror'])} MB/s; "
+        f"Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.6, no_data=r is None and rd is None)
     c, cv = m["cold_cpu_gb"], m["cold_verified_cpu_gb"]
     add("mirror CPU-s per cold GB <= 1.3 (plain-HTTP upstream)",
         f"{fmt(c['mirror'])} (client-verified pull: {fmt(cv['mirror'])}; Distribution proxy {fmt(c['distribution'])})",
-        None if c["mirror"] is None else c["mirror"] <= 1.3)
+        None if c["mirror"] is None else c["mirror"] <= 1.3, no_data=c["mirror"] is None and cv["mirror"] is None)
     c, cv = m["https_cold_cpu_gb"], m["https_cold_verified_cpu_gb"]
-    if c["mirror"] is not None or cv["mirror"] is not None:
-        add("mirror CPU-s per cold GB <= 1.3 (HTTPS upstream: TLS decryption included)",
-            f"{fmt(c['mirror'])} (client-verified pull: {fmt(cv['mirror'])}; "
-            f"Distribution proxy {fmt(c['distribution'])})", None if c["mirror"] is None else c["mirror"] <= 1.3)
+    add("mirror CPU-s per cold GB <= 1.3 (HTTPS upstream: TLS decryption included)",
+        f"{fmt(c['mirror'])} (client-verified pull: {fmt(cv['mirror'])}; Distribution proxy {fmt(c['distribution'])})",
+        None if c["mirror"] is None else c["mirror"] <= 1.3, no_data=c["mirror"] is None and cv["mirror"] is None)
+    https_direct = cold_row(summary, "HTTPS", "direct", "verifies sha256").get("ttfb_first_layer_ms")
     add("time to first byte of a cold pull unchanged (judge against an earlier recorded run)",
         f"mirror {fmt(m['cold_ttfb']['mirror'])} ms, client-verified {fmt(m['cold_verified_ttfb']['mirror'])} ms, "
         f"HTTPS upstream {fmt(m['https_cold_verified_ttfb']['mirror'])} ms (direct from the upstream: "
-        f"{fmt(summary['references']['upstream_ttfb']['median'])} ms, HTTPS "
-        f"{fmt(summary['references']['https_upstream_ttfb']['median'])} ms)", None)
+        f"{fmt(summary['references']['upstream_ttfb']['median'])} ms, HTTPS {fmt(https_direct)} ms)", None)
     gets = [v for key in ("fanin_b", "fanin_a") for run in runs
             for v in (dig(run, ("mirror", key, "blob_gets_min")), dig(run, ("mirror", key, "blob_gets_max")))
             if v is not None]
@@ -1446,7 +1470,7 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
     fan = [x for x in (rb, ra) if x is not None]
     add("fan-in wall time no slower than the same 20 clients pulling the same image straight from the upstream",
         f"mirror / direct: B {fmt(rb)} x, A {fmt(ra)} x (Distribution proxy, B: {fmt(rdb)} x)",
-        None if not fan else max(fan) <= 1)
+        None if not fan else max(fan) <= 1, no_data=not fan and rdb is None)
     rss = [v for run in runs for v in (dig(run, ("mirror", "rss_mib", "fanin_a")),) if v is not None]
     add("peak RSS <= 150 MiB while 20 clients pull 256 MiB layers",
         f"max {fmt(max(rss)) if rss else '–'} MiB over runs (median {fmt(m['rss_fanin_a']['mirror'])}; "
@@ -1473,17 +1497,33 @@ def markdown(summary: dict[str, Any], n_runs: int) -> str:
     lines = [f"Medians of {n_runs} run(s). Ratio = mirror / Distribution "
              "(arrow: which direction is better).", "",
              "| metric | mirror | Distribution proxy | ratio |", "|---|---:|---:|---:|"]
-    for m in summary["metrics"].values():
-        if m["mirror"] is None and m["distribution"] is None:
+    for key, m in summary["metrics"].items():
+        if (m["mirror"] is None and m["distribution"] is None) or key in COLD_TABLE_METRICS:
             continue
         arrow = "↑" if m["higher_is_better"] else "↓"
         lines.append(f"| {m['label']} {arrow} | {fmt(m['mirror'])} | {fmt(m['distribution'])} | "
                      f"{fmt(m['ratio']) if m['ratio'] is not None else '–'} |")
+    cold = [row for row in summary.get("cold_path", []) if row["mb_s"] is not None]
+    if cold:
+        lines += ["", "Cold pull of A, sequential, one client, each server on a fresh store. x direct: MB/s over "
+                  "a direct pull from the same upstream by the same kind of client (median of per-run ratios). "
+                  "CPU-s per GB of layers: the server's process tree (until its store holds A), the upstream's, "
+                  "the client thread's.", "",
+                  "| upstream | from | client | MB/s ↑ | x direct ↑ | TTFB ms ↓ | server CPU-s/GB ↓ | "
+                  "upstream CPU-s/GB | client CPU-s/GB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for row in cold:
+            lines.append(f"| {row['upstream']} | {row['from']} | {row['client']} | {fmt(row['mb_s'])} | "
+                         f"{fmt(row['x_direct'])} | {fmt(row['ttfb_first_layer_ms'])} | "
+                         f"{fmt(row['server_cpu_s_per_gb'])} | {fmt(row['upstream_cpu_s_per_gb'])} | "
+                         f"{fmt(row['client_cpu_s_per_gb'])} |")
     lines += ["", "| reference (same client) | median |", "|---|---:|"]
     for ref in summary["references"].values():
-        lines.append(f"| {ref['label']} | {fmt(ref['median'])} |")
+        if ref["median"] is not None:
+            lines.append(f"| {ref['label']} | {fmt(ref['median'])} |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for t in summary.get("targets", []):
+        if t.get("no_data"):
+            continue
         met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
         lines.append(f"| {t['target']} | {t['measured']} | {met} |")
     return "\n".join(lines)
