@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: the mirror next to CNCF Distribution in proxy mode, same upstream, same run.
 
-    .venv/bin/python bench/run.py [--runs 3] [--quick] [--quiet-wait 120] [--py-spy DIR]
+    .venv/bin/python bench/run.py [--runs 3] [--quick] [--no-https] [--quiet-wait 120] [--py-spy DIR]
     .venv/bin/python bench/run.py --summarize bench/results/bench-....json
 
 Needs docker-registry, skopeo, nginx(-light) and wrk (apt), and py-spy (pip) only for
@@ -15,16 +15,23 @@ at the end, also on Ctrl-C, every temp dir removed, every loop bounded in count 
    runs the checkout as it is; then a change during the run is reported);
 
 1. starts an upstream: ``/usr/bin/docker-registry serve`` (CNCF Distribution 2.8) with
-   filesystem storage in a temp dir (``tests/integration/upstream_registry.py``);
+   filesystem storage in a temp dir (``tests/integration/upstream_registry.py``), and
+   (unless ``--no-https``) a second one serving HTTPS with a self-signed P-256
+   certificate for 127.0.0.1 made at start by the same harness;
 2. pushes three generated images with random (incompressible, gzip level 0) layers with
    skopeo: ``bench/a:latest`` 3 x 256 MiB, ``bench/b:latest`` 30 x 4 MiB,
-   ``bench/c:latest`` one tiny layer (``--quick``: 3 x 32 MiB and 30 x 1 MiB);
-3. per run, for each server -- ``mirror`` (the real ``twistd mirror``) and Distribution
-   in proxy mode (``proxy.remoteurl`` = the upstream) -- on a fresh, empty store:
+   ``bench/c:latest`` one tiny layer (``--quick``: 3 x 32 MiB and 30 x 1 MiB); A also to
+   the HTTPS upstream (skopeo trusting its CA through ``--dest-cert-dir``);
+3. per run, first the references straight from the upstream (same client): the pull of
+   A (sequential and 3 in parallel), the pull of A by the verifying client, the 20-client
+   fan-ins of B and (unless ``--no-fanin-a``) of A, and wrk on its own manifest by digest;
+   then for each server -- ``mirror`` (the real ``twistd mirror``) and Distribution in
+   proxy mode (``proxy.remoteurl`` = the upstream) -- on a fresh, empty store:
 
    * cold pull of A (manifest by tag, config, then each layer sequentially): wall
-     seconds, MB/s, time to the first body byte of the first layer, and how long after
-     the client finished the server's store held all of A;
+     seconds, MB/s, time to the first body byte of the first layer, how long after
+     the client finished the server's store held all of A, and the server's CPU
+     seconds per GB of layers (below);
    * warm pull of A (everything cached -- it waits until A's layers are files in the
      server's store): MB/s, sequential and 3 layers in parallel;
    * fan-in: 20 clients cold-pull B at the same moment: wall time, and upstream
@@ -32,6 +39,8 @@ at the end, also on Ctrl-C, every temp dir removed, every loop bounded in count 
    * small requests: ``wrk`` (1 thread, 16 keep-alive connections, Accept header set by a
      Lua script) on the manifest of C by tag, and by digest, once cached: req/s, p50, p99,
      and how many manifest requests reached the upstream meanwhile;
+   * a restart on a fresh store for a cold pull of A by the verifying client (the same
+     figures as the first cold pull);
    * a restart on a fresh store for a cold pull of A with the 3 layers in parallel;
    * a restart on a fresh store for a fan-in of big layers: 20 clients cold-pull A at the
      same moment (the peak-RSS target "<= 150 MiB while 20 clients pull 256 MiB
@@ -39,19 +48,35 @@ at the end, also on Ctrl-C, every temp dir removed, every loop bounded in count 
    * peak RSS of the server process in each phase (VmHWM after resetting it through
      ``/proc/PID/clear_refs``, and VmRSS sampled every 100 ms as a cross-check).
 
-   References, same client: the pull of A straight from the upstream, from nginx
-   (``sendfile on``) serving the blob files out of the mirror's store, and wrk on the
-   upstream's own manifest by digest.  Before every phase ``sync`` flushes dirty pages
-   (outside the timing); with ``--quiet-wait`` each run first waits for the (shared)
-   machine to be idle.
+   Then the HTTPS upstream (skip with ``--no-https``): A straight from it (http.client
+   over TLS trusting its CA; unverified and verifying client) and, per server on a fresh
+   store, a cold pull of A by each client: the mirror's upstream has ``ca_file`` = the CA,
+   Distribution's proxy gets ``SSL_CERT_FILE`` = the CA (Go on Linux reads roots there).
 
-4. writes everything (every run, the medians) as JSON to ``bench/results/`` and prints a
-   Markdown table of medians with the ratio mirror / Distribution.
+   Also a reference: nginx (``sendfile on``) serving the blob files out of the mirror's
+   store.  Before every phase ``sync`` flushes dirty pages (outside the timing); with
+   ``--quiet-wait`` each run first waits for the (shared) machine to be idle.
+
+4. writes everything (every run, the medians) as JSON to ``bench/results/`` and prints
+   Markdown tables of medians: mirror / Distribution; the cold path side by side (each
+   cold pull of A with its ratio to the direct pull from the same upstream by the same
+   kind of client); the references; the issues' targets, met or not.
 
 The client is Python's ``http.client`` reading 1 MiB chunks into one buffer and
-discarding them; it checks each body's length against the manifest's descriptor (not
-the digest: hashing would cost the client a core's worth of CPU on this 2-core box).
-MB/s is 10^6 bytes per second of layer bytes.
+discarding them; it checks each body's length against the manifest's descriptor.  The
+verifying client also hashes every body as it reads it (sha256, chunk by chunk) and
+checks it against its digest, as docker or containerd do; that costs the client CPU
+(sha256 alone about 0.65 CPU-s per GB here), so its pulls are compared only with the
+direct pull by the same verifying client.  MB/s is 10^6 bytes per second of layer bytes.
+
+CPU seconds per GB (10^9 bytes of layers): utime + stime + cutime + cstime from
+``/proc/PID/stat`` of every process in the server's tree (its threads are in its own
+figures; children reaped meanwhile in cutime/cstime), read before the pull and after the
+server's store holds A, over the layer bytes.  A cold pull starts only once the server is
+idle (no CPU tick in 0.5 s, no process come or gone; at most 15 s), so start-up work --
+the mirror's first periodic GC, a child process, runs right after start -- is not
+counted.  The upstream's CPU is read the same way, and the client thread's with
+``time.thread_time``.
 """
 
 from __future__ import annotations
@@ -1172,8 +1197,9 @@ def bench_https(run_no: int, https: HttpsSetup, opts: Options, out: dict[str, An
         rss = r.setdefault("rss_mib", {})
         for key, verify, what in (("https_cold_verified", True, "client-verified"),
                                   ("https_cold", False, "unverified client")):
+            spy_out = opts.spy_dir / f"run{run_no}-{key}.txt" if opts.spy_dir and server.name == "mirror" else None
             r[key] = fresh_cold_pull(server, a, up, opts, run_no, f"cold pull A from the HTTPS upstream, {what} "
-                                     "(fresh store)", verify=verify)
+                                     "(fresh store)", verify=verify, spy_out=spy_out)
             rss[key] = r[key].pop("rss_mib")
         rss["max"] = max(rss.values())
 
