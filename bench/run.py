@@ -707,7 +707,7 @@ class DistributionProxyServer(Server):
 
     def start(self) -> None:
         env = None
-        if self.upstream.ca_cert_path is not None:  # Go on Linux reads extra roots from SSL_CERT_FILE
+        if self.upstream.ca_cert_path is not None:  # Go on Linux takes its root CAs from SSL_CERT_FILE
             env = {**os.environ, "SSL_CERT_FILE": str(self.upstream.ca_cert_path)}
         self.reg = ProxyRegistry(self.new_workdir(), self.upstream.url, env)
         self.reg.start()
