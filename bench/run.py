@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: the mirror next to CNCF Distribution in proxy mode, same upstream, same run.
 
-    .venv/bin/python bench/run.py [--runs 3] [--quick] [--quiet-wait 120] [--py-spy DIR]
+    .venv/bin/python bench/run.py [--runs 3] [--quick] [--no-https] [--quiet-wait 120] [--py-spy DIR]
     .venv/bin/python bench/run.py --summarize bench/results/bench-....json
 
 Needs docker-registry, skopeo, nginx(-light) and wrk (apt), and py-spy (pip) only for
@@ -15,16 +15,23 @@ at the end, also on Ctrl-C, every temp dir removed, every loop bounded in count 
    runs the checkout as it is; then a change during the run is reported);
 
 1. starts an upstream: ``/usr/bin/docker-registry serve`` (CNCF Distribution 2.8) with
-   filesystem storage in a temp dir (``tests/integration/upstream_registry.py``);
+   filesystem storage in a temp dir (``tests/integration/upstream_registry.py``), and
+   (unless ``--no-https``) a second one serving HTTPS with a self-signed P-256
+   certificate for 127.0.0.1 made at start by the same harness;
 2. pushes three generated images with random (incompressible, gzip level 0) layers with
    skopeo: ``bench/a:latest`` 3 x 256 MiB, ``bench/b:latest`` 30 x 4 MiB,
-   ``bench/c:latest`` one tiny layer (``--quick``: 3 x 32 MiB and 30 x 1 MiB);
-3. per run, for each server -- ``mirror`` (the real ``twistd mirror``) and Distribution
-   in proxy mode (``proxy.remoteurl`` = the upstream) -- on a fresh, empty store:
+   ``bench/c:latest`` one tiny layer (``--quick``: 3 x 32 MiB and 30 x 1 MiB); A also to
+   the HTTPS upstream (skopeo trusting its CA through ``--dest-cert-dir``);
+3. per run, first the references straight from the upstream (same client): the pull of
+   A (sequential and 3 in parallel), the pull of A by the verifying client, the 20-client
+   fan-ins of B and (unless ``--no-fanin-a``) of A, and wrk on its own manifest by digest;
+   then for each server -- ``mirror`` (the real ``twistd mirror``) and Distribution in
+   proxy mode (``proxy.remoteurl`` = the upstream) -- on a fresh, empty store:
 
    * cold pull of A (manifest by tag, config, then each layer sequentially): wall
-     seconds, MB/s, time to the first body byte of the first layer, and how long after
-     the client finished the server's store held all of A;
+     seconds, MB/s, time to the first body byte of the first layer, how long after
+     the client finished the server's store held all of A, and the server's CPU
+     seconds per GB of layers (below);
    * warm pull of A (everything cached -- it waits until A's layers are files in the
      server's store): MB/s, sequential and 3 layers in parallel;
    * fan-in: 20 clients cold-pull B at the same moment: wall time, and upstream
@@ -32,6 +39,8 @@ at the end, also on Ctrl-C, every temp dir removed, every loop bounded in count 
    * small requests: ``wrk`` (1 thread, 16 keep-alive connections, Accept header set by a
      Lua script) on the manifest of C by tag, and by digest, once cached: req/s, p50, p99,
      and how many manifest requests reached the upstream meanwhile;
+   * a restart on a fresh store for a cold pull of A by the verifying client (the same
+     figures as the first cold pull);
    * a restart on a fresh store for a cold pull of A with the 3 layers in parallel;
    * a restart on a fresh store for a fan-in of big layers: 20 clients cold-pull A at the
      same moment (the peak-RSS target "<= 150 MiB while 20 clients pull 256 MiB
@@ -39,19 +48,35 @@ at the end, also on Ctrl-C, every temp dir removed, every loop bounded in count 
    * peak RSS of the server process in each phase (VmHWM after resetting it through
      ``/proc/PID/clear_refs``, and VmRSS sampled every 100 ms as a cross-check).
 
-   References, same client: the pull of A straight from the upstream, from nginx
-   (``sendfile on``) serving the blob files out of the mirror's store, and wrk on the
-   upstream's own manifest by digest.  Before every phase ``sync`` flushes dirty pages
-   (outside the timing); with ``--quiet-wait`` each run first waits for the (shared)
-   machine to be idle.
+   Then the HTTPS upstream (skip with ``--no-https``): A straight from it (http.client
+   over TLS trusting its CA; unverified and verifying client) and, per server on a fresh
+   store, a cold pull of A by each client: the mirror's upstream has ``ca_file`` = the CA,
+   Distribution's proxy gets ``SSL_CERT_FILE`` = the CA (Go on Linux reads roots there).
 
-4. writes everything (every run, the medians) as JSON to ``bench/results/`` and prints a
-   Markdown table of medians with the ratio mirror / Distribution.
+   Also a reference: nginx (``sendfile on``) serving the blob files out of the mirror's
+   store.  Before every phase ``sync`` flushes dirty pages (outside the timing); with
+   ``--quiet-wait`` each run first waits for the (shared) machine to be idle.
+
+4. writes everything (every run, the medians) as JSON to ``bench/results/`` and prints
+   Markdown tables of medians: mirror / Distribution; the cold path side by side (each
+   cold pull of A with its ratio to the direct pull from the same upstream by the same
+   kind of client); the references; the issues' targets, met or not.
 
 The client is Python's ``http.client`` reading 1 MiB chunks into one buffer and
-discarding them; it checks each body's length against the manifest's descriptor (not
-the digest: hashing would cost the client a core's worth of CPU on this 2-core box).
-MB/s is 10^6 bytes per second of layer bytes.
+discarding them; it checks each body's length against the manifest's descriptor.  The
+verifying client also hashes every body as it reads it (sha256, chunk by chunk) and
+checks it against its digest, as docker or containerd do; that costs the client CPU
+(sha256 alone about 0.65 CPU-s per GB here), so its pulls are compared only with the
+direct pull by the same verifying client.  MB/s is 10^6 bytes per second of layer bytes.
+
+CPU seconds per GB (10^9 bytes of layers): utime + stime + cutime + cstime from
+``/proc/PID/stat`` of every process in the server's tree (its threads are in its own
+figures; children reaped meanwhile in cutime/cstime), read before the pull and after the
+server's store holds A, over the layer bytes.  A cold pull starts only once the server is
+idle (no CPU tick in 0.5 s, no process come or gone; at most 15 s), so start-up work --
+the mirror's first periodic GC, a child process, runs right after start -- is not
+counted.  The upstream's CPU is read the same way, and the client thread's with
+``time.thread_time``.
 """
 
 from __future__ import annotations
@@ -68,6 +93,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -76,7 +102,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,8 +279,13 @@ class Image:
         return sum(size for _, size in self.layers)
 
 
-def seed_upstream(upstream: DistributionRegistry, workdir: Path, sizes: dict[str, Sequence[int]]) -> dict[str, Image]:
-    """Build the images in an OCI layout under ``workdir``, push them, read them back."""
+def seed_upstream(upstream: DistributionRegistry, workdir: Path, sizes: dict[str, Sequence[int]],
+                  tls_upstream: DistributionRegistry | None = None) -> tuple[dict[str, Image], Image | None]:
+    """Build the images in an OCI layout under ``workdir``, push them, read them back.
+
+    With ``tls_upstream`` (an HTTPS registry) image A is pushed there too, skopeo
+    verifying its certificate against the registry's CA; returns (images, A there).
+    """
     layout_dir = workdir / "layout"
     layout = images.OciLayout(layout_dir)
     for key, layer_sizes in sizes.items():
@@ -262,21 +293,33 @@ def seed_upstream(upstream: DistributionRegistry, workdir: Path, sizes: dict[str
         add_random_image(layout, key, layer_sizes)
         log(f"generated image {key}: {len(layer_sizes)} layers, {sum(layer_sizes) / MIB:.0f} MiB "
             f"in {time.monotonic() - t0:.1f}s")
-    out: dict[str, Image] = {}
-    client = upstream.client()
-    for key in sizes:
-        t0 = time.monotonic()
-        images.push(layout_dir, key, upstream.host_port, f"bench/{key}", "latest", fmt="v2s2", timeout=900)
-        log(f"pushed bench/{key}:latest in {time.monotonic() - t0:.1f}s")
-        resp = client.get_manifest(f"bench/{key}", "latest")
-        if resp.status != 200:
-            raise BenchError(f"upstream GET manifest bench/{key}:latest -> {resp.status}")
-        doc = json.loads(resp.body)
-        out[key] = Image(f"bench/{key}", "latest", images.sha256_digest(resp.body),
-                         (doc["config"]["digest"], int(doc["config"]["size"])),
-                         tuple((layer["digest"], int(layer["size"])) for layer in doc["layers"]))
-    proc_util.remove_tree(layout_dir)  # the upstream has its own copy
-    return out
+    out = {key: push_image(upstream, layout_dir, key) for key in sizes}
+    tls_a = None
+    if tls_upstream is not None:
+        assert tls_upstream.ca_cert_path is not None
+        cert_dir = workdir / "tls-upstream-certs"  # skopeo's --dest-cert-dir: *.crt are CAs
+        cert_dir.mkdir()
+        shutil.copyfile(tls_upstream.ca_cert_path, cert_dir / "ca.crt")
+        tls_a = push_image(tls_upstream, layout_dir, "a", cert_dir=cert_dir)
+        if tls_a.layers != out["a"].layers or tls_a.config != out["a"].config:
+            raise BenchError("image A differs between the two upstreams")
+    proc_util.remove_tree(layout_dir)  # the upstreams have their own copies
+    return out, tls_a
+
+
+def push_image(upstream: DistributionRegistry, layout_dir: Path, key: str, cert_dir: Path | None = None) -> Image:
+    """Push ``key`` from the layout as ``bench/<key>:latest`` and read its manifest back."""
+    t0 = time.monotonic()
+    images.push(layout_dir, key, upstream.host_port, f"bench/{key}", "latest", fmt="v2s2", timeout=900,
+                tls_verify=cert_dir is not None, cert_dir=cert_dir)
+    log(f"pushed bench/{key}:latest to {upstream.url} in {time.monotonic() - t0:.1f}s")
+    resp = upstream.client().get_manifest(f"bench/{key}", "latest")
+    if resp.status != 200:
+        raise BenchError(f"upstream GET manifest bench/{key}:latest -> {resp.status}")
+    doc = json.loads(resp.body)
+    return Image(f"bench/{key}", "latest", images.sha256_digest(resp.body),
+                 (doc["config"]["digest"], int(doc["config"]["size"])),
+                 tuple((layer["digest"], int(layer["size"])) for layer in doc["layers"]))
 
 
 # --------------------------------------------------------------------------------------
@@ -284,18 +327,26 @@ def seed_upstream(upstream: DistributionRegistry, workdir: Path, sizes: dict[str
 # --------------------------------------------------------------------------------------
 
 class Client:
-    """One keep-alive HTTP/1.1 connection to host:port that reads bodies and discards them."""
+    """One keep-alive HTTP/1.1 connection to host:port that reads bodies and discards them.
 
-    def __init__(self, port: int, timeout: float = HTTP_TIMEOUT) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    With ``ssl_context`` the connection is HTTPS (the context says which CA to trust).
+    """
+
+    def __init__(self, port: int, timeout: float = HTTP_TIMEOUT, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ssl_context)
+                     if ssl_context is not None else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout))
         self.buf = bytearray(CHUNK)
 
     def close(self) -> None:
         self.conn.close()
 
     def get(self, path: str, headers: dict[str, str] | None = None, *, expect_size: int | None = None,
-            keep: bool = False) -> tuple[int, float, bytes]:
-        """GET ``path``; returns (body bytes, seconds to the first body byte, body if ``keep``)."""
+            expect_digest: str | None = None, keep: bool = False) -> tuple[int, float, bytes]:
+        """GET ``path``; returns (body bytes, seconds to the first body byte, body if ``keep``).
+
+        With ``expect_digest`` (``sha256:<hex>``) every chunk is hashed as it is read, like a
+        real client (docker, containerd) verifies a blob, and a mismatch raises.
+        """
         t0 = time.perf_counter()
         self.conn.request("GET", path, headers=headers or {})
         resp = self.conn.getresponse()
@@ -304,18 +355,27 @@ class Client:
             raise BenchError(f"GET {path} -> {resp.status}: {body[:200]!r}")
         if keep:
             body = resp.read()
+            if expect_digest is not None and images.sha256_digest(body) != expect_digest:
+                raise BenchError(f"GET {path}: body does not match {expect_digest}")
             return len(body), time.perf_counter() - t0, body
         view = memoryview(self.buf)
         n = resp.readinto(view[:1])  # the first byte alone, for the time to first byte
         ttfb = time.perf_counter() - t0
+        sha = hashlib.sha256() if expect_digest is not None else None
+        if sha is not None:
+            sha.update(view[:n])
         total = n
         for _ in range(1 << 30):  # bounded by the body's length; each read is <= 1 MiB
             n = resp.readinto(view)
             if not n:
                 break
+            if sha is not None:
+                sha.update(view[:n])
             total += n
         if expect_size is not None and total != expect_size:
             raise BenchError(f"GET {path}: {total} bytes, expected {expect_size}")
+        if sha is not None and f"sha256:{sha.hexdigest()}" != expect_digest:
+            raise BenchError(f"GET {path}: body does not hash to {expect_digest}")
         return total, ttfb, b""
 
 
@@ -334,38 +394,48 @@ def store_blob_path(digest: str) -> str:
 
 
 def pull(port: int, image: Image, *, parallel: int = 1, registry: bool = True,
-         path_for: Callable[[str], str] | None = None) -> dict[str, float]:
+         path_for: Callable[[str], str] | None = None, verify: bool = False,
+         ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
     """Pull ``image``: manifest by tag, config, layers (``parallel`` connections).
 
     ``registry=False`` skips manifest and config (for nginx, which only has files).
-    Returns wall seconds, MB/s of layer bytes, and the first layer's time to first byte.
+    ``verify`` hashes every body as it is read and checks it against its digest (the
+    manifest's against the upstream's, the config's and the layers' against the
+    manifest's descriptors), as a real client does; otherwise only lengths are checked.
+    ``ssl_context``: pull over HTTPS, trusting what the context trusts.
+    Returns wall seconds, MB/s of layer bytes, the first layer's time to first byte,
+    and (sequential pulls) the CPU seconds the client's thread spent per GB of layers.
     """
     path_for = path_for or (lambda d: blob_path(image, d))
     t0 = time.perf_counter()
-    client = Client(port)
+    cpu0 = time.thread_time()
+    client = Client(port, ssl_context=ssl_context)
     try:
         layers = list(image.layers)
         if registry:
-            _, _, body = client.get(manifest_path(image), {"Accept": ACCEPT}, keep=True)
+            _, _, body = client.get(manifest_path(image), {"Accept": ACCEPT}, keep=True,
+                                    expect_digest=image.manifest_digest if verify else None)
             doc = json.loads(body)
             got = [(layer["digest"], int(layer["size"])) for layer in doc["layers"]]
             if got != layers:
                 raise BenchError(f"{image.repo}: manifest layers differ from the upstream's")
-            client.get(path_for(doc["config"]["digest"]), expect_size=int(doc["config"]["size"]))
+            client.get(path_for(doc["config"]["digest"]), expect_size=int(doc["config"]["size"]),
+                       expect_digest=doc["config"]["digest"] if verify else None)
         ttfbs: dict[str, float] = {}
         if parallel <= 1:
             for digest, size in layers:
-                _, ttfb, _ = client.get(path_for(digest), expect_size=size)
+                _, ttfb, _ = client.get(path_for(digest), expect_size=size, expect_digest=digest if verify else None)
                 ttfbs[digest] = ttfb
         else:
             errors: list[BaseException] = []
             lock = threading.Lock()
 
             def worker(part: list[tuple[str, int]]) -> None:
-                c = Client(port)
+                c = Client(port, ssl_context=ssl_context)
                 try:
                     for digest, size in part:
-                        _, ttfb, _ = c.get(path_for(digest), expect_size=size)
+                        _, ttfb, _ = c.get(path_for(digest), expect_size=size,
+                                           expect_digest=digest if verify else None)
                         with lock:
                             ttfbs[digest] = ttfb
                 except BaseException as e:
@@ -386,7 +456,11 @@ def pull(port: int, image: Image, *, parallel: int = 1, registry: bool = True,
     finally:
         client.close()
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "mb_s": image.layer_bytes / wall / 1e6, "ttfb_first_layer_ms": ttfbs[layers[0][0]] * 1e3}
+    out: dict[str, Any] = {"wall_s": wall, "mb_s": image.layer_bytes / wall / 1e6,
+                           "ttfb_first_layer_ms": ttfbs[layers[0][0]] * 1e3, "verified": verify}
+    if parallel <= 1:  # one thread did all the work
+        out["client_cpu_s_per_gb"] = (time.thread_time() - cpu0) / (image.layer_bytes / 1e9)
+    return out
 
 
 def fan_in(port: int, image: Image, clients: int) -> dict[str, float]:
@@ -431,8 +505,8 @@ def fan_in(port: int, image: Image, clients: int) -> dict[str, float]:
 class ProxyRegistry(DistributionRegistry):
     """Distribution as a pull-through cache (``proxy.remoteurl``) with its own storage."""
 
-    def __init__(self, workdir: Path, remote_url: str) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, remote_url: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(workdir, env=env)
         self.remote_url = remote_url
 
     def config(self) -> dict[str, object]:
@@ -444,7 +518,7 @@ class ProxyRegistry(DistributionRegistry):
 class Server:
     """A server under test, started fresh (empty store) by :meth:`start`."""
 
-    name = ""
+    name = ""  # its key in the results
     label = ""
 
     def __init__(self, root: Path, upstream: DistributionRegistry) -> None:
@@ -452,6 +526,11 @@ class Server:
         self.upstream = upstream
         self.generation = 0
         self.workdir: Path | None = None
+
+    @property
+    def title(self) -> str:
+        """Its name in the log (and its work dirs'): the name, and which upstream if HTTPS."""
+        return f"{self.name}-https" if self.upstream.tls else self.name
 
     @property
     def pid(self) -> int: ...
@@ -469,7 +548,7 @@ class Server:
 
     def new_workdir(self) -> Path:
         self.generation += 1
-        self.workdir = self.root / f"{self.name}-{self.generation}"
+        self.workdir = self.root / f"{self.title}-{self.generation}"
         self.workdir.mkdir(parents=True)
         return self.workdir
 
@@ -505,7 +584,8 @@ class MirrorServer(Server):
     """``twistd -n mirror`` run from ``src`` (a ``git archive`` of one commit, or the checkout).
 
     The config is the shipped defaults plus the listen address, the store's path and one
-    upstream ``docker.io`` whose ``url`` is the upstream Distribution.
+    upstream ``docker.io`` whose ``url`` is the upstream Distribution (for an HTTPS
+    upstream, with ``ca_file`` its CA certificate).
     """
 
     name = "mirror"
@@ -521,8 +601,11 @@ class MirrorServer(Server):
         CODE_SEEN.add(mirror_code_hash(self.src))  # the checkout may change under a long run
         w = self.new_workdir()
         self._port = free_port()
+        upstream: dict[str, str] = {"registry": "docker.io", "url": self.upstream.url}
+        if self.upstream.ca_cert_path is not None:
+            upstream["ca_file"] = str(self.upstream.ca_cert_path)
         config = {"listen": f"tcp:{self._port}:interface=127.0.0.1", "storage": {"root": str(w / "store")},
-                  "upstreams": [{"registry": "docker.io", "url": self.upstream.url}]}
+                  "upstreams": [upstream]}
         (w / "mirror.yaml").write_text(json.dumps(config, indent=1))  # JSON is YAML
         argv = [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(w / "mirror.log"), "mirror",
                 "--config", str(w / "mirror.yaml")]
@@ -623,7 +706,10 @@ class DistributionProxyServer(Server):
         self.reg: ProxyRegistry | None = None
 
     def start(self) -> None:
-        self.reg = ProxyRegistry(self.new_workdir(), self.upstream.url)
+        env = None
+        if self.upstream.ca_cert_path is not None:  # Go on Linux takes its root CAs from SSL_CERT_FILE
+            env = {**os.environ, "SSL_CERT_FILE": str(self.upstream.ca_cert_path)}
+        self.reg = ProxyRegistry(self.new_workdir(), self.upstream.url, env)
         self.reg.start()
 
     def stop(self) -> None:
@@ -653,7 +739,7 @@ class DistributionProxyServer(Server):
 @contextmanager
 def running(server: Server) -> Iterator[Server]:
     """A fresh instance of ``server`` (empty store), stopped and wiped afterwards."""
-    remove = REAPER.add(server.name, server.stop)
+    remove = REAPER.add(server.title, server.stop)
     try:
         server.start()
         yield server
@@ -717,6 +803,92 @@ class RssWatch:
     @property
     def peak_mib(self) -> float:
         return max(self.hwm_kib, self.sampled_kib) / 1024
+
+
+# --------------------------------------------------------------------------------------
+# CPU time
+# --------------------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3, the state, is [0])."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    return data[data.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+
+
+def tree_cpu(pid: int) -> tuple[float, frozenset[int]]:
+    """CPU seconds (user + system) used so far by ``pid`` and every process below it.
+
+    For each process of the tree (found through the parent PIDs of /proc/*/stat): utime +
+    stime, which count all its threads, plus cutime + cstime, which count the children it
+    has already reaped (so a worker that exits between two readings is not lost).
+    Returns (seconds, the PIDs counted).
+    """
+    stats: dict[int, list[str]] = {}
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks, counted, todo = 0, set[int](), [pid]
+    for _ in range(len(stats) + 1):  # a tree has at most that many members
+        if not todo:
+            break
+        p = todo.pop()
+        if p in counted or p not in stats:
+            continue
+        counted.add(p)
+        ticks += sum(int(x) for x in stats[p][11:15])  # utime stime cutime cstime: fields 14-17
+        todo += children.get(p, [])
+    return ticks / CLK_TCK, frozenset(counted)
+
+
+def wait_idle(pid: int, timeout: float = 15.0, window: float = 0.5) -> float:
+    """Seconds until ``pid``'s process tree is idle: over ``window`` seconds it used at most
+    one clock tick of CPU and no process joined or left it.
+
+    A server just started may still be busy with start-up work (the mirror's first periodic
+    GC runs at once, as a child process); that is not the cost of the phase that follows.
+    After ``timeout`` it gives up and the phase is measured anyway.
+    """
+    t0 = time.monotonic()
+    cpu, pids = tree_cpu(pid)
+    while time.monotonic() - t0 < timeout:
+        time.sleep(window)
+        cpu2, pids2 = tree_cpu(pid)
+        if cpu2 - cpu <= 1.5 / CLK_TCK and pids2 == pids:
+            break
+        cpu, pids = cpu2, pids2
+    else:
+        log(f"process {pid} still busy after {timeout:.0f}s; measuring anyway")
+    return time.monotonic() - t0
+
+
+class CpuWatch:
+    """CPU seconds used by a process tree between ``__enter__`` and ``__exit__``."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.cpu_s: float | None = None
+        self.procs = 0
+
+    def __enter__(self) -> CpuWatch:
+        self._start = tree_cpu(self.pid)[0] if self.pid is not None else 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid is not None:
+            end, pids = tree_cpu(self.pid)
+            self.procs = len(pids)
+            self.cpu_s = end - self._start if pids else None  # None: the process is gone
+
+    def per_gb(self, nbytes: int) -> float | None:
+        return None if self.cpu_s is None else self.cpu_s / (nbytes / 1e9)
 
 
 # --------------------------------------------------------------------------------------
@@ -865,10 +1037,47 @@ class Options:
     runs: int
     quick: bool
     fanin_a: bool
+    https: bool
     wrk_seconds: int
     spy_dir: Path | None
     deadline: Deadline
     quiet_wait: float
+
+
+def measured_cold_pull(server: Server, image: Image, upstream: DistributionRegistry, *, verify: bool) -> dict[str, Any]:
+    """A sequential pull of ``image`` from ``server`` and the wait until its store holds it,
+    with the CPU time the server (its whole process tree) and the upstream used meanwhile.
+    It starts once the server is idle (:func:`wait_idle`)."""
+    idle_after = wait_idle(server.pid)
+    with CpuWatch(server.pid) as cpu, CpuWatch(upstream.pid) as up_cpu:
+        r = pull(server.port, image, verify=verify)
+        r["cache_complete_after_s"] = wait_cached(server, image)
+    r.update({"server_idle_wait_s": idle_after, "server_cpu_s": cpu.cpu_s, "server_cpu_s_per_gb": cpu.per_gb(image.layer_bytes),
+              "server_processes": cpu.procs, "upstream_cpu_s_per_gb": up_cpu.per_gb(image.layer_bytes)})
+    return r
+
+
+def direct_pull(upstream: DistributionRegistry, image: Image, *, verify: bool = False,
+                ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """A sequential pull of ``image`` straight from ``upstream``, with the upstream's CPU time."""
+    with CpuWatch(upstream.pid) as up_cpu:
+        r = pull(upstream.port, image, verify=verify, ssl_context=ssl_context)
+    r["upstream_cpu_s_per_gb"] = up_cpu.per_gb(image.layer_bytes)
+    return r
+
+
+def fresh_cold_pull(server: Server, image: Image, upstream: DistributionRegistry, opts: Options, run_no: int,
+                    name: str, *, verify: bool, spy_out: Path | None = None) -> dict[str, Any]:
+    """Start ``server`` on an empty store and measure one cold pull (:func:`measured_cold_pull`);
+    the result carries the peak RSS meanwhile as ``rss_mib``."""
+    opts.deadline.check(f"{server.title} {name}")
+    settle()
+    with running(server):
+        log(f"run {run_no} {server.title}: {name}")
+        with RssWatch(server.pid) as w, py_spy(server.pid, spy_out):
+            r = measured_cold_pull(server, image, upstream, verify=verify)
+    r["rss_mib"] = w.peak_mib
+    return r
 
 
 def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionRegistry, opts: Options,
@@ -893,8 +1102,7 @@ def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionR
     with running(server):
         phase("cold pull A")
         with RssWatch(server.pid) as w, py_spy(server.pid, spy("cold")):
-            r["cold"] = pull(server.port, a)
-            r["cold"]["cache_complete_after_s"] = wait_cached(server, a)
+            r["cold"] = measured_cold_pull(server, a, upstream, verify=False)
         rss["cold"] = w.peak_mib
 
         phase("warm pull A")
@@ -930,6 +1138,11 @@ def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionR
                 r[key]["upstream_v2_pings"] = sum(1 for e in upstream.access_log(mark) if e.path in ("/v2/", "/v2"))
         rss["wrk"] = w.peak_mib
 
+    r["cold_verified"] = fresh_cold_pull(server, a, upstream, opts, run_no,
+                                         "cold pull A, client-verified (fresh store)", verify=True,
+                                         spy_out=spy("cold_verified"))
+    rss["cold_verified"] = r["cold_verified"].pop("rss_mib")
+
     phase_name = "cold pull A, 3 layers in parallel (fresh store)"
     opts.deadline.check(phase_name)
     settle()
@@ -955,6 +1168,40 @@ def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionR
     r["rss_mib"] = rss
     r["rss_mib"]["max"] = max(rss.values())
     return r
+
+
+@dataclass
+class HttpsSetup:
+    """The HTTPS upstream (Distribution with a certificate made at start), image A on it,
+    the servers in front of it, and an SSL context that trusts it (for direct pulls)."""
+
+    upstream: DistributionRegistry
+    image: Image
+    servers: list[Server]
+    context: ssl.SSLContext
+
+
+def bench_https(run_no: int, https: HttpsSetup, opts: Options, out: dict[str, Any]) -> None:
+    """The HTTPS-upstream phases of one run, into ``out``: the direct pulls of A from the
+    upstream (``https_upstream_direct*``), then per server, each on a fresh store, a cold
+    pull of A with the verifying client and one without (``<server>.https_cold*``)."""
+    up, a = https.upstream, https.image
+    opts.deadline.check("the HTTPS phase")
+    settle()
+    log(f"run {run_no}: direct pull from the HTTPS upstream")
+    out["https_upstream_direct"] = direct_pull(up, a, ssl_context=https.context)
+    out["https_upstream_direct_verified"] = direct_pull(up, a, verify=True, ssl_context=https.context)
+    order = https.servers if run_no % 2 == 1 else list(reversed(https.servers))
+    for server in order:
+        r = out.setdefault(server.name, {})
+        rss = r.setdefault("rss_mib", {})
+        for key, verify, what in (("https_cold_verified", True, "client-verified"),
+                                  ("https_cold", False, "unverified client")):
+            spy_out = opts.spy_dir / f"run{run_no}-{key}.txt" if opts.spy_dir and server.name == "mirror" else None
+            r[key] = fresh_cold_pull(server, a, up, opts, run_no, f"cold pull A from the HTTPS upstream, {what} "
+                                     "(fresh store)", verify=verify, spy_out=spy_out)
+            rss[key] = r[key].pop("rss_mib")
+        rss["max"] = max(rss.values())
 
 
 def cpu_busy(interval: float = 2.0) -> float:
@@ -1019,15 +1266,23 @@ def wait_cached(server: Server, image: Image, timeout: float = 180.0) -> float:
 
 
 def one_run(run_no: int, servers: list[Server], imgs: dict[str, Image], upstream: DistributionRegistry,
-            opts: Options, scratch: Path) -> dict[str, Any]:
+            opts: Options, scratch: Path, https: HttpsSetup | None) -> dict[str, Any]:
     opts.deadline.check(f"run {run_no}")
     quiet = wait_quiet(opts) if opts.quiet_wait > 0 else {"cpu_busy_at_start": cpu_busy(1.0)}
     out: dict[str, Any] = {"run": run_no, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                            "loadavg_start": os.getloadavg(), **quiet}
     settle()
     log(f"run {run_no}: direct pull from the upstream")
-    out["upstream_direct"] = pull(upstream.port, imgs["a"])
+    out["upstream_direct"] = direct_pull(upstream, imgs["a"])
+    out["upstream_direct_verified"] = direct_pull(upstream, imgs["a"], verify=True)
     out["upstream_direct_par3"] = pull(upstream.port, imgs["a"], parallel=3)
+    log(f"run {run_no}: fan-in B straight from the upstream ({FANIN_CLIENTS} clients)")
+    out["upstream_fanin_b"] = fan_in(upstream.port, imgs["b"], FANIN_CLIENTS)
+    if opts.fanin_a:
+        opts.deadline.check("direct fan-in A")
+        settle()
+        log(f"run {run_no}: fan-in A straight from the upstream ({FANIN_CLIENTS} clients)")
+        out["upstream_fanin_a"] = fan_in(upstream.port, imgs["a"], FANIN_CLIENTS)
     c = imgs["c"]
     out["upstream_wrk_digest"] = run_wrk(f"{upstream.url}/v2/{c.repo}/manifests/{c.manifest_digest}", scratch,
                                          opts.wrk_seconds)
@@ -1035,6 +1290,8 @@ def one_run(run_no: int, servers: list[Server], imgs: dict[str, Image], upstream
     order = servers if run_no % 2 == 1 else list(reversed(servers))
     for server in order:
         out[server.name] = bench_server(server, imgs, upstream, opts, run_no, scratch)
+    if https is not None:
+        bench_https(run_no, https, opts, out)
     out["loadavg_end"] = os.getloadavg()
     return out
 
@@ -1050,6 +1307,13 @@ METRICS: list[tuple[str, str, tuple[str, ...], bool]] = [
     ("cold_ttfb", "cold pull A: TTFB of first layer, ms", ("cold", "ttfb_first_layer_ms"), False),
     ("cold_settle", "cold pull A: s until the cache holds A after the client is done",
      ("cold", "cache_complete_after_s"), False),
+    ("cold_cpu_gb", "cold pull A: server CPU-s per GB (its process tree, until the cache holds A)",
+     ("cold", "server_cpu_s_per_gb"), False),
+    ("cold_verified_mbs", "cold pull A, client-verified (fresh store): MB/s", ("cold_verified", "mb_s"), True),
+    ("cold_verified_ttfb", "cold pull A, client-verified: TTFB of first layer, ms",
+     ("cold_verified", "ttfb_first_layer_ms"), False),
+    ("cold_verified_cpu_gb", "cold pull A, client-verified: server CPU-s per GB",
+     ("cold_verified", "server_cpu_s_per_gb"), False),
     ("cold_par3_mbs", "cold pull A, 3 layers in parallel: MB/s", ("cold_par3", "mb_s"), True),
     ("warm_mbs", "warm pull A, sequential: MB/s", ("warm", "mb_s"), True),
     ("warm_par3_mbs", "warm pull A, 3 layers in parallel: MB/s", ("warm_par3", "mb_s"), True),
@@ -1071,6 +1335,18 @@ METRICS: list[tuple[str, str, tuple[str, ...], bool]] = [
     ("digest_upstream", "manifest by digest: upstream requests during it (all kinds)",
      ("wrk_digest", "upstream_requests"), False),
     ("rss_cold", "peak RSS, cold pull A: MiB", ("rss_mib", "cold"), False),
+    ("https_cold_verified_mbs", "HTTPS upstream: cold pull A, client-verified (fresh store): MB/s",
+     ("https_cold_verified", "mb_s"), True),
+    ("https_cold_verified_ttfb", "HTTPS upstream: cold pull A, client-verified: TTFB of first layer, ms",
+     ("https_cold_verified", "ttfb_first_layer_ms"), False),
+    ("https_cold_verified_cpu_gb", "HTTPS upstream: cold pull A, client-verified: server CPU-s per GB",
+     ("https_cold_verified", "server_cpu_s_per_gb"), False),
+    ("https_cold_mbs", "HTTPS upstream: cold pull A, unverified client (fresh store): MB/s", ("https_cold", "mb_s"), True),
+    ("https_cold_cpu_gb", "HTTPS upstream: cold pull A, unverified client: server CPU-s per GB",
+     ("https_cold", "server_cpu_s_per_gb"), False),
+    ("rss_cold_verified", "peak RSS, cold pull A, client-verified: MiB", ("rss_mib", "cold_verified"), False),
+    ("rss_https_cold_verified", "peak RSS, HTTPS upstream: cold pull A, client-verified: MiB",
+     ("rss_mib", "https_cold_verified"), False),
     ("rss_cold_par3", "peak RSS, cold pull A, 3 in parallel: MiB", ("rss_mib", "cold_par3"), False),
     ("rss_warm", "peak RSS, warm pull A: MiB", ("rss_mib", "warm"), False),
     ("rss_fanin_b", "peak RSS, fan-in B: MiB", ("rss_mib", "fanin_b"), False),
@@ -1083,12 +1359,36 @@ REFERENCES: list[tuple[str, str, tuple[str, ...]]] = [
     ("upstream_mbs", "upstream Distribution direct, sequential: MB/s", ("upstream_direct", "mb_s")),
     ("upstream_par3_mbs", "upstream Distribution direct, 3 in parallel: MB/s", ("upstream_direct_par3", "mb_s")),
     ("upstream_ttfb", "upstream Distribution direct: TTFB of first layer, ms", ("upstream_direct", "ttfb_first_layer_ms")),
+    ("upstream_fanin_b_wall", "upstream Distribution direct: fan-in B, 20 clients: wall s", ("upstream_fanin_b", "wall_s")),
+    ("upstream_fanin_a_wall", "upstream Distribution direct: fan-in A, 20 clients: wall s", ("upstream_fanin_a", "wall_s")),
     ("nginx_mbs", "nginx sendfile on the mirror's store, sequential: MB/s", ("mirror", "nginx", "mb_s")),
     ("upstream_digest_rps", "upstream Distribution (not a proxy): manifest by digest, 16 conns: req/s",
      ("upstream_wrk_digest", "rps")),
     ("upstream_digest_p50", "upstream Distribution (not a proxy): manifest by digest: p50 ms",
      ("upstream_wrk_digest", "p50_ms")),
 ]
+
+
+def _cold_rows() -> list[tuple[str, str, str, tuple[str, ...], tuple[str, ...]]]:
+    """The cold path side by side: every sequential pull of A by one client, each compared
+    with the direct pull from the same upstream by the same kind of client (unverified or
+    verifying) in the same run.  Rows: (upstream, from, client, path in a run, direct's path)."""
+    rows = []
+    for upstream, prefix in (("plain HTTP", ""), ("HTTPS", "https_")):
+        for client, suffix in (("unverified", ""), ("verifies sha256", "_verified")):
+            direct = (f"{prefix}upstream_direct{suffix}",)
+            rows.append((upstream, "direct", client, direct, direct))
+            for who, server in (("mirror", "mirror"), ("Distribution proxy", "distribution")):
+                rows.append((upstream, who, client, (server, f"{prefix}cold{suffix}"), direct))
+    return rows
+
+
+COLD_ROWS = _cold_rows()
+
+# metrics shown in the cold-path table rather than in the main one
+COLD_TABLE_METRICS = {"cold_cpu_gb", "cold_verified_mbs", "cold_verified_ttfb", "cold_verified_cpu_gb",
+                      "https_cold_verified_mbs", "https_cold_verified_ttfb", "https_cold_verified_cpu_gb",
+                      "https_cold_mbs", "https_cold_cpu_gb"}
 
 
 def dig(d: Any, path: Sequence[str]) -> float | None:
@@ -1115,8 +1415,24 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key, label, path in REFERENCES:
         v, vs = median_of(runs, path)
         summary["references"][key] = {"label": label, "median": v, "runs": vs}
+    summary["cold_path"] = []
+    for up, who, client, path, direct in COLD_ROWS:
+        row: dict[str, Any] = {"upstream": up, "from": who, "client": client,
+                               "x_direct": _per_run_ratio(runs, (*path, "mb_s"), (*direct, "mb_s"))}
+        for key in ("mb_s", "ttfb_first_layer_ms", "server_cpu_s_per_gb", "upstream_cpu_s_per_gb",
+                    "client_cpu_s_per_gb"):
+            row[key] = median_of(runs, (*path, key))[0]
+        summary["cold_path"].append(row)
     summary["targets"] = targets(runs, summary)
     return summary
+
+
+def cold_row(summary: dict[str, Any], upstream: str, who: str, client: str) -> dict[str, Any]:
+    """A row of the summary's cold-path table (all None if it is not there)."""
+    for row in summary.get("cold_path", []):
+        if (row["upstream"], row["from"], row["client"]) == (upstream, who, client):
+            return dict(row)
+    return {}
 
 
 def _per_run_ratio(runs: list[dict[str, Any]], num: Sequence[str], den: Sequence[str]) -> float | None:
@@ -1130,8 +1446,8 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
     m = summary["metrics"]
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: str, met: bool | None) -> None:
-        out.append({"target": name, "measured": value, "met": met})
+    def add(name: str, value: str, met: bool | None, no_data: bool = False) -> None:
+        out.append({"target": name, "measured": value, "met": met, "no_data": no_data})
 
     r = m["warm_mbs"]["ratio"]
     add("warm throughput >= Distribution's",
@@ -1141,6 +1457,30 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
     rd = _per_run_ratio(runs, ("distribution", "cold", "mb_s"), ("upstream_direct", "mb_s"))
     add("cold pull within 10% of a direct pull from the upstream",
         f"mirror cold = {fmt(r)} x direct (Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.9)
+    r = _per_run_ratio(runs, ("mirror", "cold_verified", "mb_s"), ("upstream_direct_verified", "mb_s"))
+    rd = _per_run_ratio(runs, ("distribution", "cold_verified", "mb_s"), ("upstream_direct_verified", "mb_s"))
+    add("cold pull >= 0.6 x a direct client-verified pull (plain-HTTP upstream; both clients verify)",
+        f"mirror cold = {fmt(r)} x direct ({fmt(m['cold_verified_mbs']['mirror'])} MB/s; "
+        f"Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.6, no_data=r is None and rd is None)
+    r = _per_run_ratio(runs, ("mirror", "https_cold_verified", "mb_s"), ("https_upstream_direct_verified", "mb_s"))
+    rd = _per_run_ratio(runs, ("distribution", "https_cold_verified", "mb_s"),
+                        ("https_upstream_direct_verified", "mb_s"))
+    add("cold pull >= 0.6 x a direct client-verified pull (HTTPS upstream; both clients verify)",
+        f"mirror cold = {fmt(r)} x direct ({fmt(m['https_cold_verified_mbs']['mirror'])} MB/s; "
+        f"Distribution proxy: {fmt(rd)} x)", None if r is None else r >= 0.6, no_data=r is None and rd is None)
+    c, cv = m["cold_cpu_gb"], m["cold_verified_cpu_gb"]
+    add("mirror CPU-s per cold GB <= 1.3 (plain-HTTP upstream)",
+        f"{fmt(c['mirror'])} (client-verified pull: {fmt(cv['mirror'])}; Distribution proxy {fmt(c['distribution'])})",
+        None if c["mirror"] is None else c["mirror"] <= 1.3, no_data=c["mirror"] is None and cv["mirror"] is None)
+    c, cv = m["https_cold_cpu_gb"], m["https_cold_verified_cpu_gb"]
+    add("mirror CPU-s per cold GB <= 1.3 (HTTPS upstream: TLS decryption included)",
+        f"{fmt(c['mirror'])} (client-verified pull: {fmt(cv['mirror'])}; Distribution proxy {fmt(c['distribution'])})",
+        None if c["mirror"] is None else c["mirror"] <= 1.3, no_data=c["mirror"] is None and cv["mirror"] is None)
+    https_direct = cold_row(summary, "HTTPS", "direct", "verifies sha256").get("ttfb_first_layer_ms")
+    add("time to first byte of a cold pull unchanged (judge against an earlier recorded run)",
+        f"mirror {fmt(m['cold_ttfb']['mirror'])} ms, client-verified {fmt(m['cold_verified_ttfb']['mirror'])} ms, "
+        f"HTTPS upstream {fmt(m['https_cold_verified_ttfb']['mirror'])} ms (direct from the upstream: "
+        f"{fmt(summary['references']['upstream_ttfb']['median'])} ms, HTTPS {fmt(https_direct)} ms)", None)
     gets = [v for key in ("fanin_b", "fanin_a") for run in runs
             for v in (dig(run, ("mirror", key, "blob_gets_min")), dig(run, ("mirror", key, "blob_gets_max")))
             if v is not None]
@@ -1150,6 +1490,13 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
         f"mirror min {fmt(min(gets)) if gets else '–'}, max {fmt(max(gets)) if gets else '–'} over all fan-ins "
         f"(Distribution proxy, fan-in B mean: {fmt(statistics.median(dgets)) if dgets else '–'})",
         None if not gets else min(gets) == max(gets) == 1)
+    rb = _per_run_ratio(runs, ("mirror", "fanin_b", "wall_s"), ("upstream_fanin_b", "wall_s"))
+    ra = _per_run_ratio(runs, ("mirror", "fanin_a", "wall_s"), ("upstream_fanin_a", "wall_s"))
+    rdb = _per_run_ratio(runs, ("distribution", "fanin_b", "wall_s"), ("upstream_fanin_b", "wall_s"))
+    fan = [x for x in (rb, ra) if x is not None]
+    add("fan-in wall time no slower than the same 20 clients pulling the same image straight from the upstream",
+        f"mirror / direct: B {fmt(rb)} x, A {fmt(ra)} x (Distribution proxy, B: {fmt(rdb)} x)",
+        None if not fan else max(fan) <= 1, no_data=not fan and rdb is None)
     rss = [v for run in runs for v in (dig(run, ("mirror", "rss_mib", "fanin_a")),) if v is not None]
     add("peak RSS <= 150 MiB while 20 clients pull 256 MiB layers",
         f"max {fmt(max(rss)) if rss else '–'} MiB over runs (median {fmt(m['rss_fanin_a']['mirror'])}; "
@@ -1176,17 +1523,33 @@ def markdown(summary: dict[str, Any], n_runs: int) -> str:
     lines = [f"Medians of {n_runs} run(s). Ratio = mirror / Distribution "
              "(arrow: which direction is better).", "",
              "| metric | mirror | Distribution proxy | ratio |", "|---|---:|---:|---:|"]
-    for m in summary["metrics"].values():
-        if m["mirror"] is None and m["distribution"] is None:
+    for key, m in summary["metrics"].items():
+        if (m["mirror"] is None and m["distribution"] is None) or key in COLD_TABLE_METRICS:
             continue
         arrow = "↑" if m["higher_is_better"] else "↓"
         lines.append(f"| {m['label']} {arrow} | {fmt(m['mirror'])} | {fmt(m['distribution'])} | "
                      f"{fmt(m['ratio']) if m['ratio'] is not None else '–'} |")
+    cold = [row for row in summary.get("cold_path", []) if row["mb_s"] is not None]
+    if cold:
+        lines += ["", "Cold pull of A, sequential, one client, each server on a fresh store. x direct: MB/s over "
+                  "a direct pull from the same upstream by the same kind of client (median of per-run ratios). "
+                  "CPU-s per GB of layers: the server's process tree (until its store holds A), the upstream's, "
+                  "the client thread's.", "",
+                  "| upstream | from | client | MB/s ↑ | x direct ↑ | TTFB ms ↓ | server CPU-s/GB ↓ | "
+                  "upstream CPU-s/GB | client CPU-s/GB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for row in cold:
+            lines.append(f"| {row['upstream']} | {row['from']} | {row['client']} | {fmt(row['mb_s'])} | "
+                         f"{fmt(row['x_direct'])} | {fmt(row['ttfb_first_layer_ms'])} | "
+                         f"{fmt(row['server_cpu_s_per_gb'])} | {fmt(row['upstream_cpu_s_per_gb'])} | "
+                         f"{fmt(row['client_cpu_s_per_gb'])} |")
     lines += ["", "| reference (same client) | median |", "|---|---:|"]
     for ref in summary["references"].values():
-        lines.append(f"| {ref['label']} | {fmt(ref['median'])} |")
+        if ref["median"] is not None:
+            lines.append(f"| {ref['label']} | {fmt(ref['median'])} |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for t in summary.get("targets", []):
+        if t.get("no_data"):
+            continue
         met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
         lines.append(f"| {t['target']} | {t['measured']} | {met} |")
     return "\n".join(lines)
@@ -1235,6 +1598,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small images (3 x 32 MiB, 30 x 1 MiB) for a dry run")
     p.add_argument("--no-fanin-a", dest="fanin_a", action="store_false",
                    help="skip the 20-client fan-in of image A (the slowest phase)")
+    p.add_argument("--no-https", dest="https", action="store_false",
+                   help="skip the HTTPS-upstream phase (a second upstream with TLS, image A pushed to it)")
     p.add_argument("--wrk-seconds", type=int, default=None, help="duration of each wrk run (default 10, quick 3)")
     p.add_argument("--max-minutes", type=float, default=40.0,
                    help="time budget; phases not started by then are skipped (default 40)")
@@ -1276,7 +1641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes: dict[str, Sequence[int]] = (
         {"a": [32 * MIB] * 3, "b": [1 * MIB] * 30, "c": [64]} if args.quick else
         {"a": [256 * MIB] * 3, "b": [4 * MIB] * 30, "c": [64]})
-    opts = Options(runs=args.runs, quick=args.quick, fanin_a=args.fanin_a,
+    opts = Options(runs=args.runs, quick=args.quick, fanin_a=args.fanin_a, https=args.https,
                    wrk_seconds=args.wrk_seconds or (3 if args.quick else 10),
                    spy_dir=args.spy_dir.resolve() if args.spy_dir else None, deadline=Deadline(args.max_minutes),
                    quiet_wait=args.quiet_wait)
@@ -1296,10 +1661,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     REAPER.add("workdir", work.cleanup)
     try:
         upstream = DistributionRegistry(work.path / "upstream")
-        with tracked("upstream", upstream.close):
+        tls_upstream = DistributionRegistry(work.path / "upstream-tls", tls=True) if args.https else None
+        with ExitStack() as stack:
+            stack.enter_context(tracked("upstream", upstream.close))
             upstream.start()
             log(f"upstream Distribution on {upstream.url}")
-            imgs = seed_upstream(upstream, work.path, sizes)
+            if tls_upstream is not None:
+                stack.enter_context(tracked("upstream-tls", tls_upstream.close))
+                tls_upstream.start()
+                log(f"HTTPS upstream Distribution on {tls_upstream.url}")
+            imgs, tls_a = seed_upstream(upstream, work.path, sizes, tls_upstream)
             result["images"] = {k: {"repo": i.repo, "layers": len(i.layers), "layer_bytes": i.layer_bytes}
                                 for k, i in imgs.items()}
             if args.mirror_ref == "worktree":
@@ -1311,9 +1682,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"mirror code: {result['mirror_code'].get('commit')} {result['mirror_code'].get('subject', '')}")
             servers: list[Server] = [MirrorServer(work.path, upstream, src),
                                      DistributionProxyServer(work.path, upstream)]
+            https = None
+            if tls_upstream is not None and tls_a is not None:
+                assert tls_upstream.ca_cert_path is not None
+                https = HttpsSetup(tls_upstream, tls_a,
+                                   [MirrorServer(work.path, tls_upstream, src),
+                                    DistributionProxyServer(work.path, tls_upstream)],
+                                   ssl.create_default_context(cafile=str(tls_upstream.ca_cert_path)))
+                result["https_upstream"] = {"url": tls_upstream.url, "certificate": "self-signed P-256, "
+                                            "SAN 127.0.0.1, made at start (tests/integration/upstream_registry.py)"}
             for run_no in range(1, args.runs + 1):
                 try:
-                    result["runs"].append(one_run(run_no, servers, imgs, upstream, opts, work.path))
+                    result["runs"].append(one_run(run_no, servers, imgs, upstream, opts, work.path, https))
                 except BenchError as e:
                     log(f"run {run_no} failed: {e}")
                     result.setdefault("errors", []).append(f"run {run_no}: {e}")

@@ -571,7 +571,8 @@ class DistributionRegistry:
                  password: str | None = None, token_anonymous: bool = False,
                  token_expires_in: int = 300, token_key_ref: Literal["kid", "x5c", "both"] = "kid",
                  tls: bool = False, port: int | None = None, binary: str = REGISTRY_BINARY,
-                 log_level: str = "info", start_timeout: float = 20.0) -> None:
+                 log_level: str = "info", start_timeout: float = 20.0,
+                 env: Mapping[str, str] | None = None) -> None:
         """Prepare config and credentials; nothing runs until :meth:`start`.
 
         ``auth="token"`` creates :attr:`token_issuer`; by default it demands
@@ -579,6 +580,8 @@ class DistributionRegistry:
         also hands tokens to anonymous clients, like Docker Hub).
         ``tls=True`` serves HTTPS with a fresh self-signed certificate for
         127.0.0.1 (:attr:`ca_cert_path`).
+        ``env``: the process's environment (default: this process's), e.g. with
+        ``SSL_CERT_FILE`` naming a CA bundle a proxy-mode registry must trust.
         """
         if auth not in (None, "htpasswd", "token"):
             raise ValueError(f"unknown auth mode {auth!r}")
@@ -591,6 +594,7 @@ class DistributionRegistry:
         self.binary = binary
         self.log_level = log_level
         self.start_timeout = start_timeout
+        self.env = dict(env) if env is not None else None
         self._fixed_port = port is not None
         self.port = port or free_port()
         self.data_dir = self.workdir / "data"
@@ -684,7 +688,7 @@ class DistributionRegistry:
             self.config_path.write_text(json.dumps(self.config(), indent=1))
             self._proc = proc_util.ManagedProcess([self.binary, "serve", self.config_path],
                                                   stdout=self.access_log_path, stderr=self.log_path,
-                                                  cwd=self.workdir)
+                                                  cwd=self.workdir, env=self.env)
             if self._wait_ready():
                 self._fixed_port = True  # a restart must come back on the same port
                 return self
