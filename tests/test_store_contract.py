@@ -429,3 +429,22 @@ async def test_tag_record_says_when_a_tag_was_last_set(store):
     record = await store.metadata.tag_record("team/a", "v1")
     assert record is not None and record[0] == d and record[1] > 0
     assert await store.metadata.get_tag("team/a", "v1") == d
+
+
+@pytest_twisted.ensureDeferred
+async def test_leases_have_one_holder(store):
+    """A store processes (or nodes) share has leases: one holder at a time, its own lease
+    again after a restart, renewal and release only by the holder (expiry: the backends'
+    own tests, with a fake clock for the filesystem's)."""
+    if store.leases is None:
+        pytest.skip("this backend is not shared between processes: it has no leases")
+    name = "fills/sha256/" + "cd" * 32
+    assert await store.leases.acquire(name, "node-a", 60) is None
+    assert await store.leases.acquire(name, "node-b", 60) == "node-a"
+    assert await store.leases.acquire(name, "node-a", 60) is None
+    await store.leases.renew(name, "node-b", 60)
+    await store.leases.release(name, "node-b")
+    assert await store.leases.acquire(name, "node-b", 60) == "node-a"
+    await store.leases.release(name, "node-a")
+    assert await store.leases.acquire(name, "node-b", 60) is None
+    await store.leases.release(name, "node-b")
