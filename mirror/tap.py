@@ -3,7 +3,9 @@
 The only module that touches the outside world: it reads the config, takes the global
 reactor, opens the store (:func:`mirror.storage.open_store`), builds the upstream
 clients, the registry and the web site, and hands them down.  Everything below takes
-what it needs as arguments.
+what it needs as arguments.  With ``workers`` above 1 it hands over to the supervisor of
+worker processes (:mod:`mirror.workers`), whose workers build what they serve with the
+functions here.
 """
 
 from __future__ import annotations
@@ -494,11 +496,16 @@ def serving_services(
 
 
 def makeService(options: Options) -> IService:
-    """Build the service tree twistd runs."""
+    """Build the service tree twistd runs: with ``workers`` above 1, a supervisor of worker
+    processes (:mod:`mirror.workers`), else the service itself."""
     from twisted.internet import reactor
 
     try:
         config = load_config(options["config"])
+        if config.workers > 1:
+            from mirror.workers.supervisor import build_supervisor
+
+            return build_supervisor(config, options["config"], reactor, options.parent)
         auth = build_auth(config)
         registry = build_registry(config, reactor)
     except ConfigError as e:
