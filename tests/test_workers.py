@@ -356,7 +356,12 @@ class Reactor(MemoryReactorClock):
         super().__init__()
         self.processes = []
 
+    failing = 0  # spawns that fail (fork: EAGAIN) before they work again
+
     def spawnProcess(self, protocol, executable, args, env=None, path=None, uid=None, gid=None, usePTY=0, childFDs=None):
+        if self.failing:
+            self.failing -= 1
+            raise OSError(11, "Resource temporarily unavailable")
         process = Process(protocol, 1000 + len(self.processes))
         self.processes.append((process, args, env, childFDs))
         protocol.makeConnection(process)
@@ -470,6 +475,18 @@ def test_a_worker_that_dies_is_restarted_after_a_growing_delay_and_counted(logge
     lines = texts(logged)
     assert any("worker 0 (pid 1000) exited with code 3 after 100.0 s; restarting it in 0.5 s" in t for t in lines)
     assert any("worker 0 (pid 1002) was killed by signal 11" in t and "in 2 s" in t for t in lines)
+
+
+def test_a_worker_that_cannot_be_spawned_is_tried_again_later(logged):
+    pool, reactor, ends, _ = make_pool(count=1)
+    reactor.failing = 2
+    pool.startService()
+    assert reactor.processes == [] and len(ends) == 0
+    reactor.advance(0.5)
+    assert reactor.processes == []
+    reactor.advance(1)
+    assert len(reactor.processes) == 1 and len(ends) == 1
+    assert sum("worker 0 could not be started" in t for t in texts(logged)) == 2
 
 
 def test_stopping_terms_every_worker_and_waits_then_kills_one_that_stays():

@@ -101,7 +101,7 @@ class Dispatcher:
 
     def _pause_or_resume(self) -> None:
         paused = bool(self._pending) or not any(t.ready for t in self._targets)
-        if paused == self._paused:
+        if paused == self._paused or self._closed:  # (closed: the listeners are closing too)
             return
         self._paused = paused
         for port in self._ports:

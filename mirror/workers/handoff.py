@@ -67,7 +67,8 @@ class SupervisorEnd:
         reactor: reads the worker's lines.
         on_ready: the worker is serving; its internal listener's port.
         on_flushed: the worker wrote its access record, as asked.
-        on_lost: the worker's end is closed (it exited, or is exiting).
+        on_lost: the worker's end is closed (it exited, or is exiting); not called after
+            :meth:`close`.
     """
 
     def __init__(
@@ -123,8 +124,9 @@ class SupervisorEnd:
             _log.warn("unexpected message from a worker: {line!r}", line=line[:100])
 
     def _lost(self) -> None:
-        self._closed()
-        self._on_lost()
+        if self.open:  # (not when the supervisor closed it: it knows)
+            self._closed()
+            self._on_lost()
 
     def _closed(self) -> None:
         if self.open:

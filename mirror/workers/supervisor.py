@@ -202,8 +202,14 @@ class WorkerPool(Service):
             )
         except OSError as e:  # (no process: try again later)
             ours.close()
-            _log.error("worker {index} could not be started: {error}", index=slot.index, error=str(e))
-            self._schedule_restart(slot, 0.0)
+            delay = slot.delay.after_death(0.0)
+            _log.error(
+                "worker {index} could not be started: {error}; trying again in {delay:g} s",
+                index=slot.index,
+                error=str(e),
+                delay=delay,
+            )
+            self._schedule_restart(slot, delay)
             return
         finally:
             os.close(null)
