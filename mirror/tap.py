@@ -50,7 +50,7 @@ from mirror.metrics import Metrics
 from mirror.registry.cluster import Cluster
 from mirror.registry.registry import Registry
 from mirror.storage import StoreLayoutError, default_spool, open_store
-from mirror.storage.base import LeaseStore, Store
+from mirror.storage.base import Store
 from mirror.storage.fsleases import FsLeases
 from mirror.upstream.client import Upstream
 from mirror.upstream.redirects import RedirectAgent
@@ -67,6 +67,7 @@ __all__ = [
     "build_registry",
     "build_serving",
     "connection_limits",
+    "machine_leases",
     "makeService",
     "open_configured_store",
     "parse_endpoints",
@@ -128,12 +129,16 @@ def open_configured_store(config: MirrorConfig, reactor: IReactorTime) -> Store:
         raise ConfigError(f"{config.source}: {config.storage.where}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _machine_leases(config: MirrorConfig, store: Store) -> LeaseStore | None:
-    """Leases that the processes of this machine share, and no other machine sees: the
-    filesystem store's own; for an s3 store, files in the local spool directory (a lease
-    in the bucket would send another node's processes to this machine's loopback)."""
+def machine_leases(config: MirrorConfig) -> FsLeases:
+    """Leases that the processes of this machine share, and no other machine sees: files
+    under the filesystem store's ``leases/``, or for an s3 store under the local spool
+    directory (a lease in the bucket would send another node's processes to this
+    machine's loopback).  Not the store's own ``leases``: a filesystem store has none, so
+    that one process's GC runs as it always did (a GC run lease left by a killed
+    ``mirror gc`` would hold off the next run for minutes)."""
     if config.storage.s3 is None:
-        return store.leases
+        assert config.storage.root is not None
+        return FsLeases(config.storage.root / "leases")
     return FsLeases((config.storage.spool or default_spool()) / "leases")
 
 
@@ -169,7 +174,7 @@ def build_registry(
         pool.maxPersistentPerHost = 16
     agent = Agent(reactor, pool=pool)
     if workers is not None:
-        cluster = Cluster(workers, _machine_leases(config, store), HTTPClient(agent), reactor)
+        cluster = Cluster(workers, machine_leases(config), HTTPClient(agent), reactor)
     else:
         cluster = Cluster(config.cluster, store.leases, HTTPClient(agent), reactor)
 

@@ -1,5 +1,5 @@
-"""FsLeases: the filesystem store's leases, with S3Leases' semantics (a fake clock; real
-files under tmp_path)."""
+"""FsLeases: leases as files, with S3Leases' semantics (a fake clock; real files under
+tmp_path); the worker processes of one machine fill blobs by them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 
 from twisted.internet.task import Clock
 
-from mirror.storage.fs import open_filesystem_store
 from mirror.storage.fsleases import FsLeases
 from tests.storeutil import Sync, run_now
 
@@ -119,9 +118,3 @@ def test_of_processes_asking_at_once_exactly_one_gets_it(tmp_path):
     winners = [holder for holder, other in outcomes if other is None]
     assert len(winners) == 1
     assert all(other == winners[0] for holder, other in outcomes if other is not None)
-
-
-def test_the_filesystem_store_has_leases_under_its_root(tmp_path):
-    store = open_filesystem_store(tmp_path / "store")
-    assert isinstance(store.leases, FsLeases)
-    assert store.leases.directory == tmp_path / "store" / "leases"

@@ -437,7 +437,7 @@ async def test_leases_have_one_holder(store):
     again after a restart, renewal and release only by the holder (expiry: the backends'
     own tests, with a fake clock for the filesystem's)."""
     if store.leases is None:
-        pytest.skip("this backend is not shared between processes: it has no leases")
+        pytest.skip("a store that only one node uses has no leases")
     name = "fills/sha256/" + "cd" * 32
     assert await store.leases.acquire(name, "node-a", 60) is None
     assert await store.leases.acquire(name, "node-b", 60) == "node-a"

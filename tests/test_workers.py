@@ -592,6 +592,17 @@ def test_each_worker_takes_its_share_of_max_connections(monkeypatch):
     assert connection_limits(LimitsConfig(), share=3).max_connections == 10_000  # (the default is per process)
 
 
+def test_the_workers_leases_are_files_only_this_machine_sees(tmp_path):
+    from mirror.storage.fsleases import FsLeases
+    from mirror.tap import machine_leases
+
+    on_disk = machine_leases(parse_config(f"listen: x\nstorage: {{root: '{tmp_path}/store'}}\n"))
+    assert isinstance(on_disk, FsLeases) and on_disk.directory == tmp_path / "store" / "leases"
+    s3 = "{endpoint: 'http://127.0.0.1:9', bucket: mirror, access_key: a, secret_key: s}"
+    in_bucket = machine_leases(parse_config(f"listen: x\nstorage: {{s3: {s3}, spool: '{tmp_path}/spool'}}\n"))
+    assert isinstance(in_bucket, FsLeases) and in_bucket.directory == tmp_path / "spool" / "leases"
+
+
 # TLS listeners ------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")  # (Twisted's calls into pyOpenSSL)
 def test_an_ssl_endpoint_is_accepted_as_plain_tcp_and_its_tls_done_by_the_worker(tmp_path):

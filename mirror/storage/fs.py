@@ -59,7 +59,6 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from mirror.core.errors import RegistryError
 from mirror.core.oci import Digest, parse_digest
 from mirror.storage.base import BlobInfo, RepositoryRecord, Store
-from mirror.storage.fsleases import FsLeases
 from mirror.storage.sending import CachedSource, FileResponder, Responder
 from mirror.storage.spool import Hashes, LocalSpool, Orphan, SpoolWriter
 
@@ -572,5 +571,4 @@ def open_filesystem_store(root: Path, run_blocking: RunBlocking = _run_here) -> 
         gc_lock=FsGcLock(layout, run_blocking),
         spool=spool,
         description=f"filesystem {layout.root}",
-        leases=FsLeases(layout.root / "leases"),
     )

@@ -388,7 +388,9 @@ class _Fetcher:
     """Asks a worker's internal listener, with a timeout."""
 
     def __init__(self, reactor: Any) -> None:
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        # (a connection per question: a restarted worker may listen on a port number a
+        # connection kept from its predecessor still names)
+        pool = HTTPConnectionPool(reactor, persistent=False)
         self._http = HTTPClient(Agent(reactor, pool=pool))
         self._reactor = reactor
 
