@@ -15,6 +15,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, s
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import ISystemHandle
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -93,7 +94,7 @@ class Port(FileDescriptor):
 
 def test_connections_go_round_robin_over_the_ready_workers():
     workers = [Worker(0), Worker(1), Worker(2, ready=False), Worker(3)]
-    d = Dispatcher(workers)
+    d = Dispatcher(workers, Clock())
     conns = [Conn(f"c{i}") for i in range(6)]
     for i, c in enumerate(conns):
         d.give(i % 2, c)
@@ -105,15 +106,36 @@ def test_connections_go_round_robin_over_the_ready_workers():
 def test_a_worker_that_cannot_take_a_connection_is_skipped_for_the_next():
     workers = [Worker(0), Worker(1)]
     workers[0].refuse = BlockingIOError(11, "Resource temporarily unavailable")
-    d = Dispatcher(workers)
+    d = Dispatcher(workers, Clock())
     d.give(0, Conn("a"))
     d.give(0, Conn("b"))
     assert workers[1].got == [(0, "a"), (0, "b")]
 
 
+def test_when_every_worker_is_full_connections_wait_and_are_offered_again():
+    """A worker that is not reading fills its socket pair; with all of them full the
+    connections wait (the listeners pause) and are offered again shortly, in order."""
+    workers = [Worker(0), Worker(1)]
+    full = BlockingIOError(11, "Resource temporarily unavailable")
+    workers[0].refuse = workers[1].refuse = full
+    clock = Clock()
+    d = Dispatcher(workers, clock)
+    port = Port()
+    d.add_port(port)
+    d.give(0, Conn("a"))
+    d.give(1, Conn("b"))
+    assert d.paused and not port.reading
+    clock.advance(0.01)
+    assert d.paused  # still full: again later
+    workers[1].refuse = None
+    clock.advance(0.01)
+    assert workers[1].got == [(0, "a"), (1, "b")] and not d.paused and port.reading
+    assert not clock.getDelayedCalls()
+
+
 def test_with_no_worker_ready_the_listeners_pause_and_connections_wait_until_one_is():
     workers = [Worker(0, ready=False), Worker(1, ready=False)]
-    d = Dispatcher(workers)
+    d = Dispatcher(workers, Clock())
     port = Port()
     d.add_port(port)
     assert d.paused and not port.reading
@@ -130,7 +152,7 @@ def test_with_no_worker_ready_the_listeners_pause_and_connections_wait_until_one
 
 
 def test_waiting_connections_are_bounded_and_closed_at_stop():
-    d = Dispatcher([Worker(0, ready=False)])
+    d = Dispatcher([Worker(0, ready=False)], Clock())
     conns = [Conn(i) for i in range(MAX_PENDING + 3)]
     for c in conns:
         d.give(0, c)

@@ -6,8 +6,9 @@ socket out of Twisted's hands at once, before anything is read from it, and give
 the :class:`Dispatcher`, which passes it to the next worker that is ready (round-robin)
 and closes the supervisor's copy.  A worker that cannot take it (it just died; it is not
 reading) is skipped for the next.  While no worker is ready (at start, or if every worker
-died) the listeners stop accepting, so new clients wait in the kernel's backlog, and the
-few connections accepted meanwhile wait here until a worker is ready.
+died), or none can take more (each one's socket pair is full), the listeners stop
+accepting, so new clients wait in the kernel's backlog, and the few connections accepted
+meanwhile wait here: until a worker is ready, or :data:`RETRY` seconds on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IAddress, IListeningPort, ISystemHandle, ITransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTime, ISystemHandle, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -27,6 +28,8 @@ __all__ = ["Dispatcher", "HandoffFactory", "Target"]
 
 #: Connections held while no worker is ready, at most (beyond: closed at once).
 MAX_PENDING = 1024
+#: Seconds before connections that no ready worker could take are offered again.
+RETRY = 0.01
 
 _log = Logger()
 
@@ -48,8 +51,10 @@ class Target(TypingProtocol):
 class Dispatcher:
     """Round-robin over the ready ``targets`` (see the module docstring)."""
 
-    def __init__(self, targets: Sequence[Target]) -> None:
+    def __init__(self, targets: Sequence[Target], clock: IReactorTime) -> None:
         self._targets = targets
+        self._clock = clock
+        self._retry: IDelayedCall | None = None
         self._next = 0
         self._pending: deque[tuple[int, socket.socket]] = deque()
         self._ports: list[IListeningPort] = []
@@ -71,6 +76,15 @@ class Dispatcher:
                 return
             self._pending.append((listener, connection))
             self._pause_or_resume()
+            if self._retry is None and any(t.ready for t in self._targets):  # (they are full: try again soon)
+                self._retry = self._clock.callLater(RETRY, self._again)
+
+    def _again(self) -> None:
+        self._retry = None
+        if not self._closed:
+            self.changed()
+            if self._pending and any(t.ready for t in self._targets):
+                self._retry = self._clock.callLater(RETRY, self._again)
 
     def _hand(self, listener: int, connection: socket.socket) -> bool:
         count = len(self._targets)
@@ -81,6 +95,8 @@ class Dispatcher:
                 continue
             try:
                 target.hand(listener, connection)
+            except BlockingIOError:  # (it is not reading as fast as connections come: the next)
+                continue
             except OSError as e:
                 _log.info("worker {index} could not take a connection: {error}", index=target.index, error=str(e))
                 continue
@@ -118,6 +134,8 @@ class Dispatcher:
     def close(self) -> None:
         """Close the connections still waiting (at stop)."""
         self._closed = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         while self._pending:
             self._pending.popleft()[1].close()
 

@@ -164,7 +164,7 @@ class WorkerPool(Service):
         open_end: Callable[..., SupervisorEnd] = SupervisorEnd,
     ) -> None:
         self.slots = [_Slot(i) for i in range(count)]
-        self.dispatcher = Dispatcher(self.slots)
+        self.dispatcher = Dispatcher(self.slots, reactor)
         self._reactor = reactor
         self._argv = argv
         self._env = dict(env)
