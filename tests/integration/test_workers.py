@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -91,11 +92,16 @@ class Workers(MirrorProcess):
     """``twistd mirror`` with ``workers: 2`` and a metrics listener.  With ``logfile``
     False it runs as ``mirror serve`` does (logging to standard output)."""
 
-    def __init__(self, workdir: Path, upstreams, *, logfile: bool = True, **extra) -> None:
+    def __init__(self, workdir: Path, upstreams, *, logfile: bool = True, unix: Path | None = None, **extra) -> None:
         self.metrics_port = free_port()
         extra.setdefault("workers", 2)
         super().__init__(workdir, upstreams, metrics={"listen": tcp_endpoint(self.metrics_port)}, **extra)
         self.logfile = logfile
+        if unix is not None:  # (the harness takes tcp: and ssl: endpoints only)
+            config = yaml.safe_load(self.config_path.read_text())
+            listen = config["listen"] if isinstance(config["listen"], list) else [config["listen"]]
+            config["listen"] = [*listen, f"unix:{unix}"]
+            self.config_path.write_text(yaml.safe_dump(config))
 
     @property
     def metrics_url(self) -> str:
@@ -240,16 +246,30 @@ def test_sigterm_stops_every_worker_and_a_killed_supervisor_leaves_none(upstream
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 10), [p for p in pids if pid_alive(p)]
 
 
+def unix_get(path: Path, target: str) -> bytes:
+    """The raw response to ``GET target`` over the UNIX socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: mirror\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def test_a_real_client_pulls_through_two_workers_over_plain_http_and_tls(seeded_upstream, upstreams, start_workers, workdir):
     """skopeo pulls (and verifies) an image through the workers; the same service's ssl:
-    listener is accepted as plain TCP by the supervisor and spoken TLS by the worker."""
+    listener is accepted as plain TCP by the supervisor and spoken TLS by the worker, and
+    its unix: listener is handed over alike."""
     if client_skip_reason("skopeo"):
         pytest.skip(client_skip_reason("skopeo"))
     _, seeded = seeded_upstream
     tls = make_ca_and_server_cert(workdir / "tls")
     tls_port = free_port()
     port = free_port()
-    m = start_workers(upstreams, listen=[tcp_endpoint(port), tls_endpoint(tls_port, tls.key, tls.cert)])
+    unix_path = workdir / "mirror.sock"
+    m = start_workers(upstreams, listen=[tcp_endpoint(port), tls_endpoint(tls_port, tls.key, tls.cert)], unix=unix_path)
     image = seeded["latest"]
     assert skopeo_copy(f"{m.host_port}/{image.repo}:{image.tag}") == image.digest
     context = ssl.create_default_context(cafile=str(tls.ca_cert))
@@ -257,5 +277,8 @@ def test_a_real_client_pulls_through_two_workers_over_plain_http_and_tls(seeded_
         status, body = http(f"https://127.0.0.1:{tls_port}/v2/", context=context)
         assert (status, body) == (200, b"{}")
     assert skopeo_copy(f"127.0.0.1:{tls_port}/{image.repo}:{image.tag}", tls_verify=True, cert_dir=tls.cert_dir) == image.digest
+    for _ in range(2):
+        answer = unix_get(unix_path, f"/v2/{image.repo}/manifests/{image.tag}")
+        assert answer.startswith(b"HTTP/1.1 200 ") and f"Docker-Content-Digest: {image.digest}".encode() in answer
     served = by_worker(m.metrics(), "mirror_http_requests_total", route="base")
     assert set(served) == {"0", "1"}
