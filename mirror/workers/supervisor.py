@@ -40,7 +40,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 import mirror
 from mirror import __version__
-from mirror.config import ConfigError, MirrorConfig, load_config
+from mirror.config import ConfigError, LimitsConfig, MirrorConfig, load_config
 from mirror.tap import (
     _every,
     _Listener,
@@ -461,7 +461,8 @@ def build_supervisor(config: MirrorConfig, config_path: str, reactor: Any, twist
     return top
 
 
-def _metrics_limits(config: MirrorConfig) -> Any:
+def _metrics_limits(config: MirrorConfig) -> LimitsConfig:
+    """The metrics listener's limits: the config's, with a connection budget of its own."""
     return attrs.evolve(config.limits, max_connections=METRICS_MAX_CONNECTIONS)
 
 
