@@ -345,6 +345,32 @@ def test_a_worker_writes_whole_tagged_lines_or_bare_text_for_the_supervisor_to_l
     assert bare.getvalue() == "two\n\tlines {not a field}\n"
 
 
+def test_piped_lines_are_written_in_batches_and_a_warning_at_once():
+    """Each write wakes the supervisor: access-log lines go out together, at most 50 ms
+    late (or at 16 KiB); a warning takes what is held with it at once."""
+    import io
+
+    from twisted.logger import Logger
+
+    out = io.StringIO()
+    clock = Clock()
+    observer = worker_observer(1, inherit=False, out=out, clock=clock)
+    log = Logger(observer=observer)
+    log.info("GET 1")
+    log.info("GET 2")
+    assert out.getvalue() == ""
+    clock.advance(0.05)
+    assert out.getvalue() == "GET 1\nGET 2\n"
+    log.info("GET 3")
+    log.warn("trouble")
+    assert out.getvalue().endswith("GET 3\ntrouble\n") and not clock.getDelayedCalls()
+    log.info("x" * 17000)
+    assert out.getvalue().endswith("x\n") and not clock.getDelayedCalls()
+    log.info("last")
+    observer.flush()  # (at exit)
+    assert out.getvalue().endswith("last\n") and not clock.getDelayedCalls()
+
+
 def test_the_relay_logs_each_line_of_a_worker_as_its_own_event(logged):
     relay = LineRelay(2)
     relay.feed(b"first line\nsec")

@@ -166,8 +166,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     secret = os.environ.pop(SECRET_ENV, "")
     _die_with_parent(args.supervisor)
-    globalLogBeginner.beginLoggingTo([worker_observer(args.index, args.inherit_log)], redirectStandardIO=False)
     from twisted.internet import reactor
+
+    observer = worker_observer(args.index, args.inherit_log, clock=reactor)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    try:
+        return _serve(args, secret, reactor)
+    finally:
+        flush = getattr(observer, "flush", None)
+        if flush is not None:
+            flush()  # (the last lines)
+
+
+def _serve(args: argparse.Namespace, secret: str, reactor: Any) -> int:
 
     try:
         if len(secret) < 16:
