@@ -32,7 +32,8 @@ from mirror.workers.handoff import WorkerEnd
 from mirror.workers.health import SupervisorHealth
 from mirror.workers.logs import LineRelay, logs_to_stdout, worker_observer
 from mirror.workers.metrics import SupervisorMetrics, combine
-from mirror.workers.supervisor import FLUSH_TIMEOUT, STOP_TIMEOUT, WorkerPool, reload_supervisor, worker_argv
+from mirror.workers.pool import FLUSH_TIMEOUT, STOP_TIMEOUT, WorkerPool, worker_argv
+from mirror.workers.supervisor import reload_supervisor
 from tests.storeutil import run_now
 
 

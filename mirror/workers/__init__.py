@@ -16,9 +16,10 @@ machine sees, with a secret the supervisor makes at each start: one upstream fet
 blob, and clients on other workers stream the growing fill from the worker fetching it.
 Tags confirmed by the upstream are recorded in the store, so every worker sees them.
 
-The supervisor restarts a worker that dies (:mod:`.backoff`), runs the periodic GC (after
-asking every worker to write its access record), serves ``metrics.listen`` with every
-worker's metrics labelled ``worker="<i>"`` (:mod:`.metrics`, :mod:`.health`), forwards
-SIGHUP to every worker once the new config is valid, and on stop ends every worker
-before it exits.  A worker whose supervisor dies, however it dies, exits too.
+The supervisor's pool (:mod:`.pool`) restarts a worker that dies (:mod:`.backoff`) and on
+stop ends every worker before twistd exits; a worker whose supervisor dies, however it
+dies, exits too.  The supervisor runs the periodic GC (after asking every worker to write
+its access record), serves ``metrics.listen`` with every worker's metrics labelled
+``worker="<i>"`` (:mod:`.metrics`, :mod:`.health`), and forwards SIGHUP to every worker
+once the new config is valid.
 """
