@@ -26,6 +26,7 @@ from mirror.upstream.tls import read_ca_bundle
 
 __all__ = [
     "ACTIONS",
+    "MAX_WORKERS",
     "AccessRule",
     "AuthConfig",
     "ClusterConfig",
@@ -47,6 +48,8 @@ _PREFIX_RE = re.compile(r"(?:(?!\.+/)[A-Za-z0-9._-]+/)+")  # no "." or ".." segm
 _PATTERN_RE = re.compile(r"[a-z0-9*][a-z0-9._*/-]*")
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b|)", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1}
+#: The most worker processes a config may ask for (``workers``).
+MAX_WORKERS = 64
 for _i, _p in enumerate("kmgt", start=1):
     _UNITS.update({_p: 1024**_i, f"{_p}ib": 1024**_i, f"{_p}b": 1000**_i, f"{_p}i": 1024**_i})
 
@@ -200,6 +203,7 @@ class MirrorConfig:
     limits: LimitsConfig = LimitsConfig()  # timeouts and sizes of client connections
     auth: AuthConfig | None = None  # client authentication; None: open registry
     cluster: ClusterConfig | None = None  # several nodes on one s3 store
+    workers: int = 1  # processes serving the listeners (mirror.workers); 1: this process alone
     max_manifest_size: int = 4 * 1024 * 1024
     source: str = "<config>"
 
@@ -642,6 +646,13 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
             result.append(u)
         return tuple(result)
 
+    def workers(key_path: str, value: object) -> int:
+        if value == "auto":
+            return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            raise top.error(key_path, f"expected a whole number from 1 to {MAX_WORKERS}, or auto (one per core)")
+        return value
+
     cfg = MirrorConfig(
         listen=top.need("listen", listen) or (),
         storage=top.need("storage", storage) or StorageConfig(),
@@ -656,12 +667,15 @@ def parse_config(text: str, source: str = "<config>") -> MirrorConfig:
         limits=top.take("limits", limits, LimitsConfig()),
         auth=top.optional("auth", auth),
         cluster=top.optional("cluster", cluster),
+        workers=top.take("workers", workers, 1),
         max_manifest_size=top.take("max_manifest_size", top.size, 4 * 1024 * 1024),
         source=source,
     )
     top.finish()
     if top.valid("storage", "cluster") and cfg.cluster is not None and cfg.storage.s3 is None:
         top.problem("cluster", "needs a store the nodes share (storage.s3)")
+    if top.valid("workers", "cluster") and cfg.cluster is not None and cfg.workers > 1:
+        top.problem("workers", "a cluster node runs one process (workers: 1): other nodes would have to reach each worker")
     if found.lines:
         raise ConfigError(*found.lines)
     return cfg

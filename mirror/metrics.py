@@ -13,7 +13,24 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-__all__ = ["Metrics"]
+__all__ = ["GcMetrics", "Metrics"]
+
+
+class GcMetrics:
+    """What garbage collection runs report: the process that runs them counts them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.store_bytes = Gauge("mirror_store_bytes", "Bytes in the blob store (at the last GC run)", registry=r)
+        self.store_blobs = Gauge("mirror_store_blobs", "Blobs in the store (at the last GC run)", registry=r)
+        self.gc_runs = Counter("mirror_gc_runs", "Garbage collection runs", registry=r)
+        self.gc_freed = Counter("mirror_gc_freed_bytes", "Bytes freed by garbage collection", registry=r)
+
+    def gc_run(self, freed: int, store_bytes: int, store_blobs: int) -> None:
+        self.gc_runs.inc()
+        self.gc_freed.inc(freed)
+        self.store_bytes.set(store_bytes)
+        self.store_blobs.set(store_blobs)
 
 
 class Metrics:
@@ -49,10 +66,7 @@ class Metrics:
         self.stale = Counter(
             "mirror_stale_tags_served", "Tags served unchecked because the upstream failed", ["upstream"], registry=r
         )
-        self.store_bytes = Gauge("mirror_store_bytes", "Bytes in the blob store (at the last GC run)", registry=r)
-        self.store_blobs = Gauge("mirror_store_blobs", "Blobs in the store (at the last GC run)", registry=r)
-        self.gc_runs = Counter("mirror_gc_runs", "Garbage collection runs", registry=r)
-        self.gc_freed = Counter("mirror_gc_freed_bytes", "Bytes freed by garbage collection", registry=r)
+        self.gc = GcMetrics(r)
 
     def request(self, route: str, method: str, status: int, sent: int) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -86,10 +100,7 @@ class Metrics:
         self.stale.labels(upstream).inc()
 
     def gc_run(self, freed: int, store_bytes: int, store_blobs: int) -> None:
-        self.gc_runs.inc()
-        self.gc_freed.inc(freed)
-        self.store_bytes.set(store_bytes)
-        self.store_blobs.set(store_blobs)
+        self.gc.gc_run(freed, store_bytes, store_blobs)
 
     def watch_ratelimits(self, upstreams: Callable[[], Iterable[tuple[str, str | None]]]) -> None:
         """Report each upstream's last ``ratelimit-remaining`` at scrape time."""

@@ -3,19 +3,22 @@
 The only module that touches the outside world: it reads the config, takes the global
 reactor, opens the store (:func:`mirror.storage.open_store`), builds the upstream
 clients, the registry and the web site, and hands them down.  Everything below takes
-what it needs as arguments.
+what it needs as arguments.  With ``workers`` above 1 it hands over to the supervisor of
+worker processes (:mod:`mirror.workers`), whose workers build what they serve with the
+functions here.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from resource import RLIMIT_NOFILE, getrlimit
 from types import FrameType
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import attrs
 
@@ -42,11 +45,13 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mirror import __version__
-from mirror.config import ConfigError, LimitsConfig, MirrorConfig, UpstreamConfig, load_config
+from mirror.config import ClusterConfig, ConfigError, LimitsConfig, MirrorConfig, UpstreamConfig, load_config
 from mirror.metrics import Metrics
 from mirror.registry.cluster import Cluster
 from mirror.registry.registry import Registry
-from mirror.storage import StoreLayoutError, open_store
+from mirror.storage import StoreLayoutError, default_spool, open_store
+from mirror.storage.base import Store
+from mirror.storage.fsleases import FsLeases
 from mirror.upstream.client import Upstream
 from mirror.upstream.redirects import RedirectAgent
 from mirror.upstream.tls import upstream_agent
@@ -55,7 +60,20 @@ from mirror.web.health import HealthResource
 from mirror.web.resource import RegistryResource
 from mirror.web.site import DEFAULT_MAX_CONNECTIONS_CAP, METRICS_MAX_CONNECTIONS, LimitedSite, build_site, connection_budget
 
-__all__ = ["Options", "build_auth", "build_registry", "connection_limits", "makeService", "reload_config"]
+__all__ = [
+    "Options",
+    "Serving",
+    "build_auth",
+    "build_registry",
+    "build_serving",
+    "connection_limits",
+    "machine_leases",
+    "makeService",
+    "open_configured_store",
+    "parse_endpoints",
+    "reload_config",
+    "serving_services",
+]
 
 _log = Logger()
 
@@ -99,8 +117,38 @@ class _FlushAtStop(Service):
         return Deferred.fromCoroutine(self._registry.access.flush())
 
 
+def open_configured_store(config: MirrorConfig, reactor: IReactorTime) -> Store:
+    """The store ``config`` names.
+
+    Raises:
+        ConfigError: it cannot be opened (naming ``storage.root`` or ``storage.s3``).
+    """
+    try:
+        return open_store(config.storage, deferToThread, reactor)
+    except (OSError, StoreLayoutError) as e:
+        raise ConfigError(f"{config.source}: {config.storage.where}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def machine_leases(config: MirrorConfig) -> FsLeases:
+    """Leases that the processes of this machine share, and no other machine sees: files
+    under the filesystem store's ``leases/``, or for an s3 store under the local spool
+    directory (a lease in the bucket would send another node's processes to this
+    machine's loopback).  Not the store's own ``leases``: a filesystem store has none, so
+    that one process's GC runs as it always did (a GC run lease left by a killed
+    ``mirror gc`` would hold off the next run for minutes)."""
+    if config.storage.s3 is None:
+        assert config.storage.root is not None
+        return FsLeases(config.storage.root / "leases")
+    return FsLeases((config.storage.spool or default_spool()) / "leases")
+
+
 def build_registry(
-    config: MirrorConfig, reactor: IReactorTime, pool: HTTPConnectionPool | None = None, *, resume_fills: bool = True
+    config: MirrorConfig,
+    reactor: IReactorTime,
+    pool: HTTPConnectionPool | None = None,
+    *,
+    resume_fills: bool = True,
+    workers: ClusterConfig | None = None,
 ) -> Registry:
     """The registry for ``config`` on ``reactor`` (a real one).
 
@@ -110,14 +158,14 @@ def build_registry(
     disk once the reactor runs; the fills of live processes sharing the store are kept
     (:mod:`mirror.storage.spool`).  ``resume_fills`` False (``mirror warm``, which exits
     when its own images are done) leaves the noted fills for the service to resume.
+    ``workers`` makes this process one of a machine's worker processes
+    (:mod:`mirror.workers`): they are a cluster of their own, on leases only this machine
+    sees, in place of the config's ``cluster`` (which the config refuses with workers).
 
     Raises:
         ConfigError: the store cannot be opened (naming ``storage.root`` or ``storage.s3``).
     """
-    try:
-        store = open_store(config.storage, deferToThread, reactor)
-    except (OSError, StoreLayoutError) as e:
-        raise ConfigError(f"{config.source}: {config.storage.where}: {getattr(e, 'strerror', None) or e}") from None
+    store = open_configured_store(config, reactor)
     orphans = store.spool.take_orphans()  # fills a dead process left, to resume (locked: clean leaves them)
     cleaning = Deferred.fromCoroutine(store.spool.clean())  # (no waits in it: done on return)
     cleaning.addCallbacks(_report_cleaned, lambda f: _log.failure("could not clean the spool", f))
@@ -125,7 +173,10 @@ def build_registry(
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
     agent = Agent(reactor, pool=pool)
-    cluster = Cluster(config.cluster, store.leases, HTTPClient(agent), reactor)
+    if workers is not None:
+        cluster = Cluster(workers, machine_leases(config), HTTPClient(agent), reactor)
+    else:
+        cluster = Cluster(config.cluster, store.leases, HTTPClient(agent), reactor)
 
     def upstream(u: UpstreamConfig, metrics: Metrics) -> Upstream:
         try:
@@ -192,6 +243,10 @@ def reload_config(
     return True
 
 
+class _GcCounts(Protocol):
+    def gc_run(self, freed: int, store_bytes: int, store_blobs: int) -> None: ...
+
+
 class _PeriodicGc:
     """Runs ``mirror gc --json`` as a child process, never two at once.
 
@@ -199,20 +254,34 @@ class _PeriodicGc:
     this process it would hold up the reactor (stalls of 60-90 ms per 100k blobs were
     measured when it ran in a thread); in its own process the reactor keeps answering.
     The store is safe for two processes (see :mod:`mirror.registry.gc`).
+
+    Args:
+        config: the running config (``gc.interval`` 0 after a reload: no more runs).
+        flush: writes the access records of the processes serving, before each run.
+        metrics: counts the runs.
     """
 
-    def __init__(self, reactor: IReactorProcess, registry: Registry, config_path: str) -> None:
+    def __init__(
+        self,
+        reactor: IReactorProcess,
+        config_path: str,
+        config: Callable[[], MirrorConfig],
+        flush: Callable[[], Awaitable[object]],
+        metrics: _GcCounts,
+    ) -> None:
         self._reactor = reactor
-        self._registry = registry
         self._config_path = config_path
+        self._config = config
+        self._flush = flush
+        self._metrics = metrics
         self._running = False
 
     async def __call__(self) -> None:
-        if self._running or not self._registry.config.gc.interval:
+        if self._running or not self._config().gc.interval:
             return
         self._running = True
         try:
-            await self._registry.access.flush()  # GC evicts by the access record: make it current
+            await self._flush()  # GC evicts by the access record: make it current
             result = await getProcessOutputAndValue(
                 sys.executable,
                 ["-m", "mirror.tools.cli", "gc", "--config", self._config_path, "--json"],
@@ -235,7 +304,7 @@ class _PeriodicGc:
         if "skipped" in numbers:
             _log.info("gc: skipped: {reason}", reason=numbers["skipped"], event_kind="gc")
             return
-        self._registry.metrics.gc_run(numbers["bytes_freed"], numbers["store_bytes"], numbers["store_blobs"])
+        self._metrics.gc_run(numbers["bytes_freed"], numbers["store_bytes"], numbers["store_blobs"])
         _log.info(
             "gc: {manifests_dropped} manifests dropped, {blobs_deleted} blobs deleted, {bytes_freed} bytes freed "
             "in {seconds} s; store now {store_bytes} bytes in {store_blobs} blobs",
@@ -245,28 +314,18 @@ class _PeriodicGc:
 
 
 class _ReloadOnHangup(Service):
-    """SIGHUP re-reads the config without dropping connections."""
+    """SIGHUP runs ``reload`` (re-reads the config) on the reactor, dropping no connection."""
 
-    def __init__(
-        self,
-        reactor: IReactorFromThreads,
-        registry: Registry,
-        path: str,
-        resource: RegistryResource,
-        apply_limits: Callable[[LimitsConfig], None],
-    ) -> None:
+    def __init__(self, reactor: IReactorFromThreads, reload: Callable[[], object]) -> None:
         self._reactor = reactor
-        self._registry = registry
-        self._path = path
-        self._resource = resource
-        self._apply_limits = apply_limits
+        self._reload = reload
 
     def startService(self) -> None:
         Service.startService(self)
         signal.signal(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(reload_config, self._registry, self._path, self._resource, self._apply_limits)
+        self._reactor.callFromThread(self._reload)
 
 
 def _fail(problems: Sequence[str]) -> SystemExit:
@@ -281,20 +340,23 @@ def _fail(problems: Sequence[str]) -> SystemExit:
     return SystemExit(2)
 
 
-def connection_limits(limits: LimitsConfig) -> LimitsConfig:
+def connection_limits(limits: LimitsConfig, share: int = 1) -> LimitsConfig:
     """``limits`` with ``max_connections`` set: when the config leaves it out, as many as
     this process's open-file limit can hold (:func:`~mirror.web.site.connection_budget`,
     at most :data:`~mirror.web.site.DEFAULT_MAX_CONNECTIONS_CAP`).  A configured value
-    above that is kept, with a warning."""
+    above that is kept, with a warning.  ``share``: the number of worker processes
+    serving the listeners, which each take their part of a configured value (rounded up)."""
     fd_limit = getrlimit(RLIMIT_NOFILE)[0]
     budget = connection_budget(fd_limit)
     if limits.max_connections is None:
         return attrs.evolve(limits, max_connections=min(budget, DEFAULT_MAX_CONNECTIONS_CAP))
-    if limits.max_connections > budget:
+    limit = math.ceil(limits.max_connections / share)
+    limits = attrs.evolve(limits, max_connections=limit)
+    if limit > budget:
         _log.warn(
             "limits.max_connections is {max_connections} but the open-file limit ({fd_limit}) holds about {budget} "
             "connections: raise it (ulimit -n, systemd LimitNOFILE=) or lower max_connections",
-            max_connections=limits.max_connections,
+            max_connections=limit,
             fd_limit=fd_limit,
             budget=budget,
         )
@@ -335,15 +397,21 @@ class _Listener(StreamServerEndpointService):
         self._reactor = reactor
         self._opening = False
         self._failed: str | None = None
+        self.port: IListeningPort | None = None  # once open
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
         self._opening = True
         listening: Deferred[IListeningPort | None] = self.endpoint.listen(self.factory)
-        self._waitingForPort = listening.addErrback(self._cannot_listen)  # stopService cancels or closes it
+        listening.addCallbacks(self._opened, self._cannot_listen)
+        self._waitingForPort = listening  # stopService cancels or closes it
         self._opening = False
         if self._failed is not None:
             raise _fail([self._failed])
+
+    def _opened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
 
     def _cannot_listen(self, failure: Failure) -> None:
         if failure.check(CancelledError):  # stopped before a late endpoint opened
@@ -358,9 +426,12 @@ class _Listener(StreamServerEndpointService):
         self._reactor.stop()
 
 
-def _listeners(descriptions: tuple[str, ...], key: str, factory: IProtocolFactory, reactor: IReactorCore) -> list[_Listener]:
-    """A :class:`_Listener` per endpoint string of the config key ``key``; one that
-    cannot be parsed (an unknown type, a missing key file) stops start-up with one line."""
+def parse_endpoints(
+    descriptions: tuple[str, ...], key: str, reactor: IReactorCore
+) -> list[tuple[IStreamServerEndpoint, str, str]]:
+    """(endpoint, its string, its config key) per endpoint string of the config key
+    ``key``; one that cannot be parsed (an unknown type, a missing key file) stops
+    start-up with one line."""
     result = []
     for i, description in enumerate(descriptions):
         where = key if len(descriptions) == 1 else f"{key}[{i}]"
@@ -368,51 +439,107 @@ def _listeners(descriptions: tuple[str, ...], key: str, factory: IProtocolFactor
             endpoint = endpoints.serverFromString(reactor, description)
         except Exception as e:  # any endpoint parser's complaint: ValueError, OSError, OpenSSL's errors...
             raise _fail([f"cannot listen on {description} ({where}): {_reason(e)}"]) from None
-        result.append(_Listener(endpoint, factory, description, where, reactor))
+        result.append((endpoint, description, where))
     return result
 
 
+def _listeners(descriptions: tuple[str, ...], key: str, factory: IProtocolFactory, reactor: IReactorCore) -> list[_Listener]:
+    """A :class:`_Listener` serving ``factory`` per endpoint string of the config key ``key``."""
+    return [_Listener(endpoint, factory, d, where, reactor) for endpoint, d, where in parse_endpoints(descriptions, key, reactor)]
+
+
+@attrs.define
+class Serving:
+    """What serves the registry in one process: its site (for the ``listen`` endpoints),
+    the health site (``/healthz``, ``/readyz``, ``/metrics``), and applying new limits."""
+
+    registry: Registry
+    site: LimitedSite
+    health: LimitedSite
+    share: int = 1  # worker processes serving the listeners (each takes its part of the limits)
+
+    @property
+    def resource(self) -> RegistryResource:
+        resource = self.site.resource
+        assert isinstance(resource, RegistryResource)
+        return resource
+
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """New ``limits`` for connections made from now on (at start, and on a reload)."""
+        limits = connection_limits(limits, self.share)
+        self.site.configure(limits)
+        self.health.configure(attrs.evolve(limits, max_connections=METRICS_MAX_CONNECTIONS))
+
+    def reload(self, path: str) -> bool:
+        """Re-read the config at ``path`` and apply it (SIGHUP)."""
+        return reload_config(self.registry, path, self.resource, self.apply_limits)
+
+
+def build_serving(config: MirrorConfig, auth: Authenticator | None, registry: Registry, share: int = 1) -> Serving:
+    """The sites serving ``registry``, with ``config``'s limits applied."""
+    site = build_site(registry, auth, deferToThread)
+    health = LimitedSite(HealthResource(registry.metrics, registry.store.spool.check_writable), config.limits)
+    serving = Serving(registry, site, health, share)
+    serving.apply_limits(config.limits)
+    return serving
+
+
+def serving_services(
+    serving: Serving, config: MirrorConfig, config_path: str, reactor: IReactorFromThreads, *, expire_uploads: bool = True
+) -> list[IService]:
+    """The services of a process serving the registry, apart from its listeners: writing
+    the access record (periodically and at stop), expiring abandoned uploads (unless
+    ``expire_uploads`` is False: another process sharing the store does it), and
+    re-reading the config on SIGHUP."""
+    registry = serving.registry
+    services: list[IService] = [TimerService(config.storage.access_flush_interval, _every(registry.access.flush))]
+    if expire_uploads:
+        services.append(TimerService(min(600.0, config.upload_expiry / 4), _every(registry.expire_uploads)))
+    services.append(_FlushAtStop(registry))
+    services.append(_ReloadOnHangup(reactor, lambda: serving.reload(config_path)))
+    return services
+
+
 def makeService(options: Options) -> IService:
-    """Build the service tree twistd runs."""
+    """Build the service tree twistd runs: with ``workers`` above 1, a supervisor of worker
+    processes (:mod:`mirror.workers`), else the service itself."""
     from twisted.internet import reactor
 
     try:
         config = load_config(options["config"])
+        if config.workers > 1:
+            from mirror.workers.supervisor import build_supervisor
+
+            return build_supervisor(config, options["config"], reactor, options.parent)
         auth = build_auth(config)
         registry = build_registry(config, reactor)
     except ConfigError as e:
         raise _fail(e.problems) from None
-    site = build_site(registry, auth, deferToThread)
-    health = LimitedSite(HealthResource(registry.metrics, registry.store.spool.check_writable), config.limits)
-
-    def apply_limits(limits: LimitsConfig) -> None:
-        limits = connection_limits(limits)
-        site.configure(limits)
-        health.configure(attrs.evolve(limits, max_connections=METRICS_MAX_CONNECTIONS))
-
-    apply_limits(config.limits)
+    serving = build_serving(config, auth, registry)
     _log.info(
         "mirror {version}: store {store}; upstreams: {upstreams}; hosted: {hosted}; listening on {listen} "
         "(at most {connections} connections)",
         version=__version__,
         store=registry.store.description,
-        upstreams=", ".join(f"{u.registry} ({'offline' if u.offline or config.offline else u.url})" for u in config.upstreams)
-        or "none",
+        upstreams=describe_upstreams(config),
         hosted=", ".join(config.hosted) or "none",
         listen=", ".join(config.listen),
-        connections=site.limits.max_connections,
+        connections=serving.site.limits.max_connections,
     )
     top = MultiService()
-    for listener in _listeners(config.listen, "listen", site, reactor):
+    for listener in _listeners(config.listen, "listen", serving.site, reactor):
         top.addService(listener)
-    TimerService(config.storage.access_flush_interval, _every(registry.access.flush)).setServiceParent(top)
-    TimerService(min(600.0, config.upload_expiry / 4), _every(registry.expire_uploads)).setServiceParent(top)
-    for listener in _listeners(config.metrics_listen, "metrics.listen", health, reactor):
+    for service in serving_services(serving, config, options["config"], IReactorFromThreads(reactor)):
+        service.setServiceParent(top)
+    for listener in _listeners(config.metrics_listen, "metrics.listen", serving.health, reactor):
         top.addService(listener)
     if config.gc.interval:
-        TimerService(config.gc.interval, _every(_PeriodicGc(reactor, registry, options["config"]))).setServiceParent(top)
-    top.addService(_FlushAtStop(registry))
-    resource = site.resource
-    assert isinstance(resource, RegistryResource)
-    top.addService(_ReloadOnHangup(IReactorFromThreads(reactor), registry, options["config"], resource, apply_limits))
+        gc = _PeriodicGc(reactor, options["config"], lambda: registry.config, registry.access.flush, registry.metrics)
+        TimerService(config.gc.interval, _every(gc)).setServiceParent(top)
     return top
+
+
+def describe_upstreams(config: MirrorConfig) -> str:
+    """The configured upstreams for the start-up line."""
+    parts = [f"{u.registry} ({'offline' if u.offline or config.offline else u.url})" for u in config.upstreams]
+    return ", ".join(parts) or "none"

@@ -95,6 +95,26 @@ def test_cluster_section():
         parse_config("listen: x\nstorage: {root: x}\ncluster: {advertise: 'http://h:1', secret: 0123456789abcdef}", "m.yaml")
 
 
+def test_workers(monkeypatch):
+    """workers: a whole number (default 1), or auto: one per core this process may run on;
+    a cluster node runs one process."""
+    base = "listen: x\nstorage: {root: x}\n"
+    assert parse_config(base).workers == 1
+    assert parse_config(base + "workers: 4").workers == 4
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert parse_config(base + "workers: auto").workers == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(500)))
+    assert parse_config(base + "workers: auto").workers == 64
+    for wrong in ("0", "65", "2.5", "true", "many", "'2'"):
+        with pytest.raises(ConfigError) as info:
+            parse_config(base + f"workers: {wrong}", "m.yaml")
+        assert str(info.value) == "m.yaml: workers: expected a whole number from 1 to 64, or auto (one per core)"
+    cluster = f"listen: x\nstorage: {{s3: {S3}}}\ncluster: {{advertise: 'http://h:1', secret: 0123456789abcdef}}\n"
+    assert parse_config(cluster + "workers: 1").workers == 1
+    with pytest.raises(ConfigError, match=r"^m.yaml: workers: a cluster node runs one process \(workers: 1\)"):
+        parse_config(cluster + "workers: 2", "m.yaml")
+
+
 def test_sample_config_is_valid():
     """The shipped conf/mirror.yaml loads."""
     cfg = load_config(Path(__file__).parent.parent / "conf" / "mirror.yaml")
@@ -356,6 +376,7 @@ FULL = {
     "metrics": {"listen": "tcp:9000"},
     "auth": {"htpasswd": "h", "access": [{"repository": "*", "anonymous": ["pull"]}], "realm": "http://r/token"},
     "cluster": {"advertise": "http://h:1", "secret": "0123456789abcdef"},
+    "workers": 1,
 }
 
 

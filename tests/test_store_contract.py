@@ -460,3 +460,22 @@ def test_spool_file_writes_many_chunks_in_order_and_hashes_them(tmp_path, monkey
     assert file.size == len(data)
     assert max(calls) <= 1024 and len(calls) > 3
     file.abort()
+
+
+@pytest_twisted.ensureDeferred
+async def test_leases_have_one_holder(store):
+    """A store processes (or nodes) share has leases: one holder at a time, its own lease
+    again after a restart, renewal and release only by the holder (expiry: the backends'
+    own tests, with a fake clock for the filesystem's)."""
+    if store.leases is None:
+        pytest.skip("a store that only one node uses has no leases")
+    name = "fills/sha256/" + "cd" * 32
+    assert await store.leases.acquire(name, "node-a", 60) is None
+    assert await store.leases.acquire(name, "node-b", 60) == "node-a"
+    assert await store.leases.acquire(name, "node-a", 60) is None
+    await store.leases.renew(name, "node-b", 60)
+    await store.leases.release(name, "node-b")
+    assert await store.leases.acquire(name, "node-b", 60) == "node-a"
+    await store.leases.release(name, "node-a")
+    assert await store.leases.acquire(name, "node-b", 60) is None
+    await store.leases.release(name, "node-b")

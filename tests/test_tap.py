@@ -50,7 +50,7 @@ def test_listeners_get_limited_sites_and_a_reload_changes_their_limits(tmp_path,
     comes from the fd limit when not configured, the metrics one takes a few of its own;
     a reload (SIGHUP) gives both the new limits."""
     import mirror.tap
-    from mirror.tap import _ReloadOnHangup, reload_config
+    from mirror.tap import _ReloadOnHangup
     from mirror.web.site import METRICS_MAX_CONNECTIONS, LimitedSite
 
     monkeypatch.setattr(mirror.tap, "getrlimit", lambda which: (1024, 4096))
@@ -69,7 +69,7 @@ def test_listeners_get_limited_sites_and_a_reload_changes_their_limits(tmp_path,
 
     path.write_text(text.replace("header_timeout: 10", "header_timeout: 5, max_connections: 100"))
     (hangup,) = (s for s in services if isinstance(s, _ReloadOnHangup))
-    assert reload_config(hangup._registry, str(path), hangup._resource, hangup._apply_limits)
+    assert hangup._reload()
     assert (registry_site.limits.header_timeout, registry_site.limits.max_connections) == (5, 100)
     assert (health_site.limits.header_timeout, health_site.limits.max_connections) == (5, METRICS_MAX_CONNECTIONS)
 

@@ -38,6 +38,7 @@ from tests.test_store_contract import (  # noqa: F401
     test_fetched_links_are_kept_apart_from_pushed_ones,
     test_follower_sees_a_growing_write,
     test_last_tag_deleted_leaves_a_listed_repository_that_had_tags,
+    test_leases_have_one_holder,
     test_list_manifests,
     test_ranges_of_a_stored_blob,
     test_sha512_writer,

@@ -1,0 +1,161 @@
+"""The supervisor: what ``twistd mirror`` runs when the config says ``workers: N`` (N > 1).
+
+It opens every ``listen`` endpoint itself, before twistd drops privileges and with the
+single process's fail-fast behaviour (:class:`mirror.tap._Listener`), and hands each
+connection to a worker (:mod:`.dispatch`).  The workers are the pool's
+(:class:`~mirror.workers.pool.WorkerPool`: started, restarted, stopped before twistd
+exits).
+
+Besides: the periodic GC runs here (a child process, as with one process), after every
+worker has written its access record; ``metrics.listen`` serves the supervisor's health
+and every worker's metrics (:mod:`.health`); SIGHUP re-reads the config, refuses a bad one
+as a single process does, and forwards SIGHUP to every worker, which each reload it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+import treq
+from treq.client import HTTPClient
+from twisted.application.internet import TimerService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mirror import __version__
+from mirror.config import ConfigError, LimitsConfig, MirrorConfig, load_config
+from mirror.tap import (
+    _every,
+    _Listener,
+    _listeners,
+    _PeriodicGc,
+    _ReloadOnHangup,
+    build_auth,
+    describe_upstreams,
+    open_configured_store,
+    parse_endpoints,
+)
+from mirror.web.site import METRICS_MAX_CONNECTIONS, LimitedSite
+from mirror.workers.dispatch import HandoffFactory
+from mirror.workers.endpoints import split_tls
+from mirror.workers.health import SupervisorHealth
+from mirror.workers.logs import logs_to_stdout
+from mirror.workers.metrics import SupervisorMetrics
+from mirror.workers.pool import WorkerPool, worker_argv, worker_env
+
+__all__ = ["build_supervisor", "reload_supervisor"]
+
+#: Seconds a worker has to answer a scrape or a readiness check.
+ASK_TIMEOUT = 5.0
+
+_log = Logger()
+
+
+class _Fetcher:
+    """Asks a worker's internal listener, with a timeout."""
+
+    def __init__(self, reactor: Any) -> None:
+        # (a connection per question: a restarted worker may listen on a port number a
+        # connection kept from its predecessor still names)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self._http = HTTPClient(Agent(reactor, pool=pool))
+        self._reactor = reactor
+
+    async def __call__(self, port: int, path: str) -> tuple[int, bytes]:
+        asking = Deferred.fromCoroutine(self._get(port, path))
+        asking.addTimeout(ASK_TIMEOUT, self._reactor)
+        return await asking
+
+    async def _get(self, port: int, path: str) -> tuple[int, bytes]:
+        response = await self._http.get(f"http://127.0.0.1:{port}{path}")
+        body = await treq.content(response)
+        return int(response.code), body
+
+
+@attrs.define
+class _Running:
+    config: MirrorConfig
+
+
+def build_supervisor(config: MirrorConfig, config_path: str, reactor: Any, twistd_options: Mapping[str, Any] | None) -> IService:
+    """The supervisor's service tree for ``config`` (``config.workers`` > 1).
+
+    Raises:
+        ConfigError: as a single process's start-up would (auth file, store).
+    """
+    path = os.path.abspath(config_path)
+    build_auth(config)  # (refuse an unreadable htpasswd now, not in every worker)
+    store = open_configured_store(config, reactor)
+    running = _Running(config)
+    inherit = logs_to_stdout(twistd_options)
+    metrics = SupervisorMetrics(config.workers, lambda: pool.ready_count)
+    pool = WorkerPool(
+        config.workers,
+        reactor,
+        worker_argv(path, os.getpid(), inherit),
+        worker_env(secrets.token_hex(32)),
+        metrics,
+        inherit_logs=inherit,
+    )
+    top = MultiService()
+    top.addService(pool)
+    for i, (endpoint, description, where) in enumerate(parse_endpoints(config.listen, "listen", reactor)):
+        plain, _ = split_tls(endpoint, reactor)
+        listener = _Listener(plain, HandoffFactory(pool.dispatcher, i), description, where, reactor)
+        pool.listeners.append(listener)
+        top.addService(listener)
+    health = LimitedSite(SupervisorHealth(pool.internal_ports, metrics, _Fetcher(reactor)), _metrics_limits(config))
+    for listener in _listeners(config.metrics_listen, "metrics.listen", health, reactor):
+        top.addService(listener)
+    if config.gc.interval:
+        gc = _PeriodicGc(reactor, path, lambda: running.config, pool.flush_all, metrics)
+        TimerService(config.gc.interval, _every(gc)).setServiceParent(top)
+
+    def reload() -> bool:
+        return reload_supervisor(running, path, pool, health)
+
+    top.addService(_ReloadOnHangup(reactor, reload))
+    _log.info(
+        "mirror {version}: store {store}; upstreams: {upstreams}; hosted: {hosted}; listening on {listen} "
+        "with {workers} worker processes",
+        version=__version__,
+        store=store.description,
+        upstreams=describe_upstreams(config),
+        hosted=", ".join(config.hosted) or "none",
+        listen=", ".join(config.listen),
+        workers=config.workers,
+    )
+    return top
+
+
+def _metrics_limits(config: MirrorConfig) -> LimitsConfig:
+    """The metrics listener's limits: the config's, with a connection budget of its own."""
+    return attrs.evolve(config.limits, max_connections=METRICS_MAX_CONNECTIONS)
+
+
+def reload_supervisor(running: _Running, path: str, pool: WorkerPool, health: LimitedSite) -> bool:
+    """SIGHUP: re-read the config; if it is good, take its limits for the metrics listener
+    and have every worker reload it (a bad one is refused, as a single process does, and
+    the workers keep theirs)."""
+    try:
+        new = load_config(path)
+        build_auth(new)
+    except ConfigError as e:
+        _log.error("config reload refused, keeping the running config: {error}", error="; ".join(e.problems))
+        return False
+    old = running.config
+    for key, name in (("workers", "workers"), ("metrics_listen", "metrics.listen")):
+        if getattr(new, key) != getattr(old, key):
+            _log.warn("config reload: {key} changed; it takes effect only after a restart", key=name)
+    running.config = attrs.evolve(new, workers=old.workers, metrics_listen=old.metrics_listen)
+    health.configure(_metrics_limits(new))
+    sent = pool.signal_all("HUP")
+    _log.info("config reloaded from {path}; passed on to {sent} workers", path=path, sent=sent)
+    return True
