@@ -591,9 +591,12 @@ class MirrorServer(Server):
     name = "mirror"
     label = "mirror (twistd)"
 
-    def __init__(self, root: Path, upstream: DistributionRegistry, src: Path) -> None:
+    def __init__(self, root: Path, upstream: DistributionRegistry, src: Path, workers: int = 1) -> None:
         super().__init__(root, upstream)
         self.src = src
+        self.workers = workers
+        if workers > 1:
+            self.name, self.label = f"mirror-w{workers}", f"mirror (twistd, workers: {workers})"
         self.proc: proc_util.ManagedProcess | None = None
         self._port = 0
 
@@ -604,8 +607,10 @@ class MirrorServer(Server):
         upstream: dict[str, str] = {"registry": "docker.io", "url": self.upstream.url}
         if self.upstream.ca_cert_path is not None:
             upstream["ca_file"] = str(self.upstream.ca_cert_path)
-        config = {"listen": f"tcp:{self._port}:interface=127.0.0.1", "storage": {"root": str(w / "store")},
-                  "upstreams": [upstream]}
+        config: dict[str, Any] = {"listen": f"tcp:{self._port}:interface=127.0.0.1",
+                                  "storage": {"root": str(w / "store")}, "upstreams": [upstream]}
+        if self.workers > 1:
+            config["workers"] = self.workers
         (w / "mirror.yaml").write_text(json.dumps(config, indent=1))  # JSON is YAML
         argv = [TWISTD, "--nodaemon", "--pidfile=", "--logfile", str(w / "mirror.log"), "mirror",
                 "--config", str(w / "mirror.yaml")]
@@ -1038,6 +1043,7 @@ class Options:
     quick: bool
     fanin_a: bool
     https: bool
+    workers: int
     wrk_seconds: int
     spy_dir: Path | None
     deadline: Deadline
@@ -1170,6 +1176,35 @@ def bench_server(server: Server, imgs: dict[str, Image], upstream: DistributionR
     return r
 
 
+def bench_workers(server: MirrorServer, imgs: dict[str, Image], upstream: DistributionRegistry, opts: Options,
+                  run_no: int, scratch: Path) -> dict[str, Any]:
+    """The mirror with ``workers: N`` on a fresh store: the 20-client fan-in of B (and its
+    upstream GETs per blob: one fetch per blob across the workers), then wrk on C's manifest
+    by tag, as in :func:`bench_server`."""
+    b, c = imgs["b"], imgs["c"]
+    r: dict[str, Any] = {}
+    opts.deadline.check(f"{server.name} fan-in B")
+    settle()
+    with running(server):
+        log(f"run {run_no} {server.name}: fan-in B ({FANIN_CLIENTS} clients)")
+        mark = settled_mark(upstream)
+        with RssWatch(server.pid) as w:
+            r["fanin_b"] = fan_in(server.port, b, FANIN_CLIENTS)
+        settled_mark(upstream)
+        r["fanin_b"].update(upstream_counts(upstream, mark, b))
+        log(f"run {run_no} {server.name}: manifest req/s")
+        pull(server.port, c)
+        wait_cached(server, c)
+        mark = settled_mark(upstream)
+        r["wrk_tag"] = run_wrk(f"http://127.0.0.1:{server.port}/v2/{c.repo}/manifests/{c.tag}", scratch,
+                               opts.wrk_seconds)
+        settled_mark(upstream)
+        counts = upstream_counts(upstream, mark, c)
+        r["wrk_tag"]["upstream_manifest_requests"] = counts["manifest_gets"] + counts["manifest_heads"]
+        r["rss_mib_supervisor"] = w.peak_mib
+    return r
+
+
 @dataclass
 class HttpsSetup:
     """The HTTPS upstream (Distribution with a certificate made at start), image A on it,
@@ -1289,7 +1324,10 @@ def one_run(run_no: int, servers: list[Server], imgs: dict[str, Image], upstream
     # alternate the order so neither server always goes first
     order = servers if run_no % 2 == 1 else list(reversed(servers))
     for server in order:
-        out[server.name] = bench_server(server, imgs, upstream, opts, run_no, scratch)
+        if isinstance(server, MirrorServer) and server.workers > 1:
+            out["mirror_workers"] = bench_workers(server, imgs, upstream, opts, run_no, scratch)
+        else:
+            out[server.name] = bench_server(server, imgs, upstream, opts, run_no, scratch)
     if https is not None:
         bench_https(run_no, https, opts, out)
     out["loadavg_end"] = os.getloadavg()
@@ -1497,6 +1535,19 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[st
     add("fan-in wall time no slower than the same 20 clients pulling the same image straight from the upstream",
         f"mirror / direct: B {fmt(rb)} x, A {fmt(ra)} x (Distribution proxy, B: {fmt(rdb)} x)",
         None if not fan else max(fan) <= 1, no_data=not fan and rdb is None)
+    rw = _per_run_ratio(runs, ("mirror_workers", "wrk_tag", "rps"), ("mirror", "wrk_tag", "rps"))
+    if rw is not None:
+        w_rps, _ = median_of(runs, ("mirror_workers", "wrk_tag", "rps"))
+        w_p99, _ = median_of(runs, ("mirror_workers", "wrk_tag", "p99_ms"))
+        add("cached manifest req/s with 2 workers >= 1.4 x one worker (16 connections; wrk on the same 2 cores)",
+            f"{fmt(w_rps)} req/s = {fmt(rw)} x one worker ({fmt(m['tag_rps']['mirror'])})", rw >= 1.4)
+        add("cached manifest p99 <= 20 ms at 16 connections, 2 workers",
+            f"{fmt(w_p99)} ms (one worker: {fmt(m['tag_p99']['mirror'])} ms)", None if w_p99 is None else w_p99 <= 20)
+        rf = _per_run_ratio(runs, ("mirror_workers", "fanin_b", "wall_s"), ("upstream_fanin_b", "wall_s"))
+        wgets = [v for run in runs for v in (dig(run, ("mirror_workers", "fanin_b", "blob_gets_max")),) if v is not None]
+        add("fan-in B with 2 workers no slower than the same 20 clients straight from the upstream",
+            f"2 workers / direct: {fmt(rf)} x; upstream GETs per blob, max {fmt(max(wgets)) if wgets else '–'}",
+            None if rf is None else rf <= 1 and (not wgets or max(wgets) == 1))
     rss = [v for run in runs for v in (dig(run, ("mirror", "rss_mib", "fanin_a")),) if v is not None]
     add("peak RSS <= 150 MiB while 20 clients pull 256 MiB layers",
         f"max {fmt(max(rss)) if rss else '–'} MiB over runs (median {fmt(m['rss_fanin_a']['mirror'])}; "
@@ -1598,6 +1649,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small images (3 x 32 MiB, 30 x 1 MiB) for a dry run")
     p.add_argument("--no-fanin-a", dest="fanin_a", action="store_false",
                    help="skip the 20-client fan-in of image A (the slowest phase)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="also measure the mirror with this many worker processes (fan-in B, manifest req/s); "
+                        "0 or 1 skips it (default 2)")
     p.add_argument("--no-https", dest="https", action="store_false",
                    help="skip the HTTPS-upstream phase (a second upstream with TLS, image A pushed to it)")
     p.add_argument("--wrk-seconds", type=int, default=None, help="duration of each wrk run (default 10, quick 3)")
@@ -1641,7 +1695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes: dict[str, Sequence[int]] = (
         {"a": [32 * MIB] * 3, "b": [1 * MIB] * 30, "c": [64]} if args.quick else
         {"a": [256 * MIB] * 3, "b": [4 * MIB] * 30, "c": [64]})
-    opts = Options(runs=args.runs, quick=args.quick, fanin_a=args.fanin_a, https=args.https,
+    opts = Options(runs=args.runs, quick=args.quick, fanin_a=args.fanin_a, https=args.https, workers=args.workers,
                    wrk_seconds=args.wrk_seconds or (3 if args.quick else 10),
                    spy_dir=args.spy_dir.resolve() if args.spy_dir else None, deadline=Deadline(args.max_minutes),
                    quiet_wait=args.quiet_wait)
@@ -1682,6 +1736,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"mirror code: {result['mirror_code'].get('commit')} {result['mirror_code'].get('subject', '')}")
             servers: list[Server] = [MirrorServer(work.path, upstream, src),
                                      DistributionProxyServer(work.path, upstream)]
+            if args.workers > 1:
+                servers.append(MirrorServer(work.path, upstream, src, workers=args.workers))
             https = None
             if tls_upstream is not None and tls_a is not None:
                 assert tls_upstream.ca_cert_path is not None
