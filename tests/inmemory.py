@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from mirror.config import MirrorConfig
+from mirror.registry.cluster import Cluster
 from mirror.registry.registry import Registry
 from mirror.storage.base import Store
 from mirror.tap import build_auth
@@ -105,6 +106,7 @@ class InMemoryMirror:
         *,
         upstream: Resource | None = None,
         clock: Clock | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.clock = clock or Clock()
         # Time moves only when a test advances it: an upstream failure is final here, not
@@ -114,7 +116,7 @@ class InMemoryMirror:
         self.upstream_agent: Any = RequestTraversalAgent(upstream) if upstream is not None else RefusingAgent()
         http = HTTPClient(self.upstream_agent)
         self.registry = Registry(
-            config, store, lambda u, metrics: Upstream(u, http, self.clock, metrics), self.clock, run_blocking_now
+            config, store, lambda u, metrics: Upstream(u, http, self.clock, metrics), self.clock, run_blocking_now, cluster
         )
         self.resource = RegistryResource(self.registry, build_auth(config), run_blocking_now)
         self._agent = RequestTraversalAgent(self.resource)

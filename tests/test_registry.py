@@ -91,6 +91,41 @@ def test_a_tag_confirmed_by_another_node_sharing_the_store_is_fresh_on_this_one(
     assert fake.count("HEAD", "/manifests/latest") == 2
 
 
+def test_one_node_revalidates_a_tag_for_all_that_share_the_store(fake, tmp_path):
+    """Nodes (or worker processes) sharing a store and leases: while one asks the upstream
+    about a stale tag, another serves the digest it has cached rather than ask too; once
+    the first has recorded the answer, the other takes it from the store."""
+    from mirror.config import ClusterConfig
+    from mirror.registry.cluster import Cluster
+    from twisted.internet.defer import Deferred
+
+    from mirror.storage.fsleases import FsLeases
+
+    digest, _ = image(fake)
+    a = make(fake, tag_ttl=60)
+    leases = FsLeases(tmp_path / "leases", a.clock.seconds)
+
+    def node(name: str) -> InMemoryMirror:
+        cluster = Cluster(ClusterConfig(f"http://{name}.test", "a-secret-of-16-chars"), leases, None, a.clock)
+        return InMemoryMirror(a.registry.config, a.registry.store, upstream=fake, clock=a.clock, cluster=cluster)
+
+    b, c = node("b"), node("c")
+    assert b.get("/v2/library/app/manifests/latest").header("Docker-Content-Digest") == digest
+    assert c.get("/v2/library/app/manifests/latest").header("Docker-Content-Digest") == digest
+    a.clock.advance(61)
+    # c is asking the upstream about the tag right now (it holds the tag's lease)...
+    assert a.wait(Deferred.fromCoroutine(c.registry.cluster.claim_tag("docker.io/library/app", "latest")))
+    heads = fake.count("HEAD", "/manifests/latest")
+    assert b.get("/v2/library/app/manifests/latest").header("Docker-Content-Digest") == digest
+    assert fake.count("HEAD", "/manifests/latest") == heads  # ...so b served its cached digest
+    a.wait(Deferred.fromCoroutine(c.registry.cluster.release_tag("docker.io/library/app", "latest")))
+    assert c.get("/v2/library/app/manifests/latest").code == 200  # c asks (one HEAD) and records it
+    assert fake.count("HEAD", "/manifests/latest") == heads + 1
+    assert b.get("/v2/library/app/manifests/latest").header("Docker-Content-Digest") == digest
+    assert fake.count("HEAD", "/manifests/latest") == heads + 1  # b took c's answer from the store
+    assert not list((tmp_path / "leases" / "tags").iterdir())  # (released)
+
+
 @pytest.mark.parametrize("fault", ["500", "429"])
 def test_a_failing_upstream_gets_the_cached_tag_served(fake, fault):
     digest, _ = image(fake)

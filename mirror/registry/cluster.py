@@ -12,6 +12,11 @@ finds it stored and uploads nothing.  If the filling node cannot be reached (it 
 its lease has not expired yet), the follower fetches from the upstream itself: a second
 fetch, never a wait on a dead node, and the store's create-only writes keep one copy.
 
+A cached tag past its TTL is revalidated the same way, by one node for all: the node
+that takes the tag's lease (``tags/<hash of repository and tag>``) asks the upstream and
+records the answer in the store; a node that finds the lease held serves the digest it
+has cached, as it would have a moment before, and the next request reads the new record.
+
 Node-to-node requests carry an HMAC-SHA256 of method, path and time under
 ``cluster.secret`` (:meth:`Cluster.sign`), valid for a minute: the endpoint serves by
 digest alone, which only another node may do (a client reaches a blob only through a
@@ -43,6 +48,8 @@ __all__ = ["AUTH_HEADER", "Cluster", "fill_path"]
 
 #: The header a node signs its requests to another with.
 AUTH_HEADER = "Mirror-Cluster-Auth"
+#: Seconds a node's revalidation of a tag holds off the others' (a dead node's, at most).
+TAG_LEASE = 10.0
 #: Seconds a signed request stays valid (node clocks may differ by a little).
 MAX_AGE = 60.0
 #: The header's form: a Unix time and the HMAC-SHA256 in hex (nothing else is parsed).
@@ -107,6 +114,30 @@ class Cluster:
 
         done.addBoth(finished)
 
+    # tag revalidations -----------------------------------------------------------------------
+    async def claim_tag(self, key: str, tag: str) -> bool:
+        """Whether this node is to ask the upstream about ``key:tag`` now: ``True`` when it
+        took the tag's revalidation lease (until :meth:`release_tag`, or :data:`TAG_LEASE`
+        seconds), or there is no cluster; ``False`` while another node sharing the store
+        asks (its answer will be in the store's tag record)."""
+        if self.config is None or self._leases is None:
+            return True
+        try:
+            holder = await self._leases.acquire(_tag_lease_name(key, tag), self.config.advertise, TAG_LEASE)
+        except (OSError, ValueError) as e:  # the store cannot say: ask (a possible second request)
+            _log.warn("revalidation lease of {key}:{tag} unavailable: {error}", key=key, tag=tag, error=str(e))
+            return True
+        return holder is None
+
+    async def release_tag(self, key: str, tag: str) -> None:
+        """This node is done asking about ``key:tag``."""
+        if self.config is None or self._leases is None:
+            return
+        try:
+            await self._leases.release(_tag_lease_name(key, tag), self.config.advertise)
+        except (OSError, ValueError) as e:  # it expires on its own
+            _log.warn("could not release the revalidation lease of {key}:{tag}: {error}", key=key, tag=tag, error=str(e))
+
     async def release(self, digest: Digest) -> None:
         """Give up this node's lease on ``digest`` (its fill ended, or never started)."""
         if self.config is None or self._leases is None:
@@ -170,3 +201,8 @@ class Cluster:
 
 def _lease_name(digest: Digest) -> str:
     return f"fills/{digest.algorithm}/{digest.encoded}"
+
+
+def _tag_lease_name(key: str, tag: str) -> str:
+    # (a repository key has slashes and a tag may have dots: a hash names them in any store)
+    return "tags/" + hashlib.sha256(f"{key}:{tag}".encode()).hexdigest()[:40]

@@ -139,6 +139,20 @@ class MirroredRepository(Repository):
         cached = await self._ctx.local.manifest(self.key, state.digest) if state is not None else None
         if cached is not None and self._state.tags.freshness(state, self._ctx.clock.seconds(), self._ttl) is Freshness.FRESH:
             return cached
+        if cached is None:
+            return await self._ask_upstream(tag, None, accept)
+        cluster = self._state.cluster
+        if not await cluster.claim_tag(self.key, tag):
+            # Another process sharing the store is asking the upstream right now: what is
+            # cached is served, as it was a moment ago; its answer is in the store next time.
+            return cached
+        try:
+            return await self._ask_upstream(tag, cached, accept)
+        finally:
+            await cluster.release_tag(self.key, tag)
+
+    async def _ask_upstream(self, tag: str, cached: StoredManifest | None, accept: list[str]) -> StoredManifest:
+        """Revalidate ``cached`` (a ``HEAD``), or fetch the tag's manifest, and record the answer."""
         if cached is not None:
             try:
                 remote = await self._upstream.head_manifest(self.route.remote_name, tag, accept, patience=STALE_PATIENCE)

@@ -282,3 +282,37 @@ def test_a_real_client_pulls_through_two_workers_over_plain_http_and_tls(seeded_
         assert answer.startswith(b"HTTP/1.1 200 ") and f"Docker-Content-Digest: {image.digest}".encode() in answer
     served = by_worker(m.metrics(), "mirror_http_requests_total", route="base")
     assert set(served) == {"0", "1"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tag_revalidations_do_not_grow_with_workers(seeded_upstream, start_workers, workers):
+    """A cached tag past its TTL is revalidated by one worker for all: the upstream sees
+    about one manifest request per TTL however many workers serve the tag (8 clients
+    asking for 6 s, on connections of their own, so on both workers)."""
+    import threading
+    import time
+
+    registry, seeded = seeded_upstream
+    image = seeded["big"]
+    m = start_workers([{"registry": "docker.io", "url": registry.url, "tag_ttl": 1}], workers=workers)
+    url = f"{m.url}/v2/{image.repo}/manifests/{image.tag}"
+    assert http(url)[0] == 200
+    before = registry.mark()
+    stop = time.monotonic() + 6.0
+    errors: list[object] = []
+
+    def hammer() -> None:
+        while time.monotonic() < stop:
+            status, _ = http(url)
+            if status != 200:
+                errors.append(status)
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    asked = [e for e in registry.access_log(since=before) if f"/manifests/{image.tag}" in e.path]
+    assert not errors
+    # one per TTL (6, and one more at a boundary); each worker asking for itself made 10-12
+    assert len(asked) <= 8, [(e.method, e.time) for e in asked]
