@@ -95,10 +95,10 @@ def test_one_node_revalidates_a_tag_for_all_that_share_the_store(fake, tmp_path)
     """Nodes (or worker processes) sharing a store and leases: while one asks the upstream
     about a stale tag, another serves the digest it has cached rather than ask too; once
     the first has recorded the answer, the other takes it from the store."""
-    from mirror.config import ClusterConfig
-    from mirror.registry.cluster import Cluster
     from twisted.internet.defer import Deferred
 
+    from mirror.config import ClusterConfig
+    from mirror.registry.cluster import Cluster
     from mirror.storage.fsleases import FsLeases
 
     digest, _ = image(fake)
