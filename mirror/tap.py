@@ -208,13 +208,17 @@ def _report_cleaned(removed: int) -> None:
         _log.info("removed {count} unfinished spool files from a previous run", count=removed)
 
 
-def build_auth(config: MirrorConfig, previous: Authenticator | None = None) -> Authenticator | None:
-    """The client authenticator for ``config`` (reads the htpasswd file), or None; on a
-    reload, ``previous``'s random token key is kept (no ``key_file``: tokens stay valid)."""
+def build_auth(
+    config: MirrorConfig, previous: Authenticator | None = None, token_key: bytes | None = None
+) -> Authenticator | None:
+    """The client authenticator for ``config`` (reads the htpasswd file), or None.  Without
+    ``auth.key_file`` tokens are signed with a random key: on a reload ``previous``'s is
+    kept (tokens stay valid), and worker processes pass ``token_key``, the one they all
+    share (a token one worker issued is checked by whichever gets the next request)."""
     if config.auth is None:
         return None
     try:
-        return Authenticator(config.auth, process_key=previous.process_key if previous is not None else None)
+        return Authenticator(config.auth, process_key=previous.process_key if previous is not None else token_key)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{config.source}: auth.htpasswd: {getattr(e, 'strerror', None) or e}") from None
 

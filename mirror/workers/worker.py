@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
+import hmac
 import os
 import signal
 import sys
@@ -124,13 +126,20 @@ class Worker:
             self.reactor.stop()
 
 
+def shared_token_key(secret: str) -> bytes:
+    """The key the workers sign client tokens with when ``auth.key_file`` names none: the
+    same in every worker (derived from their shared secret, for this use only), new at
+    each start of the supervisor, as a single process's random key is."""
+    return hmac.new(secret.encode(), b"mirror client tokens", hashlib.sha256).digest()
+
+
 def build_worker(config: MirrorConfig, config_path: str, index: int, secret: str, reactor: Any) -> Worker:
     """Everything a worker serves, listening on its internal port (not yet started).
 
     Raises:
         ConfigError: as a single process's start-up would (auth file, store).
     """
-    auth = build_auth(config)
+    auth = build_auth(config, token_key=shared_token_key(secret))
     internal = LimitedSite(Resource(), attrs.evolve(config.limits, max_connections=INTERNAL_MAX_CONNECTIONS))
     port = reactor.listenTCP(0, internal, interface="127.0.0.1").getHost().port
     workers = ClusterConfig(advertise=f"http://127.0.0.1:{port}", secret=secret)

@@ -316,3 +316,32 @@ def test_tag_revalidations_do_not_grow_with_workers(seeded_upstream, start_worke
     assert not errors
     # one per TTL (6, and one more at a boundary); each worker asking for itself made 10-12
     assert len(asked) <= 8, [(e.method, e.time) for e in asked]
+
+
+def test_a_token_one_worker_issued_is_good_on_every_worker(start_workers, workdir):
+    """With token auth and no key_file, every worker signs and checks client tokens with
+    the same key: a token from one is accepted by whichever worker gets the next request."""
+    import base64
+    import json
+
+    from tests.integration.test_client_auth import PASSWORD, USER, _write_htpasswd
+
+    htpasswd = workdir / "htpasswd"
+    _write_htpasswd(htpasswd)
+    auth = {"htpasswd": str(htpasswd), "token": True,
+            "access": [{"repository": "*", "users": ["pull", "push", "delete"]}]}
+    m = start_workers([], hosted=["*"], auth=auth)
+    basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    request = urllib.request.Request(f"{m.url}/auth/token?service=mirror&scope=repository:team/app:pull",
+                                     headers={"Authorization": f"Basic {basic}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        token = json.loads(r.read())["token"]
+    statuses = []
+    for _ in range(8):  # connections of their own: handed to both workers in turn
+        request = urllib.request.Request(f"{m.url}/v2/team/app/tags/list", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                statuses.append(r.status)
+        except urllib.error.HTTPError as e:
+            statuses.append(e.code)
+    assert statuses == [404] * 8  # NAME_UNKNOWN: authorised on both workers (401 where a worker's key differed)
