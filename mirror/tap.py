@@ -218,7 +218,8 @@ def build_auth(
     if config.auth is None:
         return None
     try:
-        return Authenticator(config.auth, process_key=previous.process_key if previous is not None else token_key)
+        kept = previous.process_key if previous is not None else None
+        return Authenticator(config.auth, process_key=kept or token_key)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{config.source}: auth.htpasswd: {getattr(e, 'strerror', None) or e}") from None
 
@@ -228,12 +229,14 @@ def reload_config(
     path: str,
     resource: RegistryResource | None = None,
     apply_limits: Callable[[LimitsConfig], None] | None = None,
+    token_key: bytes | None = None,
 ) -> bool:
     """Re-read the config file and apply it; a bad file is refused and the old config kept.
-    ``apply_limits`` takes the new ``limits`` (to the listeners' sites: for new connections)."""
+    ``apply_limits`` takes the new ``limits`` (to the listeners' sites: for new connections);
+    ``token_key`` is the workers' shared token key (:func:`build_auth`)."""
     try:
         new = load_config(path)
-        auth = build_auth(new, resource.auth if resource is not None else None)
+        auth = build_auth(new, resource.auth if resource is not None else None, token_key)
     except ConfigError as e:
         _log.error("config reload refused, keeping the running config: {error}", error="; ".join(e.problems))
         return False
@@ -461,6 +464,7 @@ class Serving:
     site: LimitedSite
     health: LimitedSite
     share: int = 1  # worker processes serving the listeners (each takes its part of the limits)
+    token_key: bytes | None = None  # the client-token key the workers share (build_auth), kept on reloads
 
     @property
     def resource(self) -> RegistryResource:
@@ -476,14 +480,16 @@ class Serving:
 
     def reload(self, path: str) -> bool:
         """Re-read the config at ``path`` and apply it (SIGHUP)."""
-        return reload_config(self.registry, path, self.resource, self.apply_limits)
+        return reload_config(self.registry, path, self.resource, self.apply_limits, self.token_key)
 
 
-def build_serving(config: MirrorConfig, auth: Authenticator | None, registry: Registry, share: int = 1) -> Serving:
+def build_serving(
+    config: MirrorConfig, auth: Authenticator | None, registry: Registry, share: int = 1, token_key: bytes | None = None
+) -> Serving:
     """The sites serving ``registry``, with ``config``'s limits applied."""
     site = build_site(registry, auth, deferToThread)
     health = LimitedSite(HealthResource(registry.metrics, registry.store.spool.check_writable), config.limits)
-    serving = Serving(registry, site, health, share)
+    serving = Serving(registry, site, health, share, token_key)
     serving.apply_limits(config.limits)
     return serving
 

@@ -118,3 +118,11 @@ def test_of_processes_asking_at_once_exactly_one_gets_it(tmp_path):
     winners = [holder for holder, other in outcomes if other is None]
     assert len(winners) == 1
     assert all(other == winners[0] for holder, other in outcomes if other is not None)
+
+
+def test_only_this_user_may_open_the_lock(leases, tmp_path):
+    """The directory and its lock file are this user's alone: another local user who could
+    open the lock could hold it, and every worker waiting on it with it."""
+    assert leases.acquire("fills/sha256/" + "ab" * 32, "node-a", 60) is None
+    assert (tmp_path / "leases").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "leases" / ".lock").stat().st_mode & 0o077 == 0

@@ -5,6 +5,7 @@ processes on a fake reactor (no real sockets, no real time)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -468,7 +469,7 @@ def make_pool(count=2, **kw):
 
     metrics = SupervisorMetrics(count, lambda: pool.ready_count)
     pool = WorkerPool(
-        count, reactor, worker_argv("/etc/m.yaml", 42, False), {"S": "x"}, metrics, pair=pair, open_end=open_end, **kw
+        count, reactor, worker_argv("/etc/m.yaml", False), {"S": "x"}, metrics, pair=pair, open_end=open_end, **kw
     )
     return pool, reactor, ends, metrics
 
@@ -478,7 +479,8 @@ def test_the_pool_starts_each_worker_with_its_channel_as_descriptor_3():
     pool.startService()
     assert len(reactor.processes) == 2
     _process, args, env, fds = reactor.processes[1]
-    assert args[1:] == ["-m", "mirror.workers.worker", "--config", "/etc/m.yaml", "--index", "1", "--supervisor", "42"]
+    supervisor = str(os.getpid())  # (read at the spawn: twistd forks after building the service)
+    assert args[1:] == ["-m", "mirror.workers.worker", "--config", "/etc/m.yaml", "--index", "1", "--supervisor", supervisor]
     assert env == {"S": "x"}
     assert fds[3] == 103 and fds[1] == fds[2] == "r"  # (their output is piped to the relay)
     assert ends[1].sock.fd == 102
@@ -585,7 +587,7 @@ def test_a_gc_waits_for_every_ready_worker_to_write_its_access_record():
 
 
 def test_sighup_reaches_every_worker_once_the_new_config_is_valid(tmp_path, logged):
-    from mirror.workers.supervisor import _Running
+    from mirror.workers.supervisor import ConfigCopy, _Running
 
     pool, reactor, _ends, _ = make_pool()
     pool.startService()
@@ -600,15 +602,27 @@ def test_sighup_reaches_every_worker_once_the_new_config_is_valid(tmp_path, logg
             self.limits = limits
 
     site = Site()
-    path.write_text(good.replace("workers: 2", "workers: 3\nread_only: true"))
-    assert reload_supervisor(running, str(path), pool, site)
+    copy = ConfigCopy(str(path))
+    copy.write(good)
+    newer = good.replace("workers: 2", "workers: 3\nread_only: true")
+    path.write_text(newer)
+    _ends[0].on_ready(5001)  # worker 1 is still starting: it gets its SIGHUP once ready
+    assert reload_supervisor(running, str(path), pool, site, copy)
+    assert [p.signals for p, *_ in reactor.processes] == [["HUP"], []]
+    _ends[1].on_ready(5002)
     assert [p.signals for p, *_ in reactor.processes] == [["HUP"], ["HUP"]]
     assert running.config.read_only and running.config.workers == 2 and site.limits.max_connections == 64
     assert any("workers changed; it takes effect only after a restart" in t for t in texts(logged))
+    assert copy.path.read_text() == newer  # what the workers (and a worker restarted later) read
     path.write_text("listen: tcp:0\nstorage: {rot: x}\n")
-    assert not reload_supervisor(running, str(path), pool, site)
+    assert not reload_supervisor(running, str(path), pool, site, copy)
     assert [p.signals for p, *_ in reactor.processes] == [["HUP"], ["HUP"]]
     assert running.config.read_only
+    assert copy.path.read_text() == newer  # a refused file never reaches the workers
+    assert oct(copy.directory.stat().st_mode & 0o777) == "0o700" and oct(copy.path.stat().st_mode & 0o777) == "0o600"
+    copy.startService()
+    copy.stopService()
+    assert not copy.directory.exists()
 
 
 # the supervisor's service tree, and the workers' share of limits -----------------------------
@@ -694,3 +708,22 @@ def test_periodic_gc_reads_the_running_config_and_counts_into_the_given_metrics(
     assert calls == []  # interval 0 after a reload: no run
     gc._done(json.dumps({"bytes_freed": 1, "store_bytes": 2, "store_blobs": 3}).encode(), b"", 0)
     assert calls == [(1, 2, 3)]
+
+
+def test_the_workers_shared_token_key_survives_reloads_that_turn_auth_on(htpasswd, tmp_path):
+    """A worker started without auth (or with auth.key_file) that a reload turns to
+    tokens signed with no key_file signs them with the workers' shared key, not a key of
+    its own (tokens would then be good on one worker only)."""
+    from mirror.tap import build_auth
+    from mirror.workers.worker import shared_token_key
+
+    key = shared_token_key("s" * 32)
+    assert key == shared_token_key("s" * 32) != shared_token_key("t" * 32)
+    with_file = tmp_path / "token.key"
+    with_file.write_bytes(b"k" * 32)
+    base = f"listen: tcp:0\nstorage: {{root: '{tmp_path}/s'}}\nworkers: 2\n"
+    no_file = parse_config(base + f"auth: {{htpasswd: '{htpasswd}', token: true}}\n")
+    keyed = parse_config(base + f"auth: {{htpasswd: '{htpasswd}', token: true, key_file: '{with_file}'}}\n")
+    for previous in (None, build_auth(keyed, token_key=key)):
+        assert build_auth(no_file, previous, token_key=key).process_key == key
+    assert build_auth(no_file).process_key not in (None, key)  # (one process: a random key, as before)

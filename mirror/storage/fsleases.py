@@ -58,9 +58,11 @@ class FsLeases:
         """Hold the directory's lock; yields False (holding nothing) when the directory does
         not exist and ``create`` is False: there is no lease to see."""
         if create:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # (only this user: anyone who can open the lock file can hold it, and every
+            # process waiting on it with it)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
             if create:
                 raise

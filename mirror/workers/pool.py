@@ -61,6 +61,7 @@ class _Slot:
     restart: IDelayedCall | None = None
     ended: Deferred[None] | None = None  # fires when the process has exited
     flushing: list[Deferred[None]] = attrs.Factory(list)
+    reload_pending: bool = False  # a SIGHUP waits for it to be ready (it handles none before)
 
     @property
     def ready(self) -> bool:
@@ -161,12 +162,15 @@ class WorkerPool(Service):
 
     def _spawn(self, slot: _Slot) -> None:
         slot.restart = None
-        ours, theirs = self._pair()  # (AF_UNIX, SOCK_STREAM)
-        null = os.open(os.devnull, os.O_RDONLY)
+        slot.reload_pending = False  # (a new process reads the config as it is now)
         out: int | str = 1 if self._inherit_logs else "r"
         err: int | str = 2 if self._inherit_logs else "r"
         relay = None if self._inherit_logs else LineRelay(slot.index)
+        ours = theirs = None
+        null = -1
         try:
+            ours, theirs = self._pair()  # (AF_UNIX, SOCK_STREAM)
+            null = os.open(os.devnull, os.O_RDONLY)
             slot.process = self._reactor.spawnProcess(
                 _WorkerProcess(self, slot, relay),
                 self._executable,
@@ -174,8 +178,9 @@ class WorkerPool(Service):
                 env=self._env,
                 childFDs={0: null, 1: out, 2: err, CHANNEL_FD: theirs.fileno()},
             )
-        except OSError as e:  # (no process: try again later)
-            ours.close()
+        except OSError as e:  # (no process, or no descriptors for one: try again later)
+            if ours is not None:
+                ours.close()
             delay = slot.delay.after_death(0.0)
             _log.error(
                 "worker {index} could not be started: {error}; trying again in {delay:g} s",
@@ -186,8 +191,11 @@ class WorkerPool(Service):
             self._schedule_restart(slot, delay)
             return
         finally:
-            os.close(null)
-            theirs.close()
+            if null >= 0:
+                os.close(null)
+            if theirs is not None:
+                theirs.close()
+        assert ours is not None
         slot.started = self._reactor.seconds()
         slot.pid = slot.process.pid if slot.process is not None else None
         slot.ended = Deferred()
@@ -203,6 +211,9 @@ class WorkerPool(Service):
     def _ready(self, slot: _Slot, port: int) -> None:
         slot.port = port
         _log.info("worker {index} (pid {pid}) ready", index=slot.index, pid=slot.pid)
+        if slot.reload_pending and slot.process is not None:
+            slot.reload_pending = False
+            self._signal(slot, "HUP")
         self.dispatcher.changed()
 
     def _lost(self, slot: _Slot) -> None:
@@ -253,6 +264,28 @@ class WorkerPool(Service):
 
     def pids(self) -> list[int | None]:
         return [slot.pid for slot in self.slots]
+
+    def reload_all(self) -> int:
+        """Have every worker re-read the config (SIGHUP); how many were asked now.  One that
+        is still starting gets its SIGHUP once it is ready: until its reload handler is set,
+        a SIGHUP would end it (the default action), and what it read may be the old file."""
+        sent = 0
+        for slot in self.slots:
+            if slot.process is None:
+                continue
+            if not slot.ready:
+                slot.reload_pending = True
+                continue
+            sent += self._signal(slot, "HUP")
+        return sent
+
+    def _signal(self, slot: _Slot, name: str) -> int:
+        try:
+            assert slot.process is not None
+            slot.process.signalProcess(name)
+            return 1
+        except (OSError, ProcessExitedAlready):  # exited meanwhile (its end is on its way)
+            return 0
 
     def signal_all(self, name: str) -> int:
         """Send signal ``name`` ("HUP", "TERM", "KILL") to every running worker; how many."""
@@ -338,11 +371,14 @@ async def _within(reactor: Any, waits: list[Deferred[None]], timeout: float) -> 
         timer.cancel()
 
 
-def worker_argv(config_path: str, supervisor: int, inherit_logs: bool) -> Callable[[int], list[str]]:
-    """A worker's command line (after the interpreter), by index."""
+def worker_argv(config_path: str, inherit_logs: bool) -> Callable[[int], list[str]]:
+    """A worker's command line (after the interpreter), by index.  The supervisor's PID is
+    read when the worker starts: twistd builds the service before it forks to become a
+    daemon, so the PID at that moment is not the supervisor's."""
 
     def argv(index: int) -> list[str]:
-        args = ["-m", "mirror.workers.worker", "--config", config_path, "--index", str(index), "--supervisor", str(supervisor)]
+        supervisor = str(os.getpid())
+        args = ["-m", "mirror.workers.worker", "--config", config_path, "--index", str(index), "--supervisor", supervisor]
         return [*args, "--inherit-log"] if inherit_logs else args
 
     return argv

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -24,13 +27,13 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.application.internet import TimerService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mirror import __version__
-from mirror.config import ConfigError, LimitsConfig, MirrorConfig, load_config
+from mirror.config import ConfigError, LimitsConfig, MirrorConfig, parse_config
 from mirror.tap import (
     _every,
     _Listener,
@@ -84,6 +87,54 @@ class _Running:
     config: MirrorConfig
 
 
+class ConfigCopy(Service):
+    """The config text the supervisor validated, in a file of its own (in a private
+    directory, removed at stop) that the workers and GC read: a worker restarted later, or
+    a GC run, gets the config the supervisor runs, not the file as it is now (edited and not
+    yet reloaded, or broken).  Rewritten, whole, on each accepted reload."""
+
+    def __init__(self, original: str) -> None:
+        _sweep_copies()
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{_COPY_PREFIX}{os.getpid()}-"))  # (mode 0700)
+        self.path = self.directory / Path(original).name
+
+    def write(self, text: str) -> None:
+        staged = self.path.with_name(f".{self.path.name}.tmp")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(staged, self.path)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_COPY_PREFIX = "mirror-workers-"
+
+
+def _sweep_copies() -> None:
+    """Remove the config copies of supervisors that died without stopping (SIGKILL): the
+    directories of this user named for a process that no longer exists."""
+    for entry in Path(tempfile.gettempdir()).glob(f"{_COPY_PREFIX}*-*"):
+        pid = entry.name[len(_COPY_PREFIX) :].partition("-")[0]
+        try:
+            if not pid.isdigit() or entry.stat().st_uid != os.getuid() or Path(f"/proc/{pid}").exists():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _read_config(path: str) -> tuple[str, MirrorConfig]:
+    """The text of the config file at ``path`` and what it says (ConfigError if bad)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return text, parse_config(text, path)
+
+
 def build_supervisor(config: MirrorConfig, config_path: str, reactor: Any, twistd_options: Mapping[str, Any] | None) -> IService:
     """The supervisor's service tree for ``config`` (``config.workers`` > 1).
 
@@ -91,7 +142,10 @@ def build_supervisor(config: MirrorConfig, config_path: str, reactor: Any, twist
         ConfigError: as a single process's start-up would (auth file, store).
     """
     path = os.path.abspath(config_path)
+    text, config = _read_config(path)  # (what the workers get is what was checked)
     build_auth(config)  # (refuse an unreadable htpasswd now, not in every worker)
+    copy = ConfigCopy(path)
+    copy.write(text)
     store = open_configured_store(config, reactor)
     running = _Running(config)
     inherit = logs_to_stdout(twistd_options)
@@ -99,12 +153,13 @@ def build_supervisor(config: MirrorConfig, config_path: str, reactor: Any, twist
     pool = WorkerPool(
         config.workers,
         reactor,
-        worker_argv(path, os.getpid(), inherit),
+        worker_argv(str(copy.path), inherit),
         worker_env(secrets.token_hex(32)),
         metrics,
         inherit_logs=inherit,
     )
     top = MultiService()
+    top.addService(copy)  # (first in: stopped last, once the workers are gone)
     top.addService(pool)
     for i, (endpoint, description, where) in enumerate(parse_endpoints(config.listen, "listen", reactor)):
         plain, _ = split_tls(endpoint, reactor)
@@ -115,11 +170,11 @@ def build_supervisor(config: MirrorConfig, config_path: str, reactor: Any, twist
     for listener in _listeners(config.metrics_listen, "metrics.listen", health, reactor):
         top.addService(listener)
     if config.gc.interval:
-        gc = _PeriodicGc(reactor, path, lambda: running.config, pool.flush_all, metrics)
+        gc = _PeriodicGc(reactor, str(copy.path), lambda: running.config, pool.flush_all, metrics)
         TimerService(config.gc.interval, _every(gc)).setServiceParent(top)
 
     def reload() -> bool:
-        return reload_supervisor(running, path, pool, health)
+        return reload_supervisor(running, path, pool, health, copy)
 
     top.addService(_ReloadOnHangup(reactor, reload))
     _log.info(
@@ -140,12 +195,12 @@ def _metrics_limits(config: MirrorConfig) -> LimitsConfig:
     return attrs.evolve(config.limits, max_connections=METRICS_MAX_CONNECTIONS)
 
 
-def reload_supervisor(running: _Running, path: str, pool: WorkerPool, health: LimitedSite) -> bool:
-    """SIGHUP: re-read the config; if it is good, take its limits for the metrics listener
-    and have every worker reload it (a bad one is refused, as a single process does, and
-    the workers keep theirs)."""
+def reload_supervisor(running: _Running, path: str, pool: WorkerPool, health: LimitedSite, copy: ConfigCopy) -> bool:
+    """SIGHUP: re-read the config; if it is good, take its limits for the metrics listener,
+    give it to the workers (``copy``) and have every worker reload it (a bad one is refused,
+    as a single process does, and the workers keep theirs)."""
     try:
-        new = load_config(path)
+        text, new = _read_config(path)
         build_auth(new)
     except ConfigError as e:
         _log.error("config reload refused, keeping the running config: {error}", error="; ".join(e.problems))
@@ -156,6 +211,7 @@ def reload_supervisor(running: _Running, path: str, pool: WorkerPool, health: Li
             _log.warn("config reload: {key} changed; it takes effect only after a restart", key=name)
     running.config = attrs.evolve(new, workers=old.workers, metrics_listen=old.metrics_listen)
     health.configure(_metrics_limits(new))
-    sent = pool.signal_all("HUP")
-    _log.info("config reloaded from {path}; passed on to {sent} workers", path=path, sent=sent)
+    copy.write(text)
+    sent = pool.reload_all()
+    _log.info("config reloaded from {path}; passed on to {sent} workers (and to any starting once ready)", path=path, sent=sent)
     return True

@@ -139,12 +139,13 @@ def build_worker(config: MirrorConfig, config_path: str, index: int, secret: str
     Raises:
         ConfigError: as a single process's start-up would (auth file, store).
     """
-    auth = build_auth(config, token_key=shared_token_key(secret))
+    token_key = shared_token_key(secret)
+    auth = build_auth(config, token_key=token_key)
     internal = LimitedSite(Resource(), attrs.evolve(config.limits, max_connections=INTERNAL_MAX_CONNECTIONS))
     port = reactor.listenTCP(0, internal, interface="127.0.0.1").getHost().port
     workers = ClusterConfig(advertise=f"http://127.0.0.1:{port}", secret=secret)
     registry = build_registry(config, reactor, workers=workers)
-    serving = build_serving(config, auth, registry, share=config.workers)
+    serving = build_serving(config, auth, registry, share=config.workers, token_key=token_key)
     internal.resource = _Internal(serving.resource, HealthResource(registry.metrics, registry.store.spool.check_writable))
     services = MultiService()
     services.addService(_Started(serving.site))
@@ -173,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--supervisor", type=int, required=True, help="the supervisor's PID")
     parser.add_argument("--inherit-log", action="store_true", help="standard output is the supervisor's log")
     args = parser.parse_args(argv)
+    # A SIGHUP before the reload service is up (a reload just after a start or a restart)
+    # must not end the worker as the default action would: it reads the config anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     secret = os.environ.pop(SECRET_ENV, "")
     _die_with_parent(args.supervisor)
     from twisted.internet import reactor

@@ -241,9 +241,16 @@ def test_sigterm_stops_every_worker_and_a_killed_supervisor_leaves_none(upstream
     m = start_workers(upstreams)
     pids = worker_pids(m)
     assert len(pids) == 2
+    supervisor = m.proc.popen.pid
     m.proc.popen.send_signal(signal.SIGKILL)
     m.proc.popen.wait(timeout=10)
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 10), [p for p in pids if pid_alive(p)]
+    import shutil
+    import tempfile
+
+    left = list(Path(tempfile.gettempdir()).glob(f"mirror-workers-{supervisor}-*"))
+    assert len(left) == 1  # its config copy: the next supervisor to start sweeps it; here, the test
+    shutil.rmtree(left[0])
 
 
 def unix_get(path: Path, target: str) -> bytes:
@@ -345,3 +352,54 @@ def test_a_token_one_worker_issued_is_good_on_every_worker(start_workers, workdi
         except urllib.error.HTTPError as e:
             statuses.append(e.code)
     assert statuses == [404] * 8  # NAME_UNKNOWN: authorised on both workers (401 where a worker's key differed)
+
+
+def test_a_restarted_worker_gets_the_running_config_not_the_edited_file(upstreams, start_workers):
+    """The file edited but not reloaded (read_only: true), then a worker dies: its
+    replacement serves the config the supervisor runs (pushes accepted everywhere), and a
+    SIGHUP right after its start does not end it."""
+    m = start_workers(upstreams, hosted=["team/*"])
+    m.reconfigure(read_only=True)  # (no SIGHUP)
+    victim = worker_pids(m)[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: f"(pid {victim}) was killed by signal 9" in m.log_text(), 10), m.log_tail()
+    assert wait_until(lambda: len(worker_pids(m)) == 2 and victim not in worker_pids(m), 10), m.log_tail()
+    newcomer = next(p for p in worker_pids(m) if p != victim)
+    m.config_path.write_text(m.config_path.read_text().replace("read_only: true", "read_only: false"))
+    m.proc.popen.send_signal(signal.SIGHUP)  # while the new worker may still be starting
+    assert wait_until(lambda: samples(m.metrics(), "mirror_workers_up") == {(): 2.0}, 15), m.log_tail()
+    assert "killed by signal 1" not in m.log_text(), m.log_tail()
+    assert newcomer in worker_pids(m)
+    assert [http(f"{m.url}/v2/team/app/blobs/uploads/", method="POST")[0] for _ in range(4)] == [202] * 4
+
+
+def test_workers_serve_when_twistd_runs_as_a_daemon(upstreams, workdir):
+    """twistd without -n forks after building the service: the workers still know their
+    supervisor (the daemon) and serve; SIGTERM to it stops them all."""
+    import time
+
+    d = workdir / "daemon"
+    d.mkdir()
+    m = Workers(d, upstreams)  # (its config; started here by hand, as a daemon)
+    pidfile = d / "twistd.pid"
+    argv = [TWISTD, f"--pidfile={pidfile}", "--logfile", str(d / "daemon.log"), "mirror", "--config", str(m.config_path)]
+    ManagedProcess(argv, stdout=d / "launch.out", cwd=REPO).popen.wait(30)  # (returns once it forked)
+    assert wait_until(pidfile.exists, 10), (d / "launch.out").read_text()
+    daemon = int(pidfile.read_text())
+    workers: list[int] = []
+    try:
+        ok = wait_until(lambda: http(f"{m.metrics_url}/readyz")[0] == 200, 20)
+        log = (d / "daemon.log").read_text(errors="replace")
+        assert ok, log[-3000:]
+        assert http(f"{m.url}/v2/")[0] == 200
+        assert "restarting it" not in log, log[-3000:]
+        workers = [p for p in children(daemon) if b"mirror.workers.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 2
+    finally:
+        os.kill(daemon, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while pid_alive(daemon) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(daemon):
+            os.kill(daemon, signal.SIGKILL)
+    assert wait_until(lambda: not any(pid_alive(p) for p in workers), 10)
