@@ -13,7 +13,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, serverFromString
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.error import ConnectionDone, ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import ISystemHandle
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -727,3 +727,24 @@ def test_the_workers_shared_token_key_survives_reloads_that_turn_auth_on(htpassw
     for previous in (None, build_auth(keyed, token_key=key)):
         assert build_auth(no_file, previous, token_key=key).process_key == key
     assert build_auth(no_file).process_key not in (None, key)  # (one process: a random key, as before)
+
+
+def test_a_scraper_that_hangs_up_mid_scrape_is_not_answered(logged):
+    """The workers' answers come after the scraper went: nothing is written, nothing
+    raises (Twisted's finish after a lost connection would)."""
+    pending: Deferred = Deferred()
+
+    async def fetch(port, path):
+        return await pending
+
+    resource = SupervisorHealth(lambda: [(0, 10)], SupervisorMetrics(1, lambda: 0), fetch)
+    for path in ("/metrics", "/readyz"):
+        pending = Deferred()
+        request = DummyRequest([path.lstrip("/")])
+        request.path = path.encode()
+        resource.render_GET(request)
+        request.processingFailed(Failure(ConnectionDone("the scraper hung up")))  # (its connection lost)
+        request.written.clear()
+        pending.callback((200, b"ready\n"))
+        assert not request.finished and request.written == []
+    assert not [t for t in texts(logged) if "Unhandled" in t or "Traceback" in t]

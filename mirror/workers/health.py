@@ -51,8 +51,10 @@ class SupervisorHealth(Resource):
             request.setHeader(b"Content-Type", b"text/plain")
             return b"ok\n"
         if path in (b"/readyz", b"/metrics"):
-            work = self._ready(request) if path == b"/readyz" else self._scrape(request)
-            Deferred.fromCoroutine(work).addErrback(self._failed, request)
+            gone: list[Failure] = []  # (the client hung up before the workers answered)
+            request.notifyFinish().addErrback(gone.append)
+            work = self._ready(request, gone) if path == b"/readyz" else self._scrape(request, gone)
+            Deferred.fromCoroutine(work).addErrback(self._failed, request, gone)
             return NOT_DONE_YET
         request.setResponseCode(404)
         request.setHeader(b"Content-Type", b"text/plain")
@@ -76,13 +78,15 @@ class SupervisorHealth(Resource):
                 answers[index] = f"no answer ({failure.getErrorMessage() or 'failed'})"
         return answers
 
-    async def _ready(self, request: Request) -> None:
+    async def _ready(self, request: Request, gone: list[Failure]) -> None:
         problems = []
         for index, answer in sorted((await self._ask_all("/readyz")).items()):
             if isinstance(answer, str):
                 problems.append(f"worker {index}: {answer}")
             elif answer[0] != 200:
                 problems.append(f"worker {index}: {answer[1].decode(errors='replace').strip().removeprefix('not ready: ')}")
+        if gone:  # no one to answer (a write or a finish would raise)
+            return
         request.setHeader(b"Content-Type", b"text/plain")
         if problems:
             request.setResponseCode(503)
@@ -91,17 +95,21 @@ class SupervisorHealth(Resource):
             request.write(b"ready\n")
         request.finish()
 
-    async def _scrape(self, request: Request) -> None:
+    async def _scrape(self, request: Request, gone: list[Failure]) -> None:
         texts = {}
         for index, answer in (await self._ask_all("/metrics")).items():
             if not isinstance(answer, str) and answer[0] == 200:
                 texts[index] = answer[1].decode(errors="replace")
         body = combine(self._metrics.registry, texts)
+        if gone:
+            return
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
         request.write(body)
         request.finish()
 
-    def _failed(self, failure: Failure, request: Request) -> None:
+    def _failed(self, failure: Failure, request: Request, gone: list[Failure]) -> None:
+        if gone:
+            return
         request.setResponseCode(503)
         request.setHeader(b"Content-Type", b"text/plain")
         request.write(f"unavailable: {failure.getErrorMessage()}\n".encode())
