@@ -225,8 +225,10 @@ class MetadataStore(Protocol):
     async def remove_referrer(self, repo: str, subject: Digest, digest: Digest) -> None:
         """Forget that manifest ``digest`` refers to ``subject``."""
 
-    async def repositories(self) -> list[str]:
-        """Every repository holding a manifest, a tag or a blob, in lexical order."""
+    async def repositories(self, after: str | None = None, limit: int | None = None) -> list[str]:
+        """The repositories holding (or that held) a manifest, a tag or a pushed blob, in
+        lexical order: those whose names sort after ``after`` (all without), at most
+        ``limit`` of them (all without)."""
 
     async def scan_repository(self, repo: str) -> RepositoryRecord:
         """Everything ``repo`` holds (garbage collection's inventory)."""

@@ -42,6 +42,7 @@ thread, as are metadata reads; blob writes, commits and upload appends run in th
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import json
 import os
@@ -333,7 +334,7 @@ class FsMetadataStore:
     async def remove_referrer(self, repo: str, subject: Digest, digest: Digest) -> None:
         _unlink(self._layout.referrers(repo, subject) / digest.algorithm / digest.encoded)
 
-    async def repositories(self) -> list[str]:
+    async def repositories(self, after: str | None = None, limit: int | None = None) -> list[str]:
         def walk(directory: Path, prefix: str) -> Iterator[str]:
             try:
                 names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
@@ -346,7 +347,9 @@ class FsMetadataStore:
                     yield from walk(directory / name, f"{prefix}/{name}" if prefix else name)
 
         # Sorting per directory level is not lexical order of full names ("a/b" vs "a-c").
-        return sorted(walk(self._layout.repositories, ""))
+        names = sorted(walk(self._layout.repositories, ""))
+        start = bisect.bisect_right(names, after) if after is not None else 0
+        return names[start : None if limit is None else start + limit]
 
     async def scan_repository(self, repo: str) -> RepositoryRecord:
         base = self._layout.repo(repo)
