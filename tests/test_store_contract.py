@@ -337,13 +337,16 @@ async def test_delete_if_idle_keeps_recent_blobs_and_needs_the_exclusive_lock(st
 
 # filesystem only ----------------------------------------------------------------------------
 def test_fs_layout_version(tmp_path):
-    """A store without layout.json is of layout 1 and opening it writes nothing; a store
-    of another layout (a newer release's) is refused."""
+    """A new store gets this release's layout (2: with the repository index); a store
+    without layout.json is of layout 1 and is migrated when opened; a store of another
+    layout (a newer release's) is refused."""
     root = tmp_path / "store"
     open_filesystem_store(root)
-    assert not (root / "layout.json").exists()
-    (root / "layout.json").write_text(json.dumps({"layout": LAYOUT_VERSION}))
+    assert json.loads((root / "layout.json").read_text()) == {"layout": LAYOUT_VERSION} == {"layout": 2}
+    assert (root / "repositories.index").is_file()
+    (root / "layout.json").unlink()  # as every release before the index left it
     open_filesystem_store(root)
+    assert json.loads((root / "layout.json").read_text()) == {"layout": LAYOUT_VERSION}
     (root / "layout.json").write_text('{"layout": 99}')
     with pytest.raises(StoreLayoutError, match="layout version 99"):
         open_filesystem_store(root)

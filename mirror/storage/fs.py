@@ -5,6 +5,9 @@ Layout under ``root``::
     layout.json                                    {"layout": N}: the layout version (absent: 1;
                                                    a release that changes the layout migrates
                                                    at start and writes it)
+    repositories.index                             the repositories' names, appended to before
+                                                   each repository's first _manifests, _tags or
+                                                   _layers directory is made (:mod:`.fsindex`)
     blobs/<algorithm>/<first two hex>/<hex>       content (manifests too); its mtime is
                                                    the last write or read (the access record)
     spool/<random>                                 blobs being written; renamed into
@@ -26,14 +29,25 @@ Layout under ``root``::
 ``_manifests``, ``_tags``, ``_layers``, ``_fetched`` and ``_referrers`` cannot collide with a nested
 repository, since a name component cannot start with ``_``.  Every path component comes
 from a checked name, tag or digest (:mod:`mirror.core.oci`), so nothing reaches outside
-``root``.  Every release so far wrote this layout (version 1), so stores written by
-earlier releases are served as they are (``_fetched`` came later; a store without it
-is read the same way, and a release that ignores it ignores it).
+``root``.  A repository is a directory holding ``_manifests``, ``_tags`` or ``_layers``
+(``_fetched`` came later, and alone makes none); the store never removes one.
+
+Layout versions.  Version 1 (no ``layout.json``) is what every release wrote before the
+index; version 2 adds ``repositories.index``.  Opening a store of version 1 (or of version
+2 whose index is gone) migrates it: a walk of ``repositories/`` appends every repository
+to the index, then ``layout.json`` says 2 (at start, before anything is served; other
+processes writing meanwhile add their own new repositories).  A store this process
+cannot write (a read-only mount, for ``mirror export``) is served as it is, its listings
+walking it.  A release before version 2 refuses a store of version 2, whose index it would
+not keep up; to go back to one, delete ``layout.json`` and ``repositories.index`` (the next
+start of this release rebuilds them).
 
 Crash safety: content appears under ``blobs/`` only whole and verified, and every small
 file is written to a temporary name; both go through :func:`_publish` (fsync, then
 rename), the one place that makes anything durable and visible.  A tag or link may
-outlive its blob after a crash or eviction; readers treat a missing blob as a miss.
+outlive its blob after a crash or eviction; readers treat a missing blob as a miss.  A
+name in the index may outlive the creation of its repository (a crash in between):
+listings check that the repository exists (see :mod:`.fsindex`).
 
 Small files (tags, links, manifests) are written and fsynced inline, on the caller's
 thread, as are metadata reads; blob writes, commits and upload appends run in threads
@@ -43,6 +57,7 @@ thread, as are metadata reads; blob writes, commits and upload appends run in th
 from __future__ import annotations
 
 import bisect
+import errno
 import fcntl
 import json
 import os
@@ -60,6 +75,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from mirror.core.errors import RegistryError
 from mirror.core.oci import Digest, parse_digest
 from mirror.storage.base import BlobInfo, RepositoryRecord, Store
+from mirror.storage.fsindex import RepositoryIndex, walk_repositories
 from mirror.storage.sending import CachedSource, FileResponder, Responder
 from mirror.storage.spool import Hashes, LocalSpool, Orphan, SpoolWriter
 
@@ -69,7 +85,7 @@ T = TypeVar("T")
 RunBlocking = Callable[..., Deferred[Any]]
 
 #: The layout this code reads and writes (see the module docstring).
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 _UPLOAD_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -122,6 +138,7 @@ class _Layout:
         self.uploads = root / "uploads"
         self.lock = root / "gc.lock"
         self.version = root / "layout.json"
+        self.index = root / "repositories.index"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
@@ -239,14 +256,28 @@ class FsBlobStore:
 
 # repositories -----------------------------------------------------------------------------------
 class FsMetadataStore:
-    """Per-repository manifests, tags, blob links and referrers under ``repositories/``."""
+    """Per-repository manifests, tags, blob links and referrers under ``repositories/``.
 
-    def __init__(self, layout: _Layout) -> None:
+    ``index`` lists the repositories (``None``: a read-only store of an earlier layout,
+    walked instead).
+    """
+
+    def __init__(self, layout: _Layout, index: RepositoryIndex | None) -> None:
         self._layout = layout
+        self._index = index
+
+    def _write(self, repo: str, path: Path, data: bytes) -> None:
+        """Write a file that makes ``repo`` a repository (under ``_manifests``, ``_tags`` or
+        ``_layers``): its name goes into the index first."""
+        if self._index is not None:
+            self._index.add(repo)
+        _write_atomic(path, data)
+        if self._index is not None:
+            self._index.confirm(repo)
 
     async def link_manifest(self, repo: str, digest: Digest, media_type: str) -> None:
         if await self.manifest_media_type(repo, digest) != media_type:
-            _write_atomic(self._layout.manifest_link(repo, digest), media_type.encode())
+            self._write(repo, self._layout.manifest_link(repo, digest), media_type.encode())
 
     async def manifest_media_type(self, repo: str, digest: Digest) -> str | None:
         try:
@@ -261,7 +292,7 @@ class FsMetadataStore:
         return _unlink(self._layout.manifest_link(repo, digest))
 
     async def set_tag(self, repo: str, tag: str, digest: Digest) -> None:
-        _write_atomic(self._layout.tags(repo) / tag, str(digest).encode())
+        self._write(repo, self._layout.tags(repo) / tag, str(digest).encode())
 
     async def get_tag(self, repo: str, tag: str) -> Digest | None:
         return self._read_tag(repo, tag)
@@ -307,8 +338,12 @@ class FsMetadataStore:
 
     async def link_blob(self, repo: str, digest: Digest, *, fetched: bool = False) -> None:
         path = Path(self._layout.blob_link(repo, digest, fetched=fetched))
-        if not path.exists():
+        if path.exists():
+            return
+        if fetched:  # _fetched alone does not make a repository: not indexed
             _write_atomic(path, b"")
+        else:
+            self._write(repo, path, b"")
 
     async def has_blob_link(self, repo: str, digest: Digest, *, fetched: bool = False) -> bool:
         return os.path.exists(self._layout.blob_link(repo, digest, fetched=fetched))
@@ -335,19 +370,9 @@ class FsMetadataStore:
         _unlink(self._layout.referrers(repo, subject) / digest.algorithm / digest.encoded)
 
     async def repositories(self, after: str | None = None, limit: int | None = None) -> list[str]:
-        def walk(directory: Path, prefix: str) -> Iterator[str]:
-            try:
-                names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-            except FileNotFoundError:
-                return
-            if "_manifests" in names or "_tags" in names or "_layers" in names:
-                yield prefix
-            for name in names:
-                if not name.startswith("_"):
-                    yield from walk(directory / name, f"{prefix}/{name}" if prefix else name)
-
-        # Sorting per directory level is not lexical order of full names ("a/b" vs "a-c").
-        names = sorted(walk(self._layout.repositories, ""))
+        if self._index is not None:
+            return self._index.page(after, limit)
+        names = walk_repositories(self._layout.repositories)
         start = bisect.bisect_right(names, after) if after is not None else 0
         return names[start : None if limit is None else start + limit]
 
@@ -531,21 +556,38 @@ class FsGcLock:
 
 
 # opening ----------------------------------------------------------------------------------------
-def _check_layout(layout: _Layout) -> None:
-    """Refuse a store of another layout version.  Without ``layout.json`` a store is of
-    version 1 (every release so far); opening it writes nothing, so that read-only
-    commands (``mirror gc --dry-run``, ``export``) work on a read-only store."""
+def _check_layout(layout: _Layout) -> int:
+    """The store's layout version: 1 without ``layout.json`` (every release before the
+    index); refuse any other than 1 and this release's."""
     try:
         doc = json.loads(layout.version.read_bytes())
         version = doc.get("layout") if isinstance(doc, dict) else None
     except FileNotFoundError:
-        return
+        return 1
     except (OSError, ValueError) as e:
         raise StoreLayoutError(f"{layout.version}: unreadable ({e})") from None
-    if version != LAYOUT_VERSION:
+    if version not in (1, LAYOUT_VERSION):
         raise StoreLayoutError(
             f"{layout.root}: store layout version {version!r}, but this release reads version {LAYOUT_VERSION}"
         )
+    return int(version)
+
+
+def _open_index(layout: _Layout) -> RepositoryIndex | None:
+    """The store's repository index; a store of layout 1 (or whose index is gone) is
+    migrated first: its repositories are walked into the index, then ``layout.json`` says
+    2.  A store this process cannot write is served as it is: ``None``, listings walk."""
+    index = RepositoryIndex(layout.index, layout.repositories)
+    if _check_layout(layout) == LAYOUT_VERSION and layout.index.exists():
+        return index
+    try:
+        index.build()
+        _write_atomic(layout.version, json.dumps({"layout": LAYOUT_VERSION}).encode())
+    except OSError as e:
+        if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+            return None
+        raise
+    return index
 
 
 def _run_here(f: Callable[..., T], *args: object) -> Deferred[T]:
@@ -556,7 +598,8 @@ def open_filesystem_store(root: Path, run_blocking: RunBlocking = _run_here) -> 
     """The store under directory ``root`` (created if missing).
 
     ``run_blocking`` runs fsyncs and large copies (the service passes ``deferToThread``;
-    the default runs them at once).
+    the default runs them at once).  A store of layout 1 is migrated here
+    (:func:`_open_index`: a walk of its repositories, before anything is served).
 
     Raises:
         StoreLayoutError: the directory holds a store of another layout version.
@@ -564,11 +607,11 @@ def open_filesystem_store(root: Path, run_blocking: RunBlocking = _run_here) -> 
     layout = _Layout(Path(root))
     for directory in (layout.blobs, layout.spool, layout.repositories, layout.uploads):
         directory.mkdir(parents=True, exist_ok=True)
-    _check_layout(layout)
+    index = _open_index(layout)
     spool = LocalSpool(layout.spool)
     return Store(
         blobs=FsBlobStore(layout, spool, run_blocking),
-        metadata=FsMetadataStore(layout),
+        metadata=FsMetadataStore(layout, index),
         uploads=FsUploadStore(layout, run_blocking),
         access=FsAccessRecord(layout),
         gc_lock=FsGcLock(layout, run_blocking),
