@@ -1,4 +1,5 @@
-"""The filesystem store's repository index (mirror/storage/fsindex.py).
+"""The filesystem store's repository index (mirror/storage/fsindex.py) and its blocking
+work off the reactor thread.
 
 Real files under tmp_path.  Two store instances on one directory stand for two processes
 sharing a store (the service and ``mirror import``, or two workers): each keeps its own
@@ -9,9 +10,16 @@ store of an earlier release by writing its directories without an index.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from twisted.internet.defer import Deferred, maybeDeferred
 
 from mirror.core.oci import OCI_MANIFEST, Digest
 from mirror.storage import fsindex
@@ -126,3 +134,113 @@ def test_a_store_that_cannot_be_indexed_is_listed_by_walking(tmp_path, monkeypat
     assert store.metadata.repositories() == ["docker.io/library/x", "team/a", "team/a-b", "team/empty"]
     assert store.metadata.repositories(after="team/a", limit=1) == ["team/a-b"]
     assert not (root / "layout.json").exists()
+
+
+class Later:
+    """A ``run_blocking`` that runs nothing until told: what runs before :meth:`run_all` ran
+    on the calling (reactor) thread."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queued.append((f, args, d))
+        return d
+
+    def run_all(self) -> int:
+        ran = 0
+        while self.queued:
+            f, args, d = self.queued.pop(0)
+            maybeDeferred(f, *args).chainDeferred(d)
+            ran += 1
+        return ran
+
+
+def started(coroutine: Any) -> Deferred[Any]:
+    return Deferred.fromCoroutine(coroutine)
+
+
+def test_pushes_deletes_and_listings_do_their_file_work_through_run_blocking(tmp_path):
+    """Every write, fsync, delete and listing of a push, a delete and a catalog waits for
+    ``run_blocking``: until it runs the queued work, no file of the push exists and no call
+    has finished; small reads (a tag, a link, a blob's size) answer at once."""
+    root = tmp_path / "store"
+    later = Later()
+    store = open_filesystem_store(root, later)
+    data = b'{"schemaVersion":2}'
+    digest = Digest.of(data)
+    repo_dir = root / "repositories" / "team" / "app"
+    index_before = (root / "repositories.index").read_bytes()
+
+    pending = {
+        "put": started(store.blobs.put(digest, data)),
+        "link_manifest": started(store.metadata.link_manifest("team/app", digest, OCI_MANIFEST)),
+        "set_tag": started(store.metadata.set_tag("team/app", "1", digest)),
+        "link_blob": started(store.metadata.link_blob("team/app", D)),
+        "referrer": started(store.metadata.add_referrer("team/app", D, {"digest": str(digest), "size": 1})),
+        "upload": started(store.uploads.create("team/app")),
+        "record": started(store.access.record({digest: 1.0})),
+        "shared": started(store.gc_lock.try_shared()),
+    }
+    assert not any(d.called for d in pending.values())
+    assert not repo_dir.exists() and not (root / "blobs" / "sha256").exists()
+    assert os.listdir(root / "uploads") == []
+    assert (root / "repositories.index").read_bytes() == index_before
+    assert later.run_all() == len(pending)
+    assert all(d.called for d in pending.values())
+    upload_id = pending["upload"].result
+    for d in pending.values():
+        d.addErrback(lambda f: pytest.fail(str(f)))
+    assert (repo_dir / "_tags" / "1").read_text() == str(digest)
+    assert names_in_index(root) == ["team/app"]
+
+    # small reads answer at once, without run_blocking
+    sync = Sync(store)
+    assert sync.metadata.get_tag("team/app", "1") == digest
+    assert sync.metadata.manifest_media_type("team/app", digest) == OCI_MANIFEST
+    assert sync.metadata.has_blob_link("team/app", D)
+    assert sync.blobs.stat(digest) == len(data)
+    assert sync.uploads.repository_of(upload_id) == "team/app"
+
+    # deletes and listings wait too
+    pending = {
+        "tags": started(store.metadata.list_tags("team/app")),
+        "catalog": started(store.metadata.repositories()),
+        "referrers": started(store.metadata.referrers("team/app", D)),
+        "scan": started(store.metadata.scan_repository("team/app")),
+        "delete_tag": started(store.metadata.delete_tag("team/app", "1")),
+        "unlink_manifest": started(store.metadata.unlink_manifest("team/app", digest)),
+        "unlink_blob": started(store.metadata.unlink_blob("team/app", D)),
+        "upload_delete": started(store.uploads.delete(upload_id)),
+        "stale": started(store.uploads.stale(0.0)),
+        "blobs": started(store.blobs.scan()),
+        "evict": started(store.blobs.delete_if_idle(digest, 1e12)),
+    }
+    assert not any(d.called for d in pending.values())
+    assert (repo_dir / "_tags" / "1").exists() and (root / "uploads" / upload_id).exists()
+    assert later.run_all() >= len(pending)
+    assert pending["tags"].result == ["1"] and pending["catalog"].result == ["team/app"]
+    assert pending["unlink_manifest"].result is True and pending["evict"].result == len(data)
+    assert not (repo_dir / "_tags" / "1").exists() and not (root / "uploads" / upload_id).exists()
+
+
+def test_short_file_work_and_long_work_go_to_their_own_threads(tmp_path):
+    """With ``run_small`` given (the service's IoThreads), small files, the index and the
+    GC lock's shared hold go there; blob data, upload appends and commits and walks of
+    every blob stay on ``run_blocking`` (a long commit must not hold up tags and links)."""
+    root = tmp_path / "store"
+    big, small = Later(), Later()
+    store = open_filesystem_store(root, big, small)
+    started(store.metadata.set_tag("team/app", "1", D))
+    started(store.blobs.put(D, b"{}"))
+    started(store.gc_lock.try_shared())
+    upload = started(store.uploads.create("team/app"))
+    assert (len(big.queued), small.run_all()) == (0, 4)
+    upload_id = upload.result
+    started(store.uploads.append(upload_id, io.BytesIO(b"x")))
+    started(store.blobs.scan())
+    writer = store.blobs.writer()
+    writer.write(b"layer")
+    started(writer.commit(Digest.of(b"layer")))
+    assert (len(small.queued), big.run_all()) == (0, 3)

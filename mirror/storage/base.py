@@ -21,8 +21,8 @@ and the node's :class:`Spool`, the local scratch space writers use before conten
 verified.
 
 Every method is asynchronous, so a backend on the network (object storage) fits without
-blocking the reactor; the filesystem backend reads metadata and writes small files (tags,
-links, manifests) at once, and runs blob writes and commits in threads.
+blocking the reactor; the filesystem backend reads a small file (a tag, a link) at once,
+and writes, deletes and lists in threads.
 :func:`mirror.storage.open_store` builds a store from configuration; nothing else
 constructs one.
 """
