@@ -10,16 +10,16 @@ at the end, also on Ctrl-C; the temp dir removed):
    does, whose helpers it uses) and starts ``twistd -n mirror`` from there on a fresh store,
    with one hosted namespace (``bench/*``) and no upstream;
 1. pushes a seed repository ``bench/seed`` (one 4 KiB random layer, a config, a manifest
-   tagged ``latest``) and measures the cached read of that manifest by tag on the idle
-   server (``--idle-seconds``);
+   tagged ``latest``); runs ``wrk`` (1 thread, 16 connections, ``--wrk-seconds``) on that
+   manifest by tag, as ``bench/run.py`` does on a mirrored one: the hot path's req/s; then
+   a probe reads it every ``--probe-interval`` ms on the idle server (``--idle-seconds``);
 2. pushes ``--repos`` repositories ``bench/r<i>`` through the API from ``--pushers``
    threads (in a child process, so that the client's interpreter lock does not distort
    the probe), each on its own keep-alive connection.  Per repository three requests:
    the seed's layer by cross-repository mount (``POST .../blobs/uploads/?mount=&from=``),
    a small random config blob by monolithic upload (``POST ...?digest=`` with the body),
-   and the manifest (``PUT .../manifests/latest``).  Meanwhile a probe reads the seed's
-   manifest by tag every ``--probe-interval`` ms on its own connection: cached-read
-   latency during the pushes.  Push requests per second = requests / wall time;
+   and the manifest (``PUT .../manifests/latest``).  Meanwhile the probe reads on, on its
+   own connection: cached-read latency during the pushes.  Push requests per second = requests / wall time;
 3. ``sync`` (outside the timing), then walks ``_catalog?n=100`` page by page
    (following the ``Link`` header) from one client, over and over for at least
    ``--listing-seconds`` and at least once to the end, while the probe reads on: catalog
@@ -41,6 +41,7 @@ import json
 import multiprocessing
 import os
 import queue
+import resource
 import signal
 import statistics
 import sys
@@ -66,6 +67,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 TIMEOUT = 60.0
+KINDS = {"mount": "POST mount", "upload": "POST ?digest= upload", "manifest": "PUT manifest"}
 
 
 class Conn:
@@ -136,7 +138,7 @@ def pushers_main(port: int, repos: int, pushers: int, layer_digest: str, layer_s
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops this process by PID
     counter = iter(range(repos))
     lock = threading.Lock()
-    latencies: list[list[float]] = [[] for _ in range(pushers)]
+    latencies: list[dict[str, list[float]]] = [{"mount": [], "upload": [], "manifest": []} for _ in range(pushers)]
     errors: list[str] = []
 
     def next_index() -> int | None:
@@ -155,11 +157,11 @@ def pushers_main(port: int, repos: int, pushers: int, layer_digest: str, layer_s
                 s, _, _ = conn.request(
                     "POST", f"/v2/{repo}/blobs/uploads/?{urlencode({'mount': layer_digest, 'from': SEED})}",
                     b"", expect=201)
-                mine.append(s)
+                mine["mount"].append(s)
                 config = config_blob(i)
                 s, _, _ = conn.request("POST", f"/v2/{repo}/blobs/uploads/?{urlencode({'digest': sha256(config)})}",
                                        config, {"Content-Type": "application/octet-stream"}, expect=201)
-                mine.append(s)
+                mine["upload"].append(s)
                 manifest = json.dumps({
                     "schemaVersion": 2, "mediaType": OCI_MANIFEST,
                     "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": len(config)},
@@ -167,7 +169,7 @@ def pushers_main(port: int, repos: int, pushers: int, layer_digest: str, layer_s
                 }, sort_keys=True).encode()
                 s, _, _ = conn.request("PUT", f"/v2/{repo}/manifests/latest", manifest,
                                        {"Content-Type": OCI_MANIFEST}, expect=201)
-                mine.append(s)
+                mine["manifest"].append(s)
         except Exception as e:
             errors.append(f"pusher {k}: {e}")
         finally:
@@ -180,8 +182,10 @@ def pushers_main(port: int, repos: int, pushers: int, layer_digest: str, layer_s
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    every = [s for mine in latencies for s in mine]
-    results.put({"wall_s": wall, "requests": len(every), "errors": errors, "latencies": every})
+    kinds = {kind: [s for mine in latencies for s in mine[kind]] for kind in latencies[0]}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    results.put({"wall_s": wall, "requests": sum(map(len, kinds.values())), "errors": errors, "latencies": kinds,
+                 "cpu_s": usage.ru_utime + usage.ru_stime})
 
 
 # the probe --------------------------------------------------------------------------------
@@ -340,6 +344,9 @@ def measure(args: argparse.Namespace, work: Path, src: Path, deadline: float) ->
     child: multiprocessing.process.BaseProcess | None = None
     try:
         layer, manifest_path = push_seed(port)
+        if args.wrk_seconds > 0:
+            out["wrk_idle"] = base.run_wrk(f"http://127.0.0.1:{port}{manifest_path}", work, args.wrk_seconds)
+            base.log(f"wrk on the idle server: {out['wrk_idle']['rps']:.0f} req/s, p99 {out['wrk_idle']['p99_ms']} ms")
         probe = Probe(port, manifest_path, args.probe_interval / 1000)
         probe.start()
         time.sleep(args.idle_seconds)
@@ -368,12 +375,14 @@ def measure(args: argparse.Namespace, work: Path, src: Path, deadline: float) ->
                 proc_util.stop_pid(child.pid)
         out["push_mirror_cpu_s"] = round(cpu_seconds(proc.pid) - cpu0, 2)
         out["push_machine_cpu_s"] = machine.split()  # everyone's: others' load shows as the excess
+        out["pushers_cpu_s"] = round(pushed["cpu_s"], 2)
         if pushed["errors"]:
             raise base.BenchError(f"{len(pushed['errors'])} pushers failed, first: {pushed['errors'][0]}")
         out["push_wall_s"] = round(pushed["wall_s"], 2)
         out["push_requests"] = pushed["requests"]
         out["push_rps"] = round(pushed["requests"] / pushed["wall_s"], 1)
-        out["push_request_latency"] = percentiles(pushed["latencies"])
+        out["push_request_latency"] = percentiles([s for kind in pushed["latencies"].values() for s in kind])
+        out["push_request_latency_by_kind"] = {kind: percentiles(s) for kind, s in pushed["latencies"].items()}
         base.log(f"pushed: {out['push_rps']} requests/s over {out['push_wall_s']} s")
 
         # listings, probed
@@ -413,15 +422,20 @@ def markdown(r: dict[str, Any]) -> str:
         v = reads.get(phase, {}).get(key)
         return "–" if v is None else f"{v:,.2f}"
 
+    wrk = r.get("wrk_idle", {})
     rows = [
+        ("wrk -c16, cached manifest by tag, idle server: req/s (p99 ms)",
+         f"{wrk.get('rps', 0):,.0f} ({wrk.get('p99_ms', '–')})" if wrk else "–"),
         ("cached manifest read, idle: p50 / p99 ms", f"{p('idle', 'p50_ms')} / {p('idle', 'p99_ms')}"),
         ("cached manifest read during pushes: p50 / p99 ms",
          f"{p('pushing', 'p50_ms')} / {p('pushing', 'p99_ms')}"),
         ("push requests/s (mount + config upload + manifest PUT)", f"{r.get('push_rps', 0):,.1f}"),
         ("push request latency: p50 / p99 ms",
          f"{r.get('push_request_latency', {}).get('p50_ms', '–')} / {r.get('push_request_latency', {}).get('p99_ms', '–')}"),
-        ("mirror CPU seconds during the pushes (whole machine's)",
-         f"{r.get('push_mirror_cpu_s', '–')} ({r.get('push_machine_cpu_s', '–')})"),
+        *((f"  {KINDS.get(kind, kind)}: p50 / p99 ms", f"{lat.get('p50_ms', '–')} / {lat.get('p99_ms', '–')}")
+          for kind, lat in r.get("push_request_latency_by_kind", {}).items()),
+        ("CPU seconds during the pushes: mirror / pushers / whole machine",
+         f"{r.get('push_mirror_cpu_s', '–')} / {r.get('pushers_cpu_s', '–')} / {r.get('push_machine_cpu_s', '–')}"),
         ("`_catalog?n=100` page: p50 / p99 ms",
          f"{r.get('catalog_page', {}).get('p50_ms', '–')} / {r.get('catalog_page', {}).get('p99_ms', '–')}"),
         ("cached manifest read while listing: p50 / p99 ms", f"{p('listing', 'p50_ms')} / {p('listing', 'p99_ms')}"),
@@ -440,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listing-seconds", type=float, default=20.0,
                         help="walk the catalog for at least this long (and at least once to the end)")
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="probe the idle server this long first")
+    parser.add_argument("--wrk-seconds", type=int, default=10,
+                        help="first, wrk -c16 on the seed's manifest by tag for this long (0: skip)")
     parser.add_argument("--probe-interval", type=float, default=10.0, help="ms between probe reads (default 10)")
     parser.add_argument("--mirror-ref", default="HEAD", help="the commit to measure (worktree: the checkout)")
     parser.add_argument("--max-minutes", type=float, default=30.0, help="time budget of the whole run")
