@@ -2,8 +2,8 @@
 
 tests/data/legacy_store/ holds such a store (pulled, pushed, deleted and garbage-collected
 content, an abandoned upload) and what the old service answered on it, with its upstream
-down (see the README there).  Its layout is this release's (version 1), so there is
-nothing to migrate: the new code opens it without writing anything, and every answer is
+down (see the README there).  Its layout is version 1: opening it migrates it to 2 by
+adding the repository index and layout.json, and changes nothing else; every answer is
 replayed through the whole web stack, in memory,
 with an upstream that refuses every connection: nothing is refetched, every manifest and
 blob comes back byte for byte, deleted things stay deleted, and garbage collection plans
@@ -63,9 +63,11 @@ def answers(node):
             yield from answers(value)
 
 
-def test_opening_changes_nothing_in_the_store(legacy):
-    """Same layout, nothing to migrate: every file and directory (empty ones carry meaning)
-    is as the previous release left it, mtimes (the access record) included."""
+def test_opening_adds_the_index_and_changes_nothing_else(legacy):
+    """The migration to layout 2 adds the repository index (every repository the old
+    release listed, from a walk) and layout.json; every other file and directory (empty
+    ones carry meaning) is as the previous release left it, mtimes (the access record)
+    included.  Opening it again writes nothing more."""
     root, _ = legacy
 
     def snapshot():
@@ -73,7 +75,14 @@ def test_opening_changes_nothing_in_the_store(legacy):
 
     before = snapshot()
     open_filesystem_store(root)
-    assert snapshot() == before
+    after = snapshot()
+    assert set(after) - set(before) == {"layout.json", "repositories.index"}
+    assert {path: after[path] for path in before} == before
+    assert json.loads((root / "layout.json").read_text()) == {"layout": 2}
+    indexed = [name for name in (root / "repositories.index").read_text().split("\n") if name]
+    assert indexed == EXPECTED["catalog"]["repositories"]
+    open_filesystem_store(root)
+    assert snapshot() == after
 
 
 def test_every_recorded_answer_is_given_again(mirror):

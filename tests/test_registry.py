@@ -22,6 +22,7 @@ from mirror.core.oci import DOCKER_MANIFEST, OCI_MANIFEST, Digest
 from mirror.registry.gc import collect
 from mirror.registry.hosted import HostedRepository
 from mirror.registry.mirrored import MirroredRepository
+from mirror.storage.fs import open_filesystem_store
 from mirror.storage.memory import open_memory_store
 from tests.fake_upstream import FakeRegistry, digest_of
 from tests.inmemory import InMemoryMirror
@@ -243,6 +244,58 @@ def test_hosted_push_pull_and_delete():
     assert json.loads(m.get("/v2/_catalog").body) == {"repositories": ["team/app"]}
     assert m.request("DELETE", f"/v2/team/app/manifests/{digest}").code == 202
     assert json.loads(m.get("/v2/team/app/tags/list").body) == {"name": "team/app", "tags": None}
+
+
+@pytest.mark.parametrize("backend", ["memory", "fs"])
+def test_catalog_pages_follow_the_link_header(backend, tmp_path):
+    """``_catalog?n=`` pages in lexical order with a ``Link`` to the next page (``last`` =
+    the page's last name) until the last page, which has none; n=0 is an empty page; an
+    ``n`` that is no number is a 400; ``last`` need not be a listed name."""
+    m = make(hosted=("*",))
+    if backend == "fs":
+        m = InMemoryMirror(m.registry.config, open_filesystem_store(tmp_path / "store"), clock=m.clock)
+    names = sorted(f"team/r{i}" for i in range(25)) + ["zz/last"]
+    for name in names:
+        run_now(m.registry.store.metadata.set_tag(name, "1", Digest.of(b"m")))
+    seen, path, pages = [], "/v2/_catalog?n=10", 0
+    while path is not None:
+        a = m.get(path)
+        assert a.code == 200
+        page = json.loads(a.body)["repositories"]
+        seen += page
+        pages += 1
+        link = a.header("Link")
+        path = link[link.index("<") + 1 : link.index(">")] if link else None
+        if path is not None:
+            assert link.endswith('>; rel="next"') and f"last={page[-1].replace('/', '%2F')}" in path
+    assert seen == names and pages == 3
+    assert json.loads(m.get("/v2/_catalog").body) == {"repositories": names}
+    a = m.get("/v2/_catalog?n=0")
+    assert json.loads(a.body) == {"repositories": []} and a.header("Link") is None
+    a = m.get("/v2/_catalog?n=2&last=team/r8")
+    assert json.loads(a.body) == {"repositories": ["team/r9", "zz/last"]} and a.header("Link") is None
+    assert json.loads(m.get("/v2/_catalog?last=team/r90").body) == {"repositories": ["zz/last"]}
+    assert m.get("/v2/_catalog?n=ten").error_code == "PAGINATION_NUMBER_INVALID"
+
+
+def test_a_catalog_page_skips_what_the_caller_may_not_see():
+    """With access rules hiding most repositories, a page still holds ``n`` visible names
+    (the store is asked batch after batch) and says whether more follow."""
+    m = make(hosted=("*",))
+    names = [f"team/r{i:04d}" for i in range(1000)]
+    for name in names:
+        run_now(m.registry.store.metadata.link_blob(name, Digest.of(b"l")))
+    visible = [n for n in names if n.endswith("7")]
+
+    def page(last, n):
+        return run_now(m.registry.catalog_page(last, n, lambda key: key.endswith("7")))
+
+    assert page(None, 3) == (visible[:3], True)
+    assert page(visible[2], 50) == (visible[3:53], True)
+    assert page(visible[-3], 5) == (visible[-2:], False)
+    assert page(visible[-2], 1) == (visible[-1:], False)
+    assert page(None, None) == (visible, False)
+    assert page(None, 0) == ([], False)
 
 
 def test_a_hosted_repository_serves_only_blobs_it_holds():

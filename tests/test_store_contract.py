@@ -232,6 +232,25 @@ async def test_tags_links_and_listing(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_repositories_by_page(store):
+    """``after`` and ``limit`` page the listing in lexical order of whole names; a
+    repository holding only fetched links or referrers is not listed."""
+    d = Digest.of(b"{}")
+    for name in ("team/b", "team/a-c", "team/a/b", "team/a"):
+        await store.metadata.link_manifest(name, d, OCI)
+    await store.metadata.link_blob("team/z", d)
+    await store.metadata.link_blob("docker.io/library/fetched", d, fetched=True)
+    await store.metadata.add_referrer("team/r", d, {"digest": str(d), "mediaType": OCI, "size": 2})
+    every = ["team/a", "team/a-c", "team/a/b", "team/b", "team/z"]
+    assert await store.metadata.repositories() == every
+    assert await store.metadata.repositories(limit=2) == every[:2]
+    assert await store.metadata.repositories(after="team/a", limit=2) == ["team/a-c", "team/a/b"]
+    assert await store.metadata.repositories(after="team/a0") == ["team/b", "team/z"]  # "after" needs not be a name
+    assert await store.metadata.repositories(after="team/z") == []
+    assert await store.metadata.repositories(after="team/a", limit=0) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_last_tag_deleted_leaves_a_listed_repository_that_had_tags(store):
     """After its last tag and manifest go, a repository still lists and says it had tags."""
     d = Digest.of(b"{}")
@@ -318,13 +337,16 @@ async def test_delete_if_idle_keeps_recent_blobs_and_needs_the_exclusive_lock(st
 
 # filesystem only ----------------------------------------------------------------------------
 def test_fs_layout_version(tmp_path):
-    """A store without layout.json is of layout 1 and opening it writes nothing; a store
-    of another layout (a newer release's) is refused."""
+    """A new store gets this release's layout (2: with the repository index); a store
+    without layout.json is of layout 1 and is migrated when opened; a store of another
+    layout (a newer release's) is refused."""
     root = tmp_path / "store"
     open_filesystem_store(root)
-    assert not (root / "layout.json").exists()
-    (root / "layout.json").write_text(json.dumps({"layout": LAYOUT_VERSION}))
+    assert json.loads((root / "layout.json").read_text()) == {"layout": LAYOUT_VERSION} == {"layout": 2}
+    assert (root / "repositories.index").is_file()
+    (root / "layout.json").unlink()  # as every release before the index left it
     open_filesystem_store(root)
+    assert json.loads((root / "layout.json").read_text()) == {"layout": LAYOUT_VERSION}
     (root / "layout.json").write_text('{"layout": 99}')
     with pytest.raises(StoreLayoutError, match="layout version 99"):
         open_filesystem_store(root)

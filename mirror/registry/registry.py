@@ -41,6 +41,9 @@ from mirror.upstream.client import Upstream
 
 __all__ = ["Registry"]
 
+#: Repositories asked of the store at a time while access rules hide some of a catalog page.
+_CATALOG_BATCH = 100
+
 _log = Logger()
 
 
@@ -135,7 +138,33 @@ class Registry:
 
     async def catalog(self) -> list[str]:
         """Every repository the store holds, in lexical order."""
-        return await self.store.metadata.repositories()
+        return (await self.catalog_page())[0]
+
+    async def catalog_page(
+        self, last: str | None = None, limit: int | None = None, visible: Callable[[str], bool] | None = None
+    ) -> tuple[list[str], bool]:
+        """A page of the catalog: the repositories the store holds whose names sort after
+        ``last`` (all without) and that ``visible`` lets through (all without), at most
+        ``limit`` (all without), in lexical order; and whether more follow.
+
+        The store lists from where the page starts (a bisect in the filesystem store's
+        index), a batch at a time while ``visible`` hides some, never the whole store.
+        """
+        if limit == 0:
+            return [], False
+        page: list[str] = []
+        cursor = last
+        while True:
+            want = None if limit is None else limit + 1 - len(page)  # one more: does a next page exist?
+            batch_size = None if want is None else max(want, _CATALOG_BATCH if visible is not None else want)
+            batch = await self.store.metadata.repositories(after=cursor, limit=batch_size)
+            page.extend(key for key in batch if visible is None or visible(key))
+            if batch_size is None or len(batch) < batch_size or (limit is not None and len(page) > limit):
+                break
+            cursor = batch[-1]
+        if limit is None or len(page) <= limit:
+            return page, False
+        return page[:limit], True
 
     async def expire_uploads(self) -> int:
         """Remove upload sessions idle for longer than ``upload_expiry``."""

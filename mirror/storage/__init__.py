@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from mirror.config import StorageConfig
 from mirror.storage.base import Store
 from mirror.storage.fs import StoreLayoutError, open_filesystem_store
+from mirror.storage.iothreads import IoThreads
 
 __all__ = ["Store", "StoreLayoutError", "default_spool", "open_store"]
 
@@ -39,7 +40,10 @@ def open_store(config: StorageConfig, run_blocking: Callable[..., Deferred[Any]]
         config: the ``storage`` section.
         run_blocking: runs a blocking callable off the reactor thread
             (``deferToThread``), returning a Deferred.
-        reactor: for an s3 store's requests and timers (default: the global reactor).
+        reactor: for an s3 store's requests and timers (default: the global reactor);
+            given to a filesystem store (the service does), the store's short file work
+            runs in :class:`~mirror.storage.iothreads.IoThreads` on it, else with
+            ``run_blocking``.
 
     Raises:
         StoreLayoutError: the store exists but cannot be used by this release.
@@ -48,7 +52,9 @@ def open_store(config: StorageConfig, run_blocking: Callable[..., Deferred[Any]]
     """
     if config.s3 is None:
         assert config.root is not None
-        return open_filesystem_store(config.root, run_blocking)
+        # With a reactor (the service), the short file work gets threads of its own.
+        small = IoThreads.of(cast(Any, reactor)) if reactor is not None else None
+        return open_filesystem_store(config.root, run_blocking, small)
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 

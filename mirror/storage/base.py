@@ -21,8 +21,8 @@ and the node's :class:`Spool`, the local scratch space writers use before conten
 verified.
 
 Every method is asynchronous, so a backend on the network (object storage) fits without
-blocking the reactor; the filesystem backend reads metadata and writes small files (tags,
-links, manifests) at once, and runs blob writes and commits in threads.
+blocking the reactor; the filesystem backend reads a small file (a tag, a link) at once,
+and writes, deletes and lists in threads.
 :func:`mirror.storage.open_store` builds a store from configuration; nothing else
 constructs one.
 """
@@ -225,8 +225,10 @@ class MetadataStore(Protocol):
     async def remove_referrer(self, repo: str, subject: Digest, digest: Digest) -> None:
         """Forget that manifest ``digest`` refers to ``subject``."""
 
-    async def repositories(self) -> list[str]:
-        """Every repository holding a manifest, a tag or a blob, in lexical order."""
+    async def repositories(self, after: str | None = None, limit: int | None = None) -> list[str]:
+        """The repositories holding (or that held) a manifest, a tag or a pushed blob, in
+        lexical order: those whose names sort after ``after`` (all without), at most
+        ``limit`` of them (all without)."""
 
     async def scan_repository(self, repo: str) -> RepositoryRecord:
         """Everything ``repo`` holds (garbage collection's inventory)."""

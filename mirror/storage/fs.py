@@ -5,6 +5,9 @@ Layout under ``root``::
     layout.json                                    {"layout": N}: the layout version (absent: 1;
                                                    a release that changes the layout migrates
                                                    at start and writes it)
+    repositories.index                             the repositories' names, appended to before
+                                                   each repository's first _manifests, _tags or
+                                                   _layers directory is made (:mod:`.fsindex`)
     blobs/<algorithm>/<first two hex>/<hex>       content (manifests too); its mtime is
                                                    the last write or read (the access record)
     spool/<random>                                 blobs being written; renamed into
@@ -26,27 +29,47 @@ Layout under ``root``::
 ``_manifests``, ``_tags``, ``_layers``, ``_fetched`` and ``_referrers`` cannot collide with a nested
 repository, since a name component cannot start with ``_``.  Every path component comes
 from a checked name, tag or digest (:mod:`mirror.core.oci`), so nothing reaches outside
-``root``.  Every release so far wrote this layout (version 1), so stores written by
-earlier releases are served as they are (``_fetched`` came later; a store without it
-is read the same way, and a release that ignores it ignores it).
+``root``.  A repository is a directory holding ``_manifests``, ``_tags`` or ``_layers``
+(``_fetched`` came later, and alone makes none); the store never removes one.
+
+Layout versions.  Version 1 (no ``layout.json``) is what every release wrote before the
+index; version 2 adds ``repositories.index``.  Opening a store of version 1 (or of version
+2 whose index is gone) migrates it: a walk of ``repositories/`` appends every repository
+to the index, then ``layout.json`` says 2 (at start, before anything is served; other
+processes writing meanwhile add their own new repositories).  A store this process
+cannot write (a read-only mount, for ``mirror export``) is served as it is, its listings
+walking it.  A release before version 2 refuses a store of version 2, whose index it would
+not keep up; to go back to one, delete ``layout.json`` and ``repositories.index`` (the next
+start of this release rebuilds them).
 
 Crash safety: content appears under ``blobs/`` only whole and verified, and every small
-file is written to a temporary name; both go through :func:`_publish` (fsync, then
-rename), the one place that makes anything durable and visible.  A tag or link may
-outlive its blob after a crash or eviction; readers treat a missing blob as a miss.
+file with content is written to a temporary name; both go through :func:`_publish`
+(fsync, then rename), the one place that makes content durable and visible.  Empty files
+(blob links) are created in place: there is nothing in them to appear whole.  A tag or
+link may outlive its blob after a crash or eviction; readers treat a missing blob as a
+miss.  A name in the index may outlive the creation of its repository (a crash in
+between): listings check that the repository exists (see :mod:`.fsindex`).
 
-Small files (tags, links, manifests) are written and fsynced inline, on the caller's
-thread, as are metadata reads; blob writes, commits and upload appends run in threads
-(``run_blocking``).
+Threads: writes, fsyncs, deletes and listings run off the caller's thread — the short ones
+(tags, links, manifests, referrers, the index, upload sessions' creation and removal, the
+access record, the GC lock's shared hold) through ``run_small``, blob data, commits,
+upload appends and walks of all blobs through ``run_blocking``.  Reads of one small file
+(a tag, a manifest's media type, whether a link exists, a blob's size, a manifest's
+bytes, an upload's repository and size) run at once, on the reactor: they are the cached
+manifest path (thousands of requests a second), where handing each to a thread halved the
+throughput (docs/benchmarks.md); small, hot files, they come from the page cache, which
+never waits for the fsyncs of writes.
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
 import fcntl
+import itertools
 import json
 import os
 import re
-import secrets
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -59,6 +82,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from mirror.core.errors import RegistryError
 from mirror.core.oci import Digest, parse_digest
 from mirror.storage.base import BlobInfo, RepositoryRecord, Store
+from mirror.storage.fsindex import RepositoryIndex, walk_repositories
 from mirror.storage.sending import CachedSource, FileResponder, Responder
 from mirror.storage.spool import Hashes, LocalSpool, Orphan, SpoolWriter
 
@@ -68,7 +92,9 @@ T = TypeVar("T")
 RunBlocking = Callable[..., Deferred[Any]]
 
 #: The layout this code reads and writes (see the module docstring).
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+
+_TEMP_NAMES = itertools.count()  # (next() on it is atomic: several threads write)
 
 _UPLOAD_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -77,18 +103,20 @@ class StoreLayoutError(Exception):
     """The directory holds a store this code cannot use; ``str()`` says why."""
 
 
-def _publish(path: Path, final: Path, fd: int | None = None) -> None:
+def _publish(path: Path, final: Path, fd: int | None = None, *, new_directory: bool = True) -> None:
     """Make ``path`` durable and visible as ``final``: fsync, then rename.
 
     ``fd`` is the file's open descriptor when the caller has one (it is closed here, after
     the rename: a spool writer's descriptor holds the file's lock until it has left the
-    spool, so another process's clean-up never takes it in between).
+    spool, so another process's clean-up never takes it in between).  ``new_directory``
+    False: ``final``'s directory is known to exist (one syscall fewer).
     """
     if fd is None:
         fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if new_directory and not os.path.isdir(final.parent):
+            final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, final)
     finally:
         os.close(fd)
@@ -96,9 +124,19 @@ def _publish(path: Path, final: Path, fd: int | None = None) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` durably: temp file, then :func:`_publish`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    for _ in range(100):
+        # Unique among live processes; one a dead process of the same pid left is skipped.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_TEMP_NAMES)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o644)
+            break
+        except FileNotFoundError:  # a new directory
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"{path.parent}: no free temporary name")
     try:
         view = memoryview(data)
         while view:
@@ -107,7 +145,19 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.close(fd)
         os.unlink(tmp)
         raise
-    _publish(tmp, path, fd)
+    _publish(tmp, path, fd, new_directory=False)
+
+
+def _create_empty(path: Path) -> None:
+    """Create an empty file (a link): in place, without fsync, since it has no content to
+    appear whole; a crash loses it or not, like any rename not yet committed."""
+    flags = os.O_WRONLY | os.O_CREAT
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:  # a new directory
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o644)
+    os.close(fd)
 
 
 class _Layout:
@@ -121,6 +171,7 @@ class _Layout:
         self.uploads = root / "uploads"
         self.lock = root / "gc.lock"
         self.version = root / "layout.json"
+        self.index = root / "repositories.index"
 
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.encoded[:2] / digest.encoded
@@ -167,10 +218,11 @@ class FsBlobWriter(SpoolWriter):
 class FsBlobStore:
     """Content by digest under ``blobs/``."""
 
-    def __init__(self, layout: _Layout, spool: LocalSpool, run_blocking: RunBlocking) -> None:
+    def __init__(self, layout: _Layout, spool: LocalSpool, run_blocking: RunBlocking, run_small: RunBlocking) -> None:
         self._layout = layout
         self._spool = spool
         self._run_blocking = run_blocking
+        self._run_small = run_small
 
     async def stat(self, digest: Digest) -> int | None:
         try:
@@ -200,6 +252,9 @@ class FsBlobStore:
         return None
 
     async def put(self, digest: Digest, data: bytes) -> None:
+        await self._run_small(self._put, digest, data)
+
+    def _put(self, digest: Digest, data: bytes) -> None:
         path = self._layout.blob(digest)
         try:
             os.utime(path)  # already there: it counts as just written (GC grace)
@@ -210,7 +265,8 @@ class FsBlobStore:
         return FsBlobWriter(self._layout, self._spool, self._run_blocking, adopt)
 
     async def scan(self) -> list[BlobInfo]:
-        return list(self._scan())
+        found: list[BlobInfo] = await self._run_blocking(lambda: list(self._scan()))
+        return found
 
     def _scan(self) -> Iterator[BlobInfo]:
         for alg_entry in os.scandir(self._layout.blobs):
@@ -225,6 +281,10 @@ class FsBlobStore:
                     yield BlobInfo(Digest(alg_entry.name, entry.name), st.st_size, st.st_mtime)
 
     async def delete_if_idle(self, digest: Digest, idle_before: float) -> int | None:
+        freed: int | None = await self._run_blocking(self._delete_if_idle, digest, idle_before)
+        return freed
+
+    def _delete_if_idle(self, digest: Digest, idle_before: float) -> int | None:
         path = self._layout.blob(digest)
         try:
             st = path.stat()
@@ -238,29 +298,62 @@ class FsBlobStore:
 
 # repositories -----------------------------------------------------------------------------------
 class FsMetadataStore:
-    """Per-repository manifests, tags, blob links and referrers under ``repositories/``."""
+    """Per-repository manifests, tags, blob links and referrers under ``repositories/``.
 
-    def __init__(self, layout: _Layout) -> None:
+    Writes, deletes and listings run through ``run_small``; reads of one small file (a
+    tag, a manifest's media type, whether a link exists) run at once (see the module
+    docstring).  ``index`` lists the repositories (``None``: a read-only store of an
+    earlier layout, walked instead).
+    """
+
+    def __init__(self, layout: _Layout, run_small: RunBlocking, index: RepositoryIndex | None) -> None:
         self._layout = layout
+        self._run_small = run_small
+        self._index = index
+
+    async def _blocking(self, f: Callable[..., T], *args: object) -> T:
+        result: T = await self._run_small(f, *args)
+        return result
+
+    def _write(self, repo: str, path: Path, data: bytes | None) -> None:
+        """Write a file that makes ``repo`` a repository (under ``_manifests``, ``_tags`` or
+        ``_layers``; ``None``: an empty link): its name goes into the index first."""
+        if self._index is not None:
+            self._index.add(repo)
+        if data is None:
+            _create_empty(path)
+        else:
+            _write_atomic(path, data)
+        if self._index is not None:
+            self._index.confirm(repo)
 
     async def link_manifest(self, repo: str, digest: Digest, media_type: str) -> None:
-        if await self.manifest_media_type(repo, digest) != media_type:
-            _write_atomic(self._layout.manifest_link(repo, digest), media_type.encode())
+        await self._blocking(self._link_manifest, repo, digest, media_type)
+
+    def _link_manifest(self, repo: str, digest: Digest, media_type: str) -> None:
+        if self._manifest_media_type(repo, digest) != media_type:
+            self._write(repo, self._layout.manifest_link(repo, digest), media_type.encode())
 
     async def manifest_media_type(self, repo: str, digest: Digest) -> str | None:
+        return self._manifest_media_type(repo, digest)
+
+    def _manifest_media_type(self, repo: str, digest: Digest) -> str | None:
         try:
             return self._layout.manifest_link(repo, digest).read_text() or None
         except FileNotFoundError:
             return None
 
     async def list_manifests(self, repo: str) -> list[Digest]:
+        return await self._blocking(self._list_manifests, repo)
+
+    def _list_manifests(self, repo: str) -> list[Digest]:
         return [digest for digest, _ in _digest_entries(self._layout.repo(repo) / "_manifests")]
 
     async def unlink_manifest(self, repo: str, digest: Digest) -> bool:
-        return _unlink(self._layout.manifest_link(repo, digest))
+        return await self._blocking(_unlink, self._layout.manifest_link(repo, digest))
 
     async def set_tag(self, repo: str, tag: str, digest: Digest) -> None:
-        _write_atomic(self._layout.tags(repo) / tag, str(digest).encode())
+        await self._blocking(self._write, repo, self._layout.tags(repo) / tag, str(digest).encode())
 
     async def get_tag(self, repo: str, tag: str) -> Digest | None:
         return self._read_tag(repo, tag)
@@ -288,10 +381,10 @@ class FsMetadataStore:
             return None
 
     async def delete_tag(self, repo: str, tag: str) -> None:
-        _unlink(self._layout.tags(repo) / tag)
+        await self._blocking(_unlink, self._layout.tags(repo) / tag)
 
     async def list_tags(self, repo: str) -> list[str] | None:
-        return self._list_tags(repo)
+        return await self._blocking(self._list_tags, repo)
 
     def _list_tags(self, repo: str) -> list[str] | None:
         try:
@@ -305,23 +398,36 @@ class FsMetadataStore:
         return self._layout.tags(repo).is_dir()
 
     async def link_blob(self, repo: str, digest: Digest, *, fetched: bool = False) -> None:
+        await self._blocking(self._link_blob, repo, digest, fetched)
+
+    def _link_blob(self, repo: str, digest: Digest, fetched: bool) -> None:
         path = Path(self._layout.blob_link(repo, digest, fetched=fetched))
-        if not path.exists():
-            _write_atomic(path, b"")
+        if path.exists():
+            return
+        if fetched:  # _fetched alone does not make a repository: not indexed
+            _create_empty(path)
+        else:
+            self._write(repo, path, None)
 
     async def has_blob_link(self, repo: str, digest: Digest, *, fetched: bool = False) -> bool:
         return os.path.exists(self._layout.blob_link(repo, digest, fetched=fetched))
 
     async def unlink_blob(self, repo: str, digest: Digest) -> bool:
+        return await self._blocking(self._unlink_blob, repo, digest)
+
+    def _unlink_blob(self, repo: str, digest: Digest) -> bool:
         pushed = _unlink(Path(self._layout.blob_link(repo, digest)))
         return _unlink(Path(self._layout.blob_link(repo, digest, fetched=True))) or pushed
 
     async def add_referrer(self, repo: str, subject: Digest, descriptor: Mapping[str, object]) -> None:
         digest = parse_digest(str(descriptor["digest"]))
         path = self._layout.referrers(repo, subject) / digest.algorithm / digest.encoded
-        _write_atomic(path, json.dumps(descriptor, sort_keys=True).encode())
+        await self._blocking(_write_atomic, path, json.dumps(descriptor, sort_keys=True).encode())
 
     async def referrers(self, repo: str, subject: Digest) -> list[dict[str, object]]:
+        return await self._blocking(self._referrers, repo, subject)
+
+    def _referrers(self, repo: str, subject: Digest) -> list[dict[str, object]]:
         found = []
         for path in sorted(self._layout.referrers(repo, subject).glob("*/*")):
             try:
@@ -331,24 +437,22 @@ class FsMetadataStore:
         return found
 
     async def remove_referrer(self, repo: str, subject: Digest, digest: Digest) -> None:
-        _unlink(self._layout.referrers(repo, subject) / digest.algorithm / digest.encoded)
+        await self._blocking(_unlink, self._layout.referrers(repo, subject) / digest.algorithm / digest.encoded)
 
-    async def repositories(self) -> list[str]:
-        def walk(directory: Path, prefix: str) -> Iterator[str]:
-            try:
-                names = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-            except FileNotFoundError:
-                return
-            if "_manifests" in names or "_tags" in names or "_layers" in names:
-                yield prefix
-            for name in names:
-                if not name.startswith("_"):
-                    yield from walk(directory / name, f"{prefix}/{name}" if prefix else name)
+    async def repositories(self, after: str | None = None, limit: int | None = None) -> list[str]:
+        return await self._blocking(self._repositories, after, limit)
 
-        # Sorting per directory level is not lexical order of full names ("a/b" vs "a-c").
-        return sorted(walk(self._layout.repositories, ""))
+    def _repositories(self, after: str | None, limit: int | None) -> list[str]:
+        if self._index is not None:
+            return self._index.page(after, limit)
+        names = walk_repositories(self._layout.repositories)
+        start = bisect.bisect_right(names, after) if after is not None else 0
+        return names[start : None if limit is None else start + limit]
 
     async def scan_repository(self, repo: str) -> RepositoryRecord:
+        return await self._blocking(self._scan_repository, repo)
+
+    def _scan_repository(self, repo: str) -> RepositoryRecord:
         base = self._layout.repo(repo)
         manifests: dict[Digest, float] = {}
         for digest, entry in _digest_entries(base / "_manifests"):
@@ -390,18 +494,25 @@ def _unlink(path: Path) -> bool:
 class FsUploadStore:
     """Upload sessions under ``uploads/<id>/``: appended in place, published into ``blobs/``."""
 
-    def __init__(self, layout: _Layout, run_blocking: RunBlocking) -> None:
+    def __init__(self, layout: _Layout, run_blocking: RunBlocking, run_small: RunBlocking) -> None:
         self._layout = layout
         self._run_blocking = run_blocking
+        self._run_small = run_small
         self._hashes: dict[str, Hashes] = {}  # running sha256 per session, while this process lives
 
     async def create(self, repo: str) -> str:
         upload_id = str(uuid.uuid4())  # the spec: the upload location carries a UUID
+        await self._run_small(self._create, upload_id, repo)
+        return upload_id
+
+    def _create(self, upload_id: str, repo: str) -> None:
+        # Not fsynced, as the data appended to it is not: a session a power cut loses (or
+        # cuts short) is started again by its client.  Nothing reads it before this returns.
         directory = self._layout.upload(upload_id)
         directory.mkdir()
-        (directory / "data").touch()
-        _write_atomic(directory / "repo", repo.encode())
-        return upload_id
+        with open(directory / "repo", "x") as f:
+            f.write(repo)
+        os.close(os.open(directory / "data", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
 
     async def repository_of(self, upload_id: str) -> str | None:
         try:
@@ -453,16 +564,34 @@ class FsUploadStore:
         return hashes.size
 
     async def delete(self, upload_id: str) -> None:
-        self._delete(upload_id)
+        self._hashes.pop(upload_id, None)
+        try:
+            gone = not self._layout.upload(upload_id).is_dir()  # (a commit removed it already)
+        except KeyError:
+            return
+        if not gone:
+            await self._run_small(self._delete, upload_id)
 
     def _delete(self, upload_id: str) -> None:
         self._hashes.pop(upload_id, None)
         try:
-            shutil.rmtree(self._layout.upload(upload_id))
-        except (KeyError, FileNotFoundError):
+            directory = self._layout.upload(upload_id)
+        except KeyError:
+            return
+        try:
+            for name in ("data", "repo"):
+                _unlink(directory / name)
+            directory.rmdir()
+        except FileNotFoundError:
             pass
+        except OSError:  # something else in it
+            shutil.rmtree(directory, ignore_errors=True)
 
     async def stale(self, idle_since: float) -> list[str]:
+        found: list[str] = await self._run_blocking(self._stale, idle_since)
+        return found
+
+    def _stale(self, idle_since: float) -> list[str]:
         stale = []
         for entry in os.scandir(self._layout.uploads):
             try:
@@ -478,10 +607,15 @@ class FsUploadStore:
 class FsAccessRecord:
     """Last reads as the blob files' mtimes: one ``utime`` per blob per flush."""
 
-    def __init__(self, layout: _Layout) -> None:
+    def __init__(self, layout: _Layout, run_small: RunBlocking) -> None:
         self._layout = layout
+        self._run_small = run_small
 
     async def record(self, accessed: Mapping[Digest, float]) -> None:
+        if accessed:
+            await self._run_small(self._record, dict(accessed))
+
+    def _record(self, accessed: Mapping[Digest, float]) -> None:
         for digest, when in accessed.items():
             path = self._layout.blob(digest)
             try:
@@ -497,16 +631,17 @@ class FsAccessRecord:
 class FsGcLock:
     """``flock`` on ``gc.lock``: per open file, so it works between processes."""
 
-    def __init__(self, layout: _Layout, run_blocking: RunBlocking) -> None:
+    def __init__(self, layout: _Layout, run_blocking: RunBlocking, run_small: RunBlocking) -> None:
         self._layout = layout
-        self._run_blocking = run_blocking
+        self._run_blocking = run_blocking  # the exclusive hold waits for pushes: not with the small calls
+        self._run_small = run_small
 
     def _open(self) -> int:
         return os.open(self._layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
-        fd = self._open()
+        fd: int = await self._run_blocking(self._open)
         try:
             await self._run_blocking(fcntl.flock, fd, fcntl.LOCK_EX)  # waits for pushes in progress
             yield
@@ -514,6 +649,10 @@ class FsGcLock:
             os.close(fd)
 
     async def try_shared(self) -> object | None:
+        handle: int | None = await self._run_small(self._try_shared)
+        return handle
+
+    def _try_shared(self) -> int | None:
         fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -528,32 +667,52 @@ class FsGcLock:
 
 
 # opening ----------------------------------------------------------------------------------------
-def _check_layout(layout: _Layout) -> None:
-    """Refuse a store of another layout version.  Without ``layout.json`` a store is of
-    version 1 (every release so far); opening it writes nothing, so that read-only
-    commands (``mirror gc --dry-run``, ``export``) work on a read-only store."""
+def _check_layout(layout: _Layout) -> int:
+    """The store's layout version: 1 without ``layout.json`` (every release before the
+    index); refuse any other than 1 and this release's."""
     try:
         doc = json.loads(layout.version.read_bytes())
         version = doc.get("layout") if isinstance(doc, dict) else None
     except FileNotFoundError:
-        return
+        return 1
     except (OSError, ValueError) as e:
         raise StoreLayoutError(f"{layout.version}: unreadable ({e})") from None
-    if version != LAYOUT_VERSION:
+    if version not in (1, LAYOUT_VERSION):
         raise StoreLayoutError(
             f"{layout.root}: store layout version {version!r}, but this release reads version {LAYOUT_VERSION}"
         )
+    return int(version)
+
+
+def _open_index(layout: _Layout) -> RepositoryIndex | None:
+    """The store's repository index; a store of layout 1 (or whose index is gone) is
+    migrated first: its repositories are walked into the index, then ``layout.json`` says
+    2.  A store this process cannot write is served as it is: ``None``, listings walk."""
+    index = RepositoryIndex(layout.index, layout.repositories)
+    if _check_layout(layout) == LAYOUT_VERSION and layout.index.exists():
+        return index
+    try:
+        index.build()
+        _write_atomic(layout.version, json.dumps({"layout": LAYOUT_VERSION}).encode())
+    except OSError as e:
+        if isinstance(e, PermissionError) or e.errno == errno.EROFS:
+            return None
+        raise
+    return index
 
 
 def _run_here(f: Callable[..., T], *args: object) -> Deferred[T]:
     return maybeDeferred(f, *args)
 
 
-def open_filesystem_store(root: Path, run_blocking: RunBlocking = _run_here) -> Store:
+def open_filesystem_store(root: Path, run_blocking: RunBlocking = _run_here, run_small: RunBlocking | None = None) -> Store:
     """The store under directory ``root`` (created if missing).
 
     ``run_blocking`` runs fsyncs and large copies (the service passes ``deferToThread``;
-    the default runs them at once).
+    the default runs them at once); ``run_small`` (default: ``run_blocking``) the short
+    ones: small files, the index, the GC lock's shared hold (the service passes
+    :class:`~mirror.storage.iothreads.IoThreads`).  A store of layout 1 is migrated here
+    (:func:`_open_index`: a walk of its repositories, before anything is served).
 
     Raises:
         StoreLayoutError: the directory holds a store of another layout version.
@@ -561,14 +720,15 @@ def open_filesystem_store(root: Path, run_blocking: RunBlocking = _run_here) -> 
     layout = _Layout(Path(root))
     for directory in (layout.blobs, layout.spool, layout.repositories, layout.uploads):
         directory.mkdir(parents=True, exist_ok=True)
-    _check_layout(layout)
+    index = _open_index(layout)
+    small = run_blocking if run_small is None else run_small
     spool = LocalSpool(layout.spool)
     return Store(
-        blobs=FsBlobStore(layout, spool, run_blocking),
-        metadata=FsMetadataStore(layout),
-        uploads=FsUploadStore(layout, run_blocking),
-        access=FsAccessRecord(layout),
-        gc_lock=FsGcLock(layout, run_blocking),
+        blobs=FsBlobStore(layout, spool, run_blocking, small),
+        metadata=FsMetadataStore(layout, small, index),
+        uploads=FsUploadStore(layout, run_blocking, small),
+        access=FsAccessRecord(layout, small),
+        gc_lock=FsGcLock(layout, run_blocking, small),
         spool=spool,
         description=f"filesystem {layout.root}",
     )

@@ -8,6 +8,7 @@ stamps writes with, so tests control time.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import time
@@ -293,8 +294,10 @@ class _Metadata:
         if r is not None:
             r.referrers.get(subject, {}).pop(digest, None)
 
-    async def repositories(self) -> list[str]:
-        return sorted(name for name, r in self._s.repos.items() if r.had_manifests or r.had_tags or r.had_blobs)
+    async def repositories(self, after: str | None = None, limit: int | None = None) -> list[str]:
+        names = sorted(name for name, r in self._s.repos.items() if r.had_manifests or r.had_tags or r.had_blobs)
+        start = bisect.bisect_right(names, after) if after is not None else 0
+        return names[start : None if limit is None else start + limit]
 
     async def scan_repository(self, repo: str) -> RepositoryRecord:
         r = self._get(repo) or _Repo()

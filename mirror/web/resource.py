@@ -11,6 +11,7 @@ aborts the connection, so a truncated body never looks complete.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -86,20 +87,26 @@ def match_route(method: str, path: str) -> tuple[str, dict[str, str]]:
     raise RegistryError("UNSUPPORTED", f"no registry endpoint at {path[:200]!r}", status=404)
 
 
+def page_size(n: str | None) -> int | None:
+    """The spec's ``n`` (``None``: no limit); ``PAGINATION_NUMBER_INVALID`` when it is no number."""
+    if n is None:
+        return None
+    if not n.isdigit() or len(n) > 9:
+        raise RegistryError("PAGINATION_NUMBER_INVALID", f"invalid page size n={n[:20]!r}", status=400)
+    return int(n)
+
+
 def paginate(items: list[str], n: str | None, last: str | None) -> tuple[list[str], str | None]:
     """Apply the spec's ``n``/``last`` pagination to a sorted list.
 
     Returns the page and, when more remain, the ``last`` value for the next page.
     """
-    if last:
-        items = [i for i in items if i > last]
-    if n is None:
-        return items, None
-    if not n.isdigit() or len(n) > 9:
-        raise RegistryError("PAGINATION_NUMBER_INVALID", f"invalid page size n={n[:20]!r}", status=400)
-    size = int(n)
-    page = items[:size]
-    more = len(items) > size and size > 0
+    size = page_size(n)
+    start = bisect.bisect_right(items, last) if last else 0
+    if size is None:
+        return items[start:], None
+    page = items[start : start + size]
+    more = len(items) - start > size and size > 0
     return page, (page[-1] if more else None)
 
 
@@ -298,8 +305,9 @@ class RegistryResource(Resource):
             call.finish(200, b"ready\n", "text/plain")
 
     async def _catalog(self, call: _Call) -> None:
-        repositories = await self._registry.catalog()
+        size = page_size(call.arg("n"))
         auth = self.auth
+        visible: Callable[[str], bool] | None = None
         if auth is not None and call.principal is not None:
             user, router = call.principal.user, self._registry.router
 
@@ -307,9 +315,9 @@ class RegistryResource(Resource):
                 route = router.route_stored(key)
                 return "pull" in auth.rule_actions(user, router.rule_names(route) if route is not None else (key,))
 
-            repositories = [key for key in repositories if pullable(key)]
-        page, last = paginate(repositories, call.arg("n"), call.arg("last"))
-        link = f"/v2/_catalog?{urlencode({'n': call.arg('n'), 'last': last})}" if last else None
+            visible = pullable
+        page, more = await self._registry.catalog_page(call.arg("last") or None, size, visible)
+        link = f"/v2/_catalog?{urlencode({'n': call.arg('n'), 'last': page[-1]})}" if more else None
         call.finish_json({"repositories": page}, link=link)
 
     async def _tags(self, call: _Call) -> None:

@@ -376,7 +376,7 @@ async def test_upstream_digest_header_mismatch_rejected(fake_upstream, make_mirr
     m = make_mirror(fake_upstream.url)
     r = await m.get("/v2/library/app/manifests/latest")
     assert r.code == 502 and await error_of(r) == "DIGEST_INVALID"
-    assert Sync(m.store).metadata.list_tags("docker.io/library/app") is None
+    assert await m.store.metadata.list_tags("docker.io/library/app") is None  # (in a thread)
 
 
 @pytest_twisted.ensureDeferred

@@ -37,6 +37,7 @@ requests reach different nodes completes; commit reads the parts back through a 
 
 from __future__ import annotations
 
+import bisect
 import json
 import secrets
 import time
@@ -368,7 +369,7 @@ class S3MetadataStore:
     async def remove_referrer(self, repo: str, subject: Digest, digest: Digest) -> None:
         await self._client.delete(KEYS.referrers(repo, subject) + _digest_key(digest))
 
-    async def repositories(self) -> list[str]:
+    async def repositories(self, after: str | None = None, limit: int | None = None) -> list[str]:
         found: list[str] = []
 
         async def walk(prefix: str) -> None:
@@ -383,7 +384,9 @@ class S3MetadataStore:
                     await walk(f"{prefix}{name}/")
 
         await walk("repositories/")
-        return sorted(found)
+        names = sorted(found)
+        start = bisect.bisect_right(names, after) if after is not None else 0
+        return names[start : None if limit is None else start + limit]
 
     async def scan_repository(self, repo: str) -> RepositoryRecord:
         base = KEYS.repo(repo)
