@@ -35,7 +35,8 @@ def names_in_index(root: Path) -> list[str]:
 
 def test_a_listing_is_sorted_and_paged_from_the_index(tmp_path):
     """Names sort as whole strings ("a-c" < "a/b"); ``after`` and ``limit`` page them; a
-    mirrored repository's fetched links alone do not make it a repository (as the walk)."""
+    mirrored repository's fetched links alone do not make it a repository (as the walk);
+    a mirrored repository's key may start with a registry and port."""
     store = Sync(open_filesystem_store(tmp_path / "store"))
     meta = store.metadata
     for name in ("team/b", "team/a-c", "team/a/b", "team/a"):
@@ -43,11 +44,12 @@ def test_a_listing_is_sorted_and_paged_from_the_index(tmp_path):
     meta.link_blob("docker.io/library/x", D, fetched=True)
     meta.set_tag("docker.io/library/y", "1", D)
     meta.link_blob("team/pushed", D)
-    every = ["docker.io/library/y", "team/a", "team/a-c", "team/a/b", "team/b", "team/pushed"]
+    meta.link_manifest("localhost:5000/library/z", D, OCI_MANIFEST)
+    every = ["docker.io/library/y", "localhost:5000/library/z", "team/a", "team/a-c", "team/a/b", "team/b", "team/pushed"]
     assert meta.repositories() == every == fsindex.walk_repositories(tmp_path / "store" / "repositories")
     assert meta.repositories(limit=2) == every[:2]
     assert meta.repositories(after="team/a", limit=2) == ["team/a-c", "team/a/b"]
-    assert meta.repositories(after="team/a-b") == every[2:]  # not itself a name
+    assert meta.repositories(after="team/a-b") == every[3:]  # not itself a name
     assert meta.repositories(after="team/pushed") == []
     assert meta.repositories(limit=0) == []
     assert sorted(names_in_index(tmp_path / "store")) == every  # each once
@@ -98,6 +100,7 @@ def test_a_record_left_by_a_crash_lists_nothing_until_its_repository_exists(tmp_
 def write_like_an_earlier_release(root: Path) -> None:
     """Repositories as releases before the index wrote them (no index, no layout.json)."""
     for path in ("repositories/team/a/_tags/1", "repositories/team/a-b/_manifests/sha256/00",
+                 "repositories/registry.test:5000/x/_tags/1",
                  "repositories/docker.io/library/x/_layers/sha256/00", "repositories/docker.io/library/y/_fetched/sha256/00"):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(b"")
@@ -109,7 +112,7 @@ def test_a_store_of_an_earlier_release_is_indexed_when_opened(tmp_path):
     raised to 2; a layout-2 store whose index was lost is rebuilt the same way."""
     root = tmp_path / "store"
     write_like_an_earlier_release(root)
-    expected = ["docker.io/library/x", "team/a", "team/a-b", "team/empty"]
+    expected = ["docker.io/library/x", "registry.test:5000/x", "team/a", "team/a-b", "team/empty"]
     store = Sync(open_filesystem_store(root))
     assert names_in_index(root) == expected
     assert json.loads((root / "layout.json").read_text()) == {"layout": 2}
@@ -131,7 +134,7 @@ def test_a_store_that_cannot_be_indexed_is_listed_by_walking(tmp_path, monkeypat
 
     monkeypatch.setattr(fsindex.RepositoryIndex, "build", refuse)
     store = Sync(open_filesystem_store(root))
-    assert store.metadata.repositories() == ["docker.io/library/x", "team/a", "team/a-b", "team/empty"]
+    assert store.metadata.repositories() == ["docker.io/library/x", "registry.test:5000/x", "team/a", "team/a-b", "team/empty"]
     assert store.metadata.repositories(after="team/a", limit=1) == ["team/a-b"]
     assert not (root / "layout.json").exists()
 

@@ -21,7 +21,7 @@ name.  So a name is listed only once its repository is seen to hold one of those
 directories (exactly what the walk this replaces looked for); a name seen to hold one is
 remembered as confirmed, since the store never removes a repository's directories.  A
 record is framed by newlines on both sides, so the record after a torn one still reads
-whole; a line that is not a valid name is skipped.  Names appear twice when two processes
+whole; a line that could not be a repository's path is skipped.  Names appear twice when two processes
 add the same repository at the same moment; reading drops the repeat.
 
 A store from an earlier release has no index: :meth:`RepositoryIndex.build` walks it
@@ -34,16 +34,14 @@ import bisect
 import errno
 import heapq
 import os
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["RepositoryIndex", "walk_repositories"]
 
-# A repository name (mirror.core.oci), without the length limit: a mirrored repository's
-# key is its upstream's registry, a slash and the name.
-_NAME_RE = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*")
+#: How names are stored: any str a repository's directory can have round-trips.
+_ENCODING = ("utf-8", "surrogateescape")
 
 #: What makes a directory under ``repositories/`` a repository (see the fs module).
 _MARKS = ("_manifests", "_tags", "_layers")
@@ -108,7 +106,7 @@ class RepositoryIndex:
         """Append records for ``names`` in one write, then fsync.  One ``write`` to an
         ``O_APPEND`` file lands whole at its end, between other processes' records; a short
         one (a full disk) is an error, never continued (that could interleave)."""
-        record = "".join(f"\n{name}\n" for name in names).encode()
+        record = "".join(f"\n{name}\n" for name in names).encode(*_ENCODING)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             written = os.write(fd, record)
@@ -183,8 +181,8 @@ class RepositoryIndex:
         self._offset += end + 1
         new = []
         for line in chunk[:end].split(b"\n"):
-            name = line.decode("ascii", "replace")
-            if name and name not in self._read and _NAME_RE.fullmatch(name):
+            name = line.decode(*_ENCODING)
+            if name not in self._read and _plausible(name):
                 self._read.add(name)
                 new.append(name)
         if len(new) <= 64:
@@ -193,6 +191,14 @@ class RepositoryIndex:
         else:
             new.sort()
             self._names = list(heapq.merge(self._names, new))
+
+
+def _plausible(name: str) -> bool:
+    """Whether a line of the index could name a repository a walk finds: a relative path
+    of components that do not start with ``_`` (a mirrored repository's key starts with its
+    upstream's registry, which may hold a port; a torn record or garbage may be anything,
+    and is dropped here or when no such repository exists)."""
+    return bool(name) and "\0" not in name and all(c and c[0] != "_" and c not in (".", "..") for c in name.split("/"))
 
 
 def _fsync_directory(directory: Path) -> None:
