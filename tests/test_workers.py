@@ -34,7 +34,7 @@ from mirror.workers.health import SupervisorHealth
 from mirror.workers.logs import LineRelay, logs_to_stdout, worker_observer
 from mirror.workers.metrics import SupervisorMetrics, combine
 from mirror.workers.pool import FLUSH_TIMEOUT, STOP_TIMEOUT, WorkerPool, worker_argv
-from mirror.workers.supervisor import reload_supervisor
+from mirror.workers.supervisor import ConfigCopy, reload_supervisor
 from tests.storeutil import run_now
 
 
@@ -587,7 +587,7 @@ def test_a_gc_waits_for_every_ready_worker_to_write_its_access_record():
 
 
 def test_sighup_reaches_every_worker_once_the_new_config_is_valid(tmp_path, logged):
-    from mirror.workers.supervisor import ConfigCopy, _Running
+    from mirror.workers.supervisor import _Running
 
     pool, reactor, _ends, _ = make_pool()
     pool.startService()
@@ -644,6 +644,10 @@ def test_with_workers_twistd_runs_a_supervisor_without_the_registry_s_timers(tmp
     assert [t.__name__ for t in timers] == ["_PeriodicGc"]  # (no access-record or upload timers: the workers run those)
     assert any(isinstance(s, _ReloadOnHangup) for s in services)
     assert (tmp_path / "store" / "blobs").is_dir()  # opened once here: a store it cannot use stops start-up
+    copies = [s for s in services if isinstance(s, ConfigCopy)]
+    assert len(copies) == 1 and copies[0].path.read_text() == path.read_text()  # what the workers will read
+    copies[0].stopService()  # (never started here: remove its directory as a stop would)
+    assert not copies[0].directory.exists()
 
 
 def test_each_worker_takes_its_share_of_max_connections(monkeypatch):
