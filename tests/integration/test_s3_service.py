@@ -27,7 +27,7 @@ from tests.integration.clients import skip_reason as client_skip_reason
 from tests.integration.mirror_proc import MirrorProcess
 from tests.integration.nginx_lb import NginxBalancer
 from tests.integration.nginx_lb import skip_reason as nginx_skip_reason
-from tests.integration.proc_util import WorkDir
+from tests.integration.proc_util import WorkDir, wait_until
 from tests.integration.seaweed import SECRET_KEY, SeaweedS3
 from tests.integration.upstream_registry import DistributionRegistry, free_port, http_request
 
@@ -255,6 +255,9 @@ def test_an_unreachable_bucket_is_a_clear_503_and_the_node_recovers(upstream, wo
             assert status == 503 and b"object store" in body
             assert "Traceback" not in node.log_text()
             bucket.start()
+            # (the bucket's port answers before its S3 API does: wait, as an operator's
+            # readiness probe would, until the node finds the store usable again)
+            assert wait_until(lambda: http_request(f"{node.url}/readyz")[0] == 200, 30), node.log_tail()
             assert skopeo_copy(f"{node.host_port}/{image.repo}:{image.tag}") == image.digest
     finally:
         bucket.stop()
